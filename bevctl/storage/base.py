@@ -1,0 +1,330 @@
+"""Small Zarr v3 helpers shared by every per-sample store (BEV ground truth, pseudo-labels).
+
+A *sample store* is a Zarr v3 group with:
+
+- ``tokens``: variable-length string array (N,), the sample tokens in store order;
+- ``done``: uint8 array (N,), the completion record per sample: ``TODO`` 0, ``DONE`` 1, ``FAILED`` 2;
+- any number of data arrays whose first axis is the sample axis, created at their final shape;
+- group attributes ``{"bevctl": {"kind", "format", "bevctl_version", "num_samples",
+  "tokens_sha256", "metadata"}}``; ``metadata`` is whatever the concrete store says makes two
+  stores interchangeable (grid, class set, dataset version, labeler, ...).
+
+Exactly-once protocol (no locks; zarr-python 3 has no synchronizer):
+
+1. The **driver** creates the store with every array at its final shape, the token list, the
+   metadata and ``done`` all ``TODO`` (:meth:`SampleStore.create`). Creation happens in a temp
+   directory that is renamed into place, so a store either exists whole or not at all.
+2. **Workers** write only whole chunks (or whole shards) that belong to their own samples; no
+   two workers ever touch the same chunk, and nobody appends, resizes or writes attributes. A
+   worker never writes ``done``: it *reports* success (or failure) to the driver.
+3. The **driver** alone writes ``done``, and marks a sample ``DONE`` only after its worker
+   reported success, i.e. after every chunk of that sample has been written.
+4. A rerun (:meth:`SampleStore.open_or_create` without ``overwrite``) validates the store
+   against the expected metadata and tokens, then redoes every sample not marked ``DONE``
+   (:meth:`SampleStore.todo_indices`): ``TODO`` and ``FAILED`` alike. Their chunks are simply
+   rewritten whole, so a chunk torn by a crash (or left behind by a killed worker) is replaced.
+
+Hence a crash or Ctrl-C at any moment loses at most the work in flight and never counts a
+sample twice or counts one that is incomplete. (zarr's LocalStore additionally writes each
+chunk file via temp file + rename, so local chunks are never torn in the first place.)
+
+Chunking rule for data arrays: put whole samples in chunks (``chunks[0]`` samples per chunk)
+and assign work in units of whole chunks; with ``chunks[0] == 1`` any partition of samples
+is safe. Compression default: Blosc zstd level 5 with bitshuffle (:func:`default_compressors`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec
+
+from bevctl.errors import BevctlError
+
+STORE_FORMAT = 1
+ATTRS_KEY = "bevctl"
+
+TODO, DONE, FAILED = 0, 1, 2
+STATUS_NAMES = {TODO: "todo", DONE: "done", FAILED: "failed"}
+
+
+def default_compressors() -> tuple[BloscCodec, ...]:
+    """Blosc zstd level 5 with bitshuffle: 66-237x on mask-like uint8 data (STACK.md)."""
+    return (BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),)
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One data array of a sample store; axis 0 is the sample axis."""
+
+    name: str
+    shape: tuple[int, ...]  # final shape, shape[0] == number of samples
+    dtype: str  # numpy dtype string, e.g. "uint8"
+    chunks: tuple[int, ...]  # chunks[0] samples per chunk (1 = any sample partition is safe)
+    shards: tuple[int, ...] | None = None
+    fill_value: Any = 0
+    compressed: bool = True
+    dimension_names: tuple[str, ...] | None = None
+
+
+def _jsonable(value: Any) -> Any:
+    """Normalise metadata the way it comes back from zarr.json (tuples -> lists, ...)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def tokens_digest(tokens: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(tokens).encode()).hexdigest()
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _first_difference(recorded: Any, expected: Any, where: str) -> tuple[str, Any, Any] | None:
+    """The first (key path, recorded, expected) where two JSON values differ, or None."""
+    if isinstance(recorded, dict) and isinstance(expected, dict):
+        for key in sorted(set(recorded) | set(expected)):
+            sub = f"{where}.{key}" if where else key
+            if key not in recorded:
+                return sub, "<missing>", expected[key]
+            if key not in expected:
+                return sub, recorded[key], "<missing>"
+            diff = _first_difference(recorded[key], expected[key], sub)
+            if diff:
+                return diff
+        return None
+    return None if recorded == expected else (where, recorded, expected)
+
+
+class SampleStore:
+    """A validated per-sample Zarr v3 store (see the module docstring for the protocol)."""
+
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+        info = group.attrs.get(ATTRS_KEY)
+        if not isinstance(info, dict):
+            raise BevctlError(f"{path}: not a bevctl store (no '{ATTRS_KEY}' attributes)")
+        self.info: dict[str, Any] = info
+        self.kind: str = info.get("kind", "?")
+        self.metadata: dict[str, Any] = info.get("metadata", {})
+        self.tokens: list[str] = [str(t) for t in group["tokens"][:]] if "tokens" in group else []
+        self._index = {t: i for i, t in enumerate(self.tokens)}
+        if len(self._index) != len(self.tokens):
+            raise BevctlError(f"{path}: duplicate sample tokens in the store")
+
+    # ---- creation / opening ---------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str | Path,
+        kind: str,
+        metadata: Mapping[str, Any],
+        tokens: Sequence[str],
+        arrays: Sequence[ArraySpec],
+        overwrite: bool = False,
+    ) -> "SampleStore":
+        """Create a store with every array at final shape, ``done`` all TODO (driver only).
+
+        Built in a temp directory beside ``path`` and renamed into place. Refuses an existing
+        ``path`` unless ``overwrite`` (then the old store is removed first).
+        """
+        path = Path(path)
+        tokens = [str(t) for t in tokens]
+        if len(set(tokens)) != len(tokens):
+            raise BevctlError(f"{path}: duplicate sample tokens given")
+        n = len(tokens)
+        for spec in arrays:
+            if spec.name in ("tokens", "done"):
+                raise BevctlError(f"{path}: array name '{spec.name}' is reserved")
+            if not spec.shape or spec.shape[0] != n:
+                raise BevctlError(f"{path}: array '{spec.name}' must have {n} samples on axis 0, got {spec.shape}")
+        if path.exists() and not overwrite:
+            raise BevctlError(f"{path} already exists (use --overwrite to replace it)")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+            chunk_n = max(1, min(n, 1 << 16))
+            tok = group.create_array("tokens", shape=(n,), dtype=str, chunks=(chunk_n,))
+            if n:
+                tok[:] = np.array(tokens, dtype=object)
+            group.create_array(
+                "done", shape=(n,), dtype="uint8", chunks=(chunk_n,), fill_value=TODO,
+                compressors=default_compressors(),
+            )
+            for spec in arrays:
+                group.create_array(
+                    spec.name,
+                    shape=spec.shape,
+                    dtype=spec.dtype,
+                    chunks=spec.chunks,
+                    shards=spec.shards,
+                    fill_value=spec.fill_value,
+                    compressors=default_compressors() if spec.compressed else None,
+                    dimension_names=spec.dimension_names,
+                )
+            from bevctl import __version__
+
+            group.attrs[ATTRS_KEY] = {
+                "kind": kind,
+                "format": STORE_FORMAT,
+                "bevctl_version": __version__,
+                "num_samples": n,
+                "tokens_sha256": tokens_digest(tokens),
+                "metadata": _jsonable(dict(metadata)),
+            }
+            if path.exists():  # overwrite: remove the old store only once the new one is ready
+                trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, trash)
+                shutil.rmtree(trash, ignore_errors=True)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        return cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3))
+
+    @classmethod
+    def open(
+        cls,
+        path: str | Path,
+        kind: str,
+        expected: Mapping[str, Any] | None = None,
+        mode: str = "r",
+    ) -> "SampleStore":
+        """Open an existing store of ``kind``; every key of ``expected`` must equal the recorded
+        metadata (one BevctlError line naming the first difference otherwise)."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            raise BevctlError(f"{path}: no Zarr store there")
+        try:
+            group = zarr.open_group(str(path), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+        except Exception as e:  # noqa: BLE001 - zarr raises many kinds on bad stores
+            raise BevctlError(f"{path}: cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from None
+        store = cls(path, group)
+        if store.kind != kind:
+            raise BevctlError(f"{path}: is a '{store.kind}' store, expected a '{kind}' store")
+        if store.info.get("format") != STORE_FORMAT:
+            raise BevctlError(f"{path}: store format {store.info.get('format')} is not supported (need {STORE_FORMAT})")
+        if "done" not in group or "tokens" not in group:
+            raise BevctlError(f"{path}: incomplete store (missing 'tokens' or 'done')")
+        if expected:
+            store.check_metadata(expected)
+        return store
+
+    @classmethod
+    def open_or_create(
+        cls,
+        path: str | Path,
+        kind: str,
+        metadata: Mapping[str, Any],
+        tokens: Sequence[str],
+        arrays: Sequence[ArraySpec],
+        overwrite: bool = False,
+    ) -> tuple["SampleStore", bool]:
+        """The driver's entry point: ``(store, created)``. An existing store must match the
+        metadata, tokens and array shapes exactly, else one BevctlError line (unless
+        ``overwrite``, which rebuilds it from scratch)."""
+        path = Path(path)
+        if overwrite or not path.exists():
+            return cls.create(path, kind, metadata, tokens, arrays, overwrite=overwrite), True
+        if not (path / "zarr.json").is_file():
+            raise BevctlError(f"{path} exists and is not a Zarr store (use --overwrite to replace it)")
+        store = cls.open(path, kind, mode="r+")
+        store.check_metadata(metadata, exact=True)
+        store.check_tokens(tokens)
+        store.check_arrays(arrays)
+        return store, False
+
+    # ---- validation -----------------------------------------------------------------------
+
+    def _mismatch(self, what: str) -> BevctlError:
+        return BevctlError(f"{self.path}: {what}; use --overwrite to rebuild it, or another output path")
+
+    def check_metadata(self, expected: Mapping[str, Any], exact: bool = False) -> None:
+        recorded = self.metadata
+        wanted = _jsonable(dict(expected))
+        if not exact:
+            recorded = {k: recorded.get(k, "<missing>") for k in wanted}
+        diff = _first_difference(recorded, wanted, "")
+        if diff:
+            key, rec, exp = diff
+            raise self._mismatch(f"store was made for {key}={_short(rec)}, expected {_short(exp)}")
+
+    def check_tokens(self, tokens: Sequence[str]) -> None:
+        tokens = [str(t) for t in tokens]
+        if tokens == self.tokens:
+            return
+        if len(tokens) != len(self.tokens):
+            raise self._mismatch(f"store holds {len(self.tokens)} samples, expected {len(tokens)}")
+        i = next(i for i, (a, b) in enumerate(zip(self.tokens, tokens)) if a != b)
+        raise self._mismatch(f"sample {i} is '{self.tokens[i]}' in the store, expected '{tokens[i]}'")
+
+    def check_arrays(self, arrays: Sequence[ArraySpec]) -> None:
+        for spec in arrays:
+            if spec.name not in self.group:
+                raise self._mismatch(f"array '{spec.name}' is missing")
+            arr = self.array(spec.name)
+            if tuple(arr.shape) != tuple(spec.shape) or np.dtype(arr.dtype) != np.dtype(spec.dtype):
+                raise self._mismatch(
+                    f"array '{spec.name}' is {arr.dtype}{tuple(arr.shape)}, expected {spec.dtype}{tuple(spec.shape)}"
+                )
+
+    # ---- access ---------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __contains__(self, token: object) -> bool:
+        return token in self._index
+
+    def index_of(self, token: str) -> int:
+        try:
+            return self._index[token]
+        except KeyError:
+            raise BevctlError(f"{self.path}: no sample '{token}' in this store") from None
+
+    def array(self, name: str) -> zarr.Array:
+        node = self.group[name]
+        assert isinstance(node, zarr.Array)
+        return node
+
+    def status(self) -> np.ndarray:
+        """uint8 (N,) completion record: TODO 0, DONE 1, FAILED 2 (read fresh each call)."""
+        return np.asarray(self.array("done")[:], dtype=np.uint8)
+
+    def is_done(self, token: str) -> bool:
+        return bool(self.array("done")[self.index_of(token)] == DONE)
+
+    def todo_indices(self) -> np.ndarray:
+        """Indices of every sample not marked DONE (TODO and FAILED): what a rerun redoes."""
+        return np.flatnonzero(self.status() != DONE)
+
+    def counts(self) -> dict[str, int]:
+        status = self.status()
+        return {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
+
+    def mark(self, indices: Sequence[int] | np.ndarray, status: int) -> None:
+        """Record ``status`` for ``indices``. Driver only, and DONE only after the worker
+        reported that every chunk of those samples is written."""
+        if status not in STATUS_NAMES:
+            raise ValueError(f"bad status {status}")
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size == 0:
+            return
+        done = self.array("done")
+        current = np.asarray(done[:], dtype=np.uint8)
+        current[idx] = status
+        done[:] = current
