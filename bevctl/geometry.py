@@ -244,7 +244,8 @@ def warp_bev(
     ``(B, 4, 4)`` ego poses. Every destination cell centre (on the ground, z = 0) is mapped to
     the source frame and the source map is sampled there. Returns the warped map
     ``(B, C, X, Y)`` in the ``dst`` frame and ``valid (B, X, Y)`` (the source point lies in the
-    source grid). Differentiable in ``bev_src``.
+    source grid, between the outermost cell centres, so bilinear reads never mix in the zero
+    padding). Differentiable in ``bev_src``.
     """
     b = bev_src.shape[0]
     centers = bev_cell_centers(grid, dtype=global_T_dst.dtype, device=bev_src.device)  # (X, Y, 2)
@@ -252,5 +253,9 @@ def warp_bev(
     src_T_dst = invert_transform(global_T_src) @ global_T_dst  # (B, 4, 4)
     pts_src = transform_points(src_T_dst, pts_dst.expand(b, -1, -1))[..., :2]  # (B, XY, 2)
     warped = sample_bev(bev_src, grid, pts_src, mode=mode).reshape(b, -1, grid.nx, grid.ny)
-    valid = inside_grid(grid, pts_src).reshape(b, grid.nx, grid.ny)
+    half = grid.resolution / 2
+    x, y = pts_src[..., 0], pts_src[..., 1]
+    valid = (
+        (x >= grid.x_min + half) & (x <= grid.x_max - half) & (y >= grid.y_min + half) & (y <= grid.y_max - half)
+    ).reshape(b, grid.nx, grid.ny)
     return warped, valid

@@ -1,0 +1,53 @@
+# bevctl — every target creates/refreshes .venv as needed, so each is the only command you need.
+#
+# The CPU install pins torch==2.13.0 (a GPU machine installs its own torch first: see README).
+# nuscenes-devkit 1.2.0 declares numpy<2 although it runs on numpy 2: it is installed with
+# --no-deps and its runtime dependencies are listed in pyproject.toml, which keeps numpy 2 and
+# zarr 3.1.6.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+TORCH  ?= torch==2.13.0
+NUSCENES_DEVKIT := nuscenes-devkit==1.2.0
+
+export OMP_NUM_THREADS ?= 2
+export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/torchinductor
+export BEVCTL_CACHE_DIR ?= $(CURDIR)/.cache/bevctl
+export RAY_AUTH_MODE ?= disabled
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export PYTHONUNBUFFERED ?= 1
+
+.PHONY: install test test-slow test-all demo bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "$(NUSCENES_DEVKIT)"
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" --timeout 600
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m "slow" --timeout 3600
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --timeout 3600
+
+demo: $(STAMP)
+	$(VENV)/bin/bevctl demo
+
+bench: $(STAMP)
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf $(VENV) .cache demo-run .pytest_cache

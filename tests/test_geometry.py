@@ -1,0 +1,173 @@
+"""Geometry against nuscenes-devkit's own math (pyquaternion, transform_matrix, view_points)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from nuscenes.utils.geometry_utils import transform_matrix, view_points
+from pyquaternion import Quaternion
+
+from bevctl import geometry as geo
+from bevctl.config import GRID_PRESETS, BEVGrid
+
+RIG = json.loads((Path(__file__).resolve().parents[1] / "bevctl/assets/nuscenes_rig.json").read_text())
+
+
+def _rig_cameras() -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(quat wxyz, translation, intrinsic) per camera of the real nuScenes rig shipped with bevctl."""
+    return [
+        (np.array(c["rotation"]), np.array(c["translation"]), np.array(c["camera_intrinsic"]))
+        for c in RIG["cameras"].values()
+    ]
+
+
+def _random_quat(rng: np.random.Generator) -> np.ndarray:
+    q = rng.normal(size=4)
+    return q / np.linalg.norm(q)
+
+
+def test_quaternion_and_transform_match_devkit() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        q = _random_quat(rng)
+        t = rng.normal(size=3) * 10
+        ours = geo.transform_from_quat(torch.tensor(q), torch.tensor(t)).numpy()
+        theirs = transform_matrix(t, Quaternion(q), inverse=False)
+        np.testing.assert_allclose(ours, theirs, atol=1e-10)
+        ours_inv = geo.invert_transform(torch.tensor(ours)).numpy()
+        np.testing.assert_allclose(ours_inv, transform_matrix(t, Quaternion(q), inverse=True), atol=1e-9)
+
+
+def test_projection_matches_view_points_on_real_rig() -> None:
+    rng = np.random.default_rng(1)
+    pts_ego = rng.uniform([-30, -15, -1], [30, 15, 3], size=(500, 3))
+    for q, t, k in _rig_cameras():
+        ours_uv, ours_depth = geo.ego_to_pixels(
+            torch.tensor(k), geo.transform_from_quat(torch.tensor(q), torch.tensor(t)), torch.tensor(pts_ego)
+        )
+        cam_T_ego = transform_matrix(t, Quaternion(q), inverse=True)
+        pts_cam = (cam_T_ego @ np.c_[pts_ego, np.ones(len(pts_ego))].T)[:3]
+        theirs = view_points(pts_cam, k, normalize=True)[:2].T
+        front = pts_cam[2] > 0.1
+        np.testing.assert_allclose(ours_depth.numpy(), pts_cam[2], atol=1e-9)
+        np.testing.assert_allclose(ours_uv.numpy()[front], theirs[front], rtol=1e-5, atol=1e-5)
+
+
+def test_ground_rays_invert_projection_batched() -> None:
+    """Ground points -> pixels (devkit math) -> rays -> ground again, for all cameras at once."""
+    rng = np.random.default_rng(2)
+    cams = _rig_cameras()
+    quats = torch.tensor(np.stack([c[0] for c in cams]))
+    trans = torch.tensor(np.stack([c[1] for c in cams]))
+    ks = torch.tensor(np.stack([c[2] for c in cams]))
+    ego_T_cam = geo.transform_from_quat(quats, trans)  # (N, 4, 4)
+    ground = np.c_[rng.uniform(-30, 30, size=(400, 2)), np.zeros(400)]
+    uv, depth = geo.ego_to_pixels(ks, ego_T_cam, torch.tensor(ground).expand(len(cams), -1, -1))
+    visible = geo.in_image(uv, depth, 1600, 900)
+    hit, valid = geo.rays_to_ground(ks, ego_T_cam, uv)
+    assert visible.sum() > 100
+    assert bool(valid[visible].all())
+    expected = torch.tensor(ground).expand(len(cams), -1, -1)
+    np.testing.assert_allclose(hit[visible].numpy(), expected[visible].numpy(), atol=1e-6)
+
+
+def test_rays_above_horizon_are_invalid() -> None:
+    q, t, k = _rig_cameras()[0]
+    ego_T_cam = geo.transform_from_quat(torch.tensor(q), torch.tensor(t))
+    uv = geo.pixel_grid(9, 16, scale_to=(900, 1600), dtype=torch.float64)
+    _, valid = geo.rays_to_ground(torch.tensor(k), ego_T_cam, uv)
+    rows = valid.reshape(9, 16)
+    assert not bool(rows[0].any()), "top row looks at the sky"
+    assert bool(rows[-1].all()), "bottom row looks at the ground"
+
+
+def test_rays_to_ground_is_differentiable() -> None:
+    q, t, k = _rig_cameras()[1]
+    ego_T_cam = geo.transform_from_quat(torch.tensor(q), torch.tensor(t)).requires_grad_(True)
+    uv = torch.tensor([[800.0, 700.0], [200.0, 850.0]], dtype=torch.float64)
+    hit, valid = geo.rays_to_ground(torch.tensor(k), ego_T_cam, uv)
+    assert bool(valid.all())
+    hit.sum().backward()
+    assert ego_T_cam.grad is not None and torch.isfinite(ego_T_cam.grad).all()
+
+
+def test_pixel_grid_centres() -> None:
+    uv = geo.pixel_grid(2, 4, scale_to=(4, 8))
+    # label pixel (0, 0) covers image pixels 0..1 x 0..1 -> centre 0.5
+    np.testing.assert_allclose(uv[0].numpy(), [0.5, 0.5])
+    np.testing.assert_allclose(uv[-1].numpy(), [6.5, 2.5])
+    assert torch.equal(geo.pixel_grid(3, 5), torch.stack(torch.meshgrid(
+        torch.arange(5.0), torch.arange(3.0), indexing="xy"), -1).reshape(-1, 2))
+
+
+def test_bev_grid_cells_round_trip() -> None:
+    grid = GRID_PRESETS["hdmapnet"]
+    assert grid.shape == (400, 200)
+    centers = geo.bev_cell_centers(grid, dtype=torch.float64)
+    ij = geo.ego_to_cell(grid, centers)
+    np.testing.assert_allclose(ij[..., 0].numpy(), np.arange(400)[:, None] + 0.5 + 0 * ij[..., 1].numpy())
+    np.testing.assert_allclose(geo.cell_to_ego(grid, ij).numpy(), centers.numpy(), atol=1e-9)
+    # sampling a map at its own cell centres returns the map exactly
+    bev = torch.randn(2, 3, *grid.shape, dtype=torch.float64)
+    xy = centers.reshape(1, -1, 2).expand(2, -1, -1)
+    sampled = geo.sample_bev(bev, grid, xy).reshape(2, 3, *grid.shape)
+    torch.testing.assert_close(sampled, bev)
+
+
+def _pose(yaw_deg: float, tx: float, ty: float) -> torch.Tensor:
+    q = Quaternion(axis=[0, 0, 1], degrees=yaw_deg)
+    return torch.tensor(transform_matrix([tx, ty, 0.0], q), dtype=torch.float64).unsqueeze(0)
+
+
+def test_warp_pure_translation_moves_features_by_cells() -> None:
+    grid = BEVGrid(-8, 8, -4, 4, 0.5)
+    bev = torch.zeros(1, 1, *grid.shape, dtype=torch.float64)
+    bev[0, 0, 20, 8] = 1.0  # cell centre x = 2.25, y = 0.25 in the source frame
+    # destination ego is 2 m further forward: the feature appears 4 cells closer
+    warped, valid = geo.warp_bev(bev, _pose(0, 100, 50), _pose(0, 102, 50), grid)
+    assert warped[0, 0, 16, 8] == pytest.approx(1.0)
+    assert warped.sum() == pytest.approx(1.0)
+    assert not bool(valid[0, -4:].any()) and bool(valid[0, :-4].all())
+
+
+def test_warp_pure_rotation_about_ego_origin() -> None:
+    grid = BEVGrid(-8, 8, -8, 8, 0.5)
+    bev = torch.zeros(1, 1, *grid.shape, dtype=torch.float64)
+    i, j = 28, 16  # x = 6.25, y = 0.25: straight ahead
+    bev[0, 0, i, j] = 1.0
+    # destination ego turned 90 deg left: a point straight ahead of the source is now on the right
+    warped, _ = geo.warp_bev(bev, _pose(0, 0, 0), _pose(90, 0, 0), grid, mode="nearest")
+    ii, jj = np.unravel_index(int(warped[0, 0].argmax()), grid.shape)
+    x, y = grid.x_min + (ii + 0.5) * 0.5, grid.y_min + (jj + 0.5) * 0.5
+    assert (x, y) == pytest.approx((0.25, -6.25))
+
+
+def test_warp_there_and_back_matches_inside_overlap() -> None:
+    grid = BEVGrid(-16, 16, -8, 8, 0.25)
+    # smooth field so bilinear resampling twice stays close
+    c = geo.bev_cell_centers(grid, dtype=torch.float64)
+    bev = torch.stack([torch.sin(c[..., 0] / 3) + torch.cos(c[..., 1] / 2), c[..., 0] * 0.1]).unsqueeze(0)
+    a, b = _pose(10, 5, -3), _pose(25, 7.5, -1.0)
+    fwd, valid_fwd = geo.warp_bev(bev, a, b, grid)
+    back, valid_back = geo.warp_bev(fwd, b, a, grid)
+    # cells whose round trip stayed inside both grids (with a one-cell margin for interpolation)
+    # (the grid's own border counts as invalid: bilinear reads there mix in the zero padding)
+    invalid = torch.nn.functional.pad((~valid_fwd).double().unsqueeze(1), (2, 2, 2, 2), value=1.0)
+    inner = torch.nn.functional.max_pool2d(invalid, 5, 1, 0).squeeze(1) == 0
+    back_valid_fwd, _ = geo.warp_bev(inner.double().unsqueeze(1), b, a, grid, mode="nearest")
+    mask = valid_back & (back_valid_fwd[:, 0] > 0.5)
+    assert mask.float().mean() > 0.4
+    err = (back - bev).abs().amax(1)[mask]
+    assert float(err.max()) < 0.02
+
+
+def test_warp_is_differentiable() -> None:
+    grid = GRID_PRESETS["demo"]
+    bev = torch.randn(2, 4, *grid.shape, requires_grad=True)
+    warped, _ = geo.warp_bev(bev, _pose(3, 1, 0).float().expand(2, -1, -1), _pose(0, 0, 0).float().expand(2, -1, -1), grid)
+    warped.square().sum().backward()
+    assert bev.grad is not None and bev.grad.abs().sum() > 0
