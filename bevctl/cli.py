@@ -60,6 +60,20 @@ def synth(
     write_synthetic_dataset(cfg, out, overwrite=overwrite)
 
 
+# ---- demo -------------------------------------------------------------------------------------
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-run"), "--out", help="Directory for everything the demo writes."),
+    quick: bool = typer.Option(False, "--quick", help="A smaller world and shorter training (a few minutes)."),
+) -> None:
+    """Run the method end to end on the embedded synthetic world (offline, CPU); resumable."""
+    from bevctl.demo import run_demo
+
+    run_demo(out, quick=quick)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
