@@ -6,8 +6,9 @@ A *sample store* is a Zarr v3 group with:
 - ``done``: uint8 array (N,), the completion record per sample: ``TODO`` 0, ``DONE`` 1, ``FAILED`` 2;
 - any number of data arrays whose first axis is the sample axis, created at their final shape;
 - group attributes ``{"bevctl": {"kind", "format", "bevctl_version", "num_samples",
-  "tokens_sha256", "metadata"}}``; ``metadata`` is whatever the concrete store says makes two
-  stores interchangeable (grid, class set, dataset version, labeler, ...).
+  "tokens_sha256", "metadata", "provenance"}}``; ``metadata`` is whatever the concrete store
+  says makes two stores interchangeable (grid, class set, dataset version, labeler, ...) and is
+  validated on reopen; ``provenance`` (dataroot, host, ...) is recorded only.
 
 Exactly-once protocol (no locks; zarr-python 3 has no synchronizer):
 
@@ -135,11 +136,13 @@ class SampleStore:
         tokens: Sequence[str],
         arrays: Sequence[ArraySpec],
         overwrite: bool = False,
+        provenance: Mapping[str, Any] | None = None,
     ) -> "SampleStore":
         """Create a store with every array at final shape, ``done`` all TODO (driver only).
 
         Built in a temp directory beside ``path`` and renamed into place. Refuses an existing
-        ``path`` unless ``overwrite`` (then the old store is removed first).
+        ``path`` unless ``overwrite`` (then the old store is removed first). ``provenance``
+        (e.g. the dataroot) is recorded but never validated: moving a dataset keeps its stores.
         """
         path = Path(path)
         tokens = [str(t) for t in tokens]
@@ -185,6 +188,7 @@ class SampleStore:
                 "num_samples": n,
                 "tokens_sha256": tokens_digest(tokens),
                 "metadata": _jsonable(dict(metadata)),
+                "provenance": _jsonable(dict(provenance or {})),
             }
             if path.exists():  # overwrite: remove the old store only once the new one is ready
                 trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
@@ -233,13 +237,15 @@ class SampleStore:
         tokens: Sequence[str],
         arrays: Sequence[ArraySpec],
         overwrite: bool = False,
+        provenance: Mapping[str, Any] | None = None,
     ) -> tuple["SampleStore", bool]:
         """The driver's entry point: ``(store, created)``. An existing store must match the
         metadata, tokens and array shapes exactly, else one BevctlError line (unless
         ``overwrite``, which rebuilds it from scratch)."""
         path = Path(path)
         if overwrite or not path.exists():
-            return cls.create(path, kind, metadata, tokens, arrays, overwrite=overwrite), True
+            store = cls.create(path, kind, metadata, tokens, arrays, overwrite=overwrite, provenance=provenance)
+            return store, True
         if not (path / "zarr.json").is_file():
             raise BevctlError(f"{path} exists and is not a Zarr store (use --overwrite to replace it)")
         store = cls.open(path, kind, mode="r+")
