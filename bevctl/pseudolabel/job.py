@@ -1,0 +1,571 @@
+"""The pseudo-label job: every camera image of a dataset through a labeler, into a Zarr store.
+
+Driver (this process)
+    builds the work list from the dataset index, starts ``N`` labeler actors on Ray (one GPU
+    each with ``gpus``, fractional CPUs with ``workers``), asks one of them for the labeler's
+    identity (model id, weights hash, id2label), creates or validates the store
+    (:class:`~bevctl.storage.labels.LabelStore`), then streams batches to the actors with at
+    most ``inflight`` batches outstanding per actor (back-pressure: memory stays flat). It
+    alone records completion: a sample is marked DONE once the actors have reported all six of
+    its images written, FAILED if one of them could not be read (``on_error="skip"``).
+Actors (:class:`LabelWorker`)
+    are threaded (``max_concurrency = inflight``): each call decodes and preprocesses its batch
+    in its own thread, then takes the model lock for ``predict``, then writes its images as
+    whole ``(sample, camera)`` chunks. So the next batches decode while the model runs and the
+    model never waits on JPEG decoding. Nothing but small reports travels back to the driver.
+Faults
+    An actor that dies (``RayActorError``) is restarted by Ray (``max_restarts=-1``) and every
+    batch it had in flight is resubmitted; a batch that kills actors ``MAX_ATTEMPTS`` times stops
+    the job with its images named. A killed driver takes its actors with it; a rerun resumes
+    from the DONE record and rewrites everything else whole.
+
+``workers=0`` runs the same worker in this process without Ray (debugging, fast tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bevctl.data.records import DatasetIndex
+from bevctl.errors import BevctlError
+from bevctl.storage.labels import DONE, FAILED, LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "facebook/mask2former-swin-large-mapillary-vistas-semantic"
+MAX_ATTEMPTS = 3  # actor deaths one batch may cause before the job gives up
+MARK_EVERY_S = 1.0  # how often the driver flushes completion records
+
+Item = tuple[int, int, str]  # (sample index in the store, camera index, image path)
+
+
+@dataclass
+class PseudolabelConfig:
+    dataroot: str
+    version: str
+    out: str
+    model: str = DEFAULT_MODEL
+    gpus: int = 0  # > 0: one actor per GPU
+    workers: int = 1  # CPU actors when gpus == 0; 0 = no Ray, run in this process
+    address: str | None = None  # join an existing Ray cluster
+    batch_size: int = 6
+    splits: tuple[str, ...] | None = None  # None: every split of the dataset
+    resolution: tuple[int, int] | None = None  # (H, W); None: the images' own size
+    confidence: bool = False
+    on_error: str = "fail"  # "fail" | "skip"
+    overwrite: bool = False
+    inflight: int = 3  # batches outstanding per actor
+    device: str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.on_error not in ("fail", "skip"):
+            raise BevctlError(f"--on-error must be 'fail' or 'skip', got '{self.on_error}'")
+        if self.batch_size < 1:
+            raise BevctlError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.gpus < 0 or self.workers < 0:
+            raise BevctlError("--gpus and --workers must be >= 0")
+        if self.inflight < 1:
+            raise BevctlError(f"inflight must be >= 1, got {self.inflight}")
+        if self.resolution is not None and min(self.resolution) < 1:
+            raise BevctlError(f"--resolution must be positive, got {self.resolution}")
+
+
+@dataclass
+class JobSummary:
+    store: str
+    model_id: str
+    samples_total: int
+    samples_done: int  # DONE in the store at the end (this run and earlier ones)
+    samples_failed: int  # FAILED at the end
+    samples_skipped: int  # already DONE when this run started
+    images_labeled: int  # images written by this run
+    images_failed: int
+    seconds: float  # labeling phase of this run
+    images_per_s: float
+    bytes_on_disk: int
+    compression_ratio: float  # raw mask bytes / mask bytes on disk
+    actor_restarts: int = 0
+    failures: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def parse_resolution(text: str) -> tuple[int, int]:
+    """``"450x800"`` -> ``(450, 800)``."""
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise BevctlError(f"--resolution: expected HxW such as 450x800, got '{text}'")
+    return int(parts[0]), int(parts[1])
+
+
+# --------------------------------------------------------------------------------------------
+# Worker (a Ray actor, or in-process with workers=0)
+# --------------------------------------------------------------------------------------------
+
+
+class ImageError(Exception):
+    """An input image that cannot be read (missing, corrupt)."""
+
+
+def read_image(path: str) -> np.ndarray:
+    """HxWx3 uint8 RGB; raises :class:`ImageError` with the reason."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise ImageError("missing image") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"corrupt image ({e})") from None
+
+
+class LabelWorker:
+    """Loads the labeler once; labels batches of images and writes their masks as whole chunks."""
+
+    def __init__(self, model: str, device: str = "auto") -> None:
+        self.model = model
+        self.device = device
+        self._labeler: Any = None
+        self._load_lock = threading.Lock()
+        self._model_lock = threading.Lock()
+        self._arrays: dict[tuple[str, bool], tuple[Any, Any]] = {}
+
+    def _get_labeler(self) -> Any:
+        with self._load_lock:
+            if self._labeler is None:
+                from bevctl.pseudolabel.labeler import load_labeler
+
+                self._labeler = load_labeler(self.model, device=self.device)
+            return self._labeler
+
+    def info(self) -> dict[str, Any]:
+        lab = self._get_labeler()
+        return {
+            "model_id": str(lab.model_id),
+            "weights_hash": str(lab.weights_hash),
+            "id2label": {int(k): str(v) for k, v in lab.id2label.items()},
+            "pid": os.getpid(),
+        }
+
+    def _prepare(self, lab: Any, path: str) -> np.ndarray:
+        image = read_image(path)
+        hook = getattr(lab, "preprocess_file", None)
+        return hook(image, path) if hook is not None else lab.preprocess(image)
+
+    def label(
+        self, store_path: str, confidence: bool, out_hw: tuple[int, int], items: Sequence[Item]
+    ) -> dict[str, Any]:
+        """Decode, predict and write one batch. Returns ``{"ok": [(i, c)], "errors":
+        [(i, c, path, reason)], "decode_s", "model_s", "write_s"}``; raises only on faults that
+        are not about one image (model errors, store errors)."""
+        lab = self._get_labeler()
+        key = (store_path, confidence)
+        if key not in self._arrays:
+            self._arrays[key] = open_mask_arrays(store_path, confidence)
+        masks, conf_arr = self._arrays[key]
+        t0 = time.perf_counter()
+        inputs, good, errors = [], [], []
+        for i, c, path in items:
+            try:
+                inputs.append(self._prepare(lab, path))
+                good.append((int(i), int(c)))
+            except ImageError as e:
+                errors.append((int(i), int(c), path, str(e)))
+        t1 = time.perf_counter()
+        if inputs:
+            with self._model_lock:
+                labels, conf = lab.predict(inputs, tuple(out_hw), confidence)
+        t2 = time.perf_counter()
+        for k, (i, c) in enumerate(good):
+            masks[i, c] = labels[k]  # one whole (sample, camera) chunk
+            if conf_arr is not None:
+                conf_arr[i, c] = conf[k]
+        t3 = time.perf_counter()
+        return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": t2 - t1, "write_s": t3 - t2}
+
+
+# --------------------------------------------------------------------------------------------
+# Executors: Ray actors or in-process
+# --------------------------------------------------------------------------------------------
+
+
+def _ray_temp_dir() -> str:
+    # Ray puts unix sockets under it: keep the path short.
+    path = Path(tempfile.gettempdir()) / f"bevray-{os.getuid()}"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def _unwrap_ray_error(e: Exception) -> Exception:
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, BaseException) else e
+
+
+class _RayPool:
+    """N threaded labeler actors on Ray; ``submit`` returns an ObjectRef."""
+
+    def __init__(self, cfg: PseudolabelConfig) -> None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        import ray
+
+        self.ray = ray
+        self.started_ray = False
+        if not ray.is_initialized():
+            if cfg.address:
+                ray.init(address=cfg.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+            else:
+                ray.init(
+                    num_cpus=os.cpu_count() or 1,
+                    num_gpus=cfg.gpus or None,
+                    include_dashboard=False,
+                    _temp_dir=_ray_temp_dir(),
+                    ignore_reinit_error=True,
+                    logging_level=logging.WARNING,
+                    log_to_driver=True,
+                )
+            self.started_ray = True
+        n = cfg.gpus or cfg.workers
+        cpus = float(ray.cluster_resources().get("CPU", 1.0))
+        if cfg.gpus:
+            gpus = float(ray.cluster_resources().get("GPU", 0.0))
+            if gpus < cfg.gpus:
+                self.close()
+                raise BevctlError(f"--gpus {cfg.gpus}: the Ray cluster has {gpus:g} GPUs")
+            opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": min(1.0, cpus / n)}
+            device = "cuda"
+        else:
+            # Fractional CPUs: N whole-CPU actors on N CPUs starve everything else (STACK.md).
+            opts = {"num_cpus": min(1.0, round(0.95 * cpus / n, 3))}
+            device = "cpu" if cfg.device == "auto" else cfg.device
+        actor_cls = ray.remote(LabelWorker)
+        self.actors = [
+            actor_cls.options(max_restarts=-1, max_task_retries=0, max_concurrency=cfg.inflight + 1, **opts).remote(
+                cfg.model, device
+            )
+            for _ in range(n)
+        ]
+
+    def info(self) -> dict[str, Any]:
+        try:
+            return self.ray.get(self.actors[0].info.remote())
+        except self.ray.exceptions.RayError as e:
+            cause = _unwrap_ray_error(e)
+            if isinstance(cause, BevctlError):
+                raise BevctlError(str(cause)) from None
+            raise
+
+    def submit(self, actor: int, args: tuple) -> Any:
+        return self.actors[actor].label.remote(*args)
+
+    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
+        return ready
+
+    def close(self) -> None:
+        if self.started_ray and self.ray.is_initialized():
+            self.ray.shutdown()
+
+
+class _Done:
+    """A finished in-process call, shaped like an ObjectRef for :class:`_InlinePool`."""
+
+    def __init__(self, value: Any = None, error: BaseException | None = None) -> None:
+        self.value, self.error = value, error
+
+
+class _InlinePool:
+    """workers=0: one LabelWorker in this process, calls run synchronously."""
+
+    def __init__(self, cfg: PseudolabelConfig) -> None:
+        self.worker = LabelWorker(cfg.model, cfg.device)
+        self.actors = [self.worker]
+
+    def info(self) -> dict[str, Any]:
+        return self.worker.info()
+
+    def submit(self, actor: int, args: tuple) -> _Done:
+        try:
+            return _Done(self.worker.label(*args))
+        except Exception as e:  # noqa: BLE001 - re-raised by get
+            return _Done(error=e)
+
+    def wait(self, refs: list[Any], timeout: float) -> list[Any]:
+        return refs[:1]
+
+    def close(self) -> None:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Batch:
+    items: list[Item]
+    attempts: int = 0
+
+
+def _batches(todo: np.ndarray, image_paths: list[list[str]], size: int) -> Iterator[_Batch]:
+    """Lazily: the images of the samples in ``todo``, in store order, ``size`` at a time."""
+    buf: list[Item] = []
+    for i in todo:
+        for c, path in enumerate(image_paths[int(i)]):
+            buf.append((int(i), c, path))
+            if len(buf) == size:
+                yield _Batch(buf)
+                buf = []
+    if buf:
+        yield _Batch(buf)
+
+
+def _make_progress(enabled: bool):  # -> rich Progress or None
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
+        TimeRemainingColumn,
+    )  # fmt: skip
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task: Any) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:6.1f} img/s" if speed else "   ... img/s")
+
+    return Progress(
+        TextColumn("[bold]pseudolabel"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+    )  # fmt: skip
+
+
+def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -> JobSummary:
+    """Label every image of the selected splits into ``cfg.out`` (resuming a compatible store).
+
+    ``index`` defaults to ``load_index(cfg.dataroot, cfg.version)``; images are not checked up
+    front (a missing one is handled per ``cfg.on_error`` when its turn comes).
+    """
+    from bevctl.data.nuscenes import load_index, parse_splits
+
+    if index is None:
+        index = load_index(cfg.dataroot, cfg.version, check_images=False)
+    splits = list(cfg.splits) if cfg.splits else index.split_names()
+    splits = parse_splits(",".join(splits), index)
+    samples = [s for split in splits for s in index.samples_in(split)]
+    if not samples:
+        raise BevctlError(f"{cfg.dataroot}/{cfg.version}: no samples in split(s) {', '.join(splits)}")
+    cameras = tuple(cam.channel for cam in samples[0].cameras)
+    for s in samples:
+        if tuple(cam.channel for cam in s.cameras) != cameras:
+            raise BevctlError(f"sample {s.token}: cameras {[c.channel for c in s.cameras]} differ from {list(cameras)}")
+    out_hw = cfg.resolution or (samples[0].cameras[0].height, samples[0].cameras[0].width)
+    image_paths = [[cam.image_path for cam in s.cameras] for s in samples]
+    tokens = tuple(s.token for s in samples)
+
+    pool: _RayPool | _InlinePool = _InlinePool(cfg) if (cfg.workers == 0 and not cfg.gpus) else _RayPool(cfg)
+    try:
+        info = pool.info()
+        spec = LabelStoreSpec(
+            model_id=info["model_id"],
+            weights_hash=info["weights_hash"],
+            id2label=info["id2label"],
+            resolution=(int(out_hw[0]), int(out_hw[1])),
+            dataset_version=cfg.version,
+            splits=tuple(splits),
+            tokens=tokens,
+            confidence=cfg.confidence,
+            cameras=cameras,
+        )
+        if spec.id2label and max(spec.id2label) > 255:
+            raise BevctlError(f"labeler {spec.model_id}: class ids above 255 do not fit uint8 masks")
+        store, created = LabelStore.open_for_writing(cfg.out, spec, str(index.dataroot), overwrite=cfg.overwrite)
+        log.info("%s store %s for %d samples", "created" if created else "resuming", cfg.out, len(tokens))
+        return _drive(cfg, pool, store, image_paths, out_hw, len(cameras))
+    finally:
+        pool.close()
+
+
+def _drive(
+    cfg: PseudolabelConfig,
+    pool: _RayPool | _InlinePool,
+    store: LabelStore,
+    image_paths: list[list[str]],
+    out_hw: tuple[int, int],
+    n_cams: int,
+) -> JobSummary:
+    todo = store.todo_indices()
+    n_total = len(store)
+    skipped = n_total - int(todo.size)
+    n_images = int(todo.size) * n_cams
+    store_path = str(store.path)
+    source = _batches(todo, image_paths, cfg.batch_size)
+    retry: deque[_Batch] = deque()
+    pending: dict[Any, tuple[int, _Batch]] = {}
+    per_actor = [0] * len(pool.actors)
+    cams_ok = np.zeros(n_total, dtype=np.int16)
+    failed = np.zeros(n_total, dtype=bool)
+    to_done: list[int] = []
+    to_failed: list[int] = []
+    failures: list[str] = []
+    labeled = images_failed = restarts = 0
+    last_mark = time.monotonic()
+
+    def flush() -> None:
+        nonlocal last_mark
+        if to_failed:
+            store.mark(to_failed, FAILED)
+            to_failed.clear()
+        if to_done:
+            store.mark(to_done, DONE)
+            to_done.clear()
+        last_mark = time.monotonic()
+
+    def next_batch() -> _Batch | None:
+        if retry:
+            return retry.popleft()
+        return next(source, None)
+
+    progress = _make_progress(cfg.progress)
+    task = progress.add_task("label", total=n_images) if progress else None
+    if progress:
+        progress.start()
+    start = time.perf_counter()
+    try:
+        while True:
+            # Keep every actor `inflight` batches deep (back-pressure: nothing more is queued).
+            for a in range(len(pool.actors)):
+                while per_actor[a] < cfg.inflight:
+                    batch = next_batch()
+                    if batch is None:
+                        break
+                    ref = pool.submit(a, (store_path, cfg.confidence, out_hw, batch.items))
+                    pending[ref] = (a, batch)
+                    per_actor[a] += 1
+            if not pending:
+                break
+            for ref in pool.wait(list(pending), timeout=0.5):
+                a, batch = pending.pop(ref)
+                per_actor[a] -= 1
+                try:
+                    result = _get(pool, ref)
+                except _ActorDied as e:
+                    restarts += 1
+                    batch.attempts += 1
+                    if batch.attempts >= MAX_ATTEMPTS:
+                        first = batch.items[0][2]
+                        raise BevctlError(
+                            f"labeler actor died {batch.attempts} times on the batch starting at {first} ({e})"
+                        ) from None
+                    log.warning("labeler actor %d died (%s); resubmitting its batch", a, e)
+                    retry.append(batch)
+                    continue
+                for i, c in result["ok"]:
+                    cams_ok[i] += 1
+                    if cams_ok[i] == n_cams and not failed[i]:
+                        to_done.append(i)
+                labeled += len(result["ok"])
+                for i, c, path, reason in result["errors"]:
+                    images_failed += 1
+                    if cfg.on_error == "fail":
+                        flush()
+                        raise BevctlError(f"{path}: {reason} (sample {store.tokens[i]}; --on-error skip records it as failed)")
+                    failures.append(f"{path}: {reason}")
+                    if not failed[i]:
+                        failed[i] = True
+                        to_failed.append(i)
+                if progress:
+                    progress.advance(task, len(result["ok"]) + len(result["errors"]))
+            if time.monotonic() - last_mark > MARK_EVERY_S:
+                flush()
+        flush()
+    finally:
+        # Completion records of finished samples are written even on Ctrl-C / errors.
+        try:
+            flush()
+        finally:
+            if progress:
+                progress.stop()
+    seconds = time.perf_counter() - start
+    counts = store.counts()
+    masks_disk = dir_bytes(Path(store_path) / "masks")
+    raw = counts["done"] * n_cams * out_hw[0] * out_hw[1]
+    summary = JobSummary(
+        store=store_path,
+        model_id=store.model_id,
+        samples_total=n_total,
+        samples_done=counts["done"],
+        samples_failed=counts["failed"],
+        samples_skipped=skipped,
+        images_labeled=labeled,
+        images_failed=images_failed,
+        seconds=round(seconds, 3),
+        images_per_s=round(labeled / seconds, 2) if seconds > 0 else 0.0,
+        bytes_on_disk=dir_bytes(store_path),
+        compression_ratio=round(raw / masks_disk, 1) if masks_disk else 0.0,
+        actor_restarts=restarts,
+        failures=failures[:100],
+    )
+    run = store.run_info
+    run.update({"updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "last_summary": {
+        k: v for k, v in summary.as_dict().items() if k != "failures"}, "failures": failures[:1000]})
+    if counts["failed"] == 0 and counts["todo"] == 0:
+        run["completed"] = run["updated"]
+    store.set_run_info(run)
+    return summary
+
+
+class _ActorDied(Exception):
+    pass
+
+
+def _get(pool: _RayPool | _InlinePool, ref: Any) -> dict[str, Any]:
+    """The result of a call; actor deaths become :class:`_ActorDied`, BevctlErrors stay one line."""
+    if isinstance(ref, _Done):
+        if ref.error is not None:
+            raise ref.error
+        return ref.value
+    ray = pool.ray  # type: ignore[union-attr]
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayActorError as e:
+        raise _ActorDied(type(e).__name__) from None
+    except ray.exceptions.RayTaskError as e:
+        cause = _unwrap_ray_error(e)
+        if isinstance(cause, BevctlError):
+            raise BevctlError(str(cause)) from None
+        raise
+
+
+def format_summary(s: JobSummary) -> str:
+    lines = [
+        f"store        {s.store}",
+        f"labeler      {s.model_id}",
+        f"samples      {s.samples_done}/{s.samples_total} done, {s.samples_failed} failed, "
+        f"{s.samples_skipped} skipped (already done)",
+        f"images       {s.images_labeled} labeled, {s.images_failed} failed in {s.seconds:.1f} s "
+        f"({s.images_per_s:.1f} img/s)",
+        f"on disk      {s.bytes_on_disk / 1e6:.2f} MB, masks compressed {s.compression_ratio:.0f}x",
+    ]
+    if s.actor_restarts:
+        lines.append(f"restarts     {s.actor_restarts} actor crash(es) recovered")
+    for f in s.failures[:10]:
+        lines.append(f"failed       {f}")
+    if len(s.failures) > 10:
+        lines.append(f"failed       ... and {len(s.failures) - 10} more (see the store's bevctl_run.failures)")
+    return "\n".join(lines)
