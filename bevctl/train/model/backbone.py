@@ -1,0 +1,118 @@
+"""Image backbone (transformers ``AutoBackbone``) and an FPN neck to the attention width.
+
+Random init by default (a ``ResNetConfig`` built from the model config); with
+``backbone_pretrained`` set, ``AutoBackbone.from_pretrained(id_or_dir, trust_remote_code=False)``
+(e.g. ``microsoft/resnet-50`` or a directory written by ``save_pretrained``). Pretrained ResNets
+expect ImageNet-normalised RGB input; that is the data pipeline's job.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bevctl.errors import BevctlError
+from bevctl.train.model.config import ModelConfig
+
+Tensor = torch.Tensor
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """A transformers backbone returning ``cfg.backbone_out_stages`` (1-based) feature maps."""
+    from transformers import AutoBackbone, ResNetConfig
+
+    out_features = [f"stage{s}" for s in cfg.backbone_out_stages]
+    if cfg.backbone_pretrained:
+        try:
+            model = AutoBackbone.from_pretrained(
+                cfg.backbone_pretrained, out_features=out_features, trust_remote_code=False
+            )
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise BevctlError(f"backbone '{cfg.backbone_pretrained}': cannot load ({first})") from None
+    else:
+        last = max(cfg.backbone_out_stages)  # stages after the last used one would get no gradient
+        config = ResNetConfig(
+            num_channels=3,
+            embedding_size=cfg.backbone_stem,
+            hidden_sizes=list(cfg.backbone_widths[:last]),
+            depths=list(cfg.backbone_depths[:last]),
+            layer_type=cfg.backbone_layer_type,
+            out_features=out_features,
+        )
+        model = AutoBackbone.from_config(config)
+    _prune_unused_stages(model, max(cfg.backbone_out_stages))
+    if cfg.backbone_norm_eval:
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                for prm in mod.parameters():
+                    prm.requires_grad_(False)
+    return model
+
+
+def _prune_unused_stages(model: nn.Module, last: int) -> None:
+    """Drop ResNet-like stages after ``last`` (pretrained models keep all four)."""
+    encoder = getattr(model, "encoder", None)
+    stages = getattr(encoder, "stages", None)
+    if isinstance(stages, nn.ModuleList) and len(stages) > last:
+        encoder.stages = stages[:last]  # type: ignore[union-attr]
+
+
+def backbone_channels(model: nn.Module) -> list[int]:
+    channels = getattr(model, "channels", None)
+    if not channels:
+        raise BevctlError(f"backbone {type(model).__name__} does not report its output channels")
+    return list(channels)
+
+
+def set_norm_eval(model: nn.Module) -> None:
+    """Put every BatchNorm of ``model`` in eval mode (frozen running statistics)."""
+    for mod in model.modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+            mod.eval()
+
+
+class FPN(nn.Module):
+    """Feature pyramid: 1x1 laterals, top-down nearest upsampling + add, 3x3 outputs; extra
+    levels by stride-2 3x3 convs on the last output (ReLU before each, as in BEVFormer's neck)."""
+
+    def __init__(self, in_channels: list[int], out_channels: int, num_outs: int) -> None:
+        super().__init__()
+        self.lateral = nn.ModuleList([nn.Conv2d(c, out_channels, 1) for c in in_channels])
+        self.output = nn.ModuleList([nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels])
+        self.extra = nn.ModuleList(
+            [nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1) for _ in range(num_outs - len(in_channels))]
+        )
+        for conv in [*self.lateral, *self.output, *self.extra]:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, feats: list[Tensor]) -> list[Tensor]:
+        lat = [conv(f) for conv, f in zip(self.lateral, feats)]
+        for i in range(len(lat) - 1, 0, -1):
+            lat[i - 1] = lat[i - 1] + F.interpolate(lat[i], size=lat[i - 1].shape[-2:], mode="nearest")
+        outs = [conv(x) for conv, x in zip(self.output, lat)]
+        for conv in self.extra:
+            outs.append(conv(F.relu(outs[-1])))
+        return outs
+
+
+class ImageEncoder(nn.Module):
+    """Backbone + FPN: images ``(B*N, 3, H, W)`` -> ``num_levels`` maps ``(B*N, D, H_l, W_l)``."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.backbone = build_backbone(cfg)
+        self.neck = FPN(backbone_channels(self.backbone), cfg.embed_dim, cfg.num_levels)
+        self.norm_eval = cfg.backbone_norm_eval
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        super().train(mode)
+        if mode and self.norm_eval:
+            set_norm_eval(self.backbone)
+        return self
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        feats = list(self.backbone(images).feature_maps)
+        return self.neck(feats)
