@@ -74,6 +74,81 @@ def demo(
     run_demo(out, quick=quick)
 
 
+# ---- pseudolabel / labels ---------------------------------------------------------------------
+
+
+@app.command()
+def pseudolabel(
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    out: Path = typer.Option(..., "--out", help="Output Zarr store, e.g. labels.zarr."),
+    model: str = typer.Option(
+        "facebook/mask2former-swin-large-mapillary-vistas-semantic", "--model",
+        help="Hub id, local save_pretrained directory, bevctl-synth, or a stand-in (synth-gt, sleep:<s>).",
+    ),
+    gpus: int = typer.Option(0, "--gpus", help="Labeler actors with one GPU each."),
+    workers: int = typer.Option(1, "--workers", help="CPU labeler actors (ignored with --gpus); 0 = no Ray, in process."),
+    address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (default: start a local one)."),
+    batch_size: int = typer.Option(6, "--batch-size", help="Images per model call."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
+    resolution: Optional[str] = typer.Option(None, "--resolution", help="Stored mask size HxW (default: the image size)."),
+    confidence: bool = typer.Option(False, "--confidence", help="Also store per-pixel confidence (uint8)."),
+    on_error: str = typer.Option("fail", "--on-error", help="Unreadable image: fail (stop, name it) or skip (record the sample as failed)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the store from scratch."),
+) -> None:
+    """Label every camera image with a semantic segmenter (Ray job) into a Zarr store (resumable)."""
+    from bevctl.pseudolabel.job import PseudolabelConfig, format_summary, parse_resolution, run_pseudolabel
+
+    cfg = PseudolabelConfig(
+        dataroot=str(dataroot), version=version, out=str(out), model=model, gpus=gpus, workers=workers,
+        address=address, batch_size=batch_size,
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()) if splits else None,
+        resolution=parse_resolution(resolution) if resolution else None,
+        confidence=confidence, on_error=on_error, overwrite=overwrite,
+    )
+    summary = run_pseudolabel(cfg)
+    print(format_summary(summary))
+    if summary.samples_failed:
+        raise typer.Exit(1)
+
+
+labels_app = typer.Typer(help="Inspect a pseudo-label store.", no_args_is_help=True)
+app.add_typer(labels_app, name="labels")
+
+
+@labels_app.command("stats")
+def labels_stats_cmd(
+    store: Path = typer.Argument(..., help="Pseudo-label Zarr store."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Class histogram and coverage, sample counts, bytes on disk, compression ratio."""
+    from bevctl.pseudolabel.show import format_stats
+    from bevctl.storage.labels import label_stats
+
+    stats = label_stats(store)
+    if as_json:
+        import json
+
+        print(json.dumps(stats, indent=2))
+    else:
+        print(format_stats(stats))
+
+
+@labels_app.command("show")
+def labels_show_cmd(
+    store: Path = typer.Argument(..., help="Pseudo-label Zarr store."),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Sample token (default: the first done sample)."),
+    out: Path = typer.Option(Path("labels.png"), "--out", help="PNG to write."),
+    dataroot: Optional[Path] = typer.Option(None, "--dataroot", help="Dataset root (default: the one recorded in the store)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="Mask opacity over the image."),
+) -> None:
+    """The six camera images of a sample with their masks overlaid, as one PNG."""
+    from bevctl.pseudolabel.show import show_sample
+
+    path = show_sample(store, out, token=sample, dataroot=dataroot, alpha=alpha)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
