@@ -1,0 +1,277 @@
+"""BEV ground-truth rasteriser: exact centre-in-shape rule, class rules, map access, synth world."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import shapely
+
+from bevctl.config import CLASS_SETS, GRID_PRESETS, BEVClassSet, BEVGrid
+from bevctl.data import nuscenes_map
+from bevctl.data.bev_gt import (
+    bev_gt_for_sample,
+    cell_T_global,
+    fill_polygons,
+    map_elements_for_sample,
+    rasterize_sample,
+    required_layers,
+)
+from bevctl.data.records import SampleRecord
+from bevctl.errors import BevctlError
+
+DEMO = GRID_PRESETS["demo"]  # x in [-16, 16], y in [-8, 8], 0.25 m -> 128 x 64
+HDMAP = CLASS_SETS["hdmapnet"]  # boundary=1, ped_crossing=2, divider=3
+
+
+def pose(yaw: float, tx: float, ty: float, tz: float = 0.0) -> np.ndarray:
+    """global_T_ego (4, 4) for a yaw rotation and translation."""
+    g = np.eye(4)
+    c, s = np.cos(yaw), np.sin(yaw)
+    g[:2, :2] = [[c, -s], [s, c]]
+    g[:3, 3] = [tx, ty, tz]
+    return g
+
+
+def to_global(g: np.ndarray, geom: shapely.Geometry) -> shapely.Geometry:
+    """An ego-frame geometry placed in the global frame by ``global_T_ego``."""
+    return shapely.transform(geom, lambda xy: xy @ g[:2, :2].T + g[:2, 3])
+
+
+def centres(grid: BEVGrid) -> tuple[np.ndarray, np.ndarray]:
+    """Ego x, y of every cell centre, each (X, Y)."""
+    i, j = np.meshgrid(np.arange(grid.nx), np.arange(grid.ny), indexing="ij")
+    return grid.x_min + (i + 0.5) * grid.resolution, grid.y_min + (j + 0.5) * grid.resolution
+
+
+def reference_mask(geoms: list[shapely.Geometry], g: np.ndarray, grid: BEVGrid) -> np.ndarray:
+    """Dense point-in-polygon reference: cell centres mapped to global, tested with shapely."""
+    x, y = centres(grid)
+    gx = g[0, 0] * x + g[0, 1] * y + g[0, 3]
+    gy = g[1, 0] * x + g[1, 1] * y + g[1, 3]
+    out = np.zeros(grid.shape, dtype=bool)
+    for geom in geoms:
+        out |= shapely.contains_xy(geom, gx, gy)
+    return out
+
+
+# ---- a minimal map-expansion JSON that NuScenesMap loads ------------------------------------
+
+ALL_LAYERS = (
+    "drivable_area", "road_segment", "road_block", "lane", "ped_crossing", "walkway", "stop_line",
+    "carpark_area", "road_divider", "lane_divider", "traffic_light", "lane_connector",
+)
+
+
+def write_map_json(
+    dataroot: Path,
+    location: str,
+    lines: dict[str, list[list[tuple[float, float]]]],
+    polygons: dict[str, list[list[tuple[float, float]]]],
+) -> Path:
+    """Write ``maps/expansion/<location>.json`` (v1.3 layout) with the given line/polygon records."""
+    data: dict = {"version": "1.3", "canvas_edge": [3000.0, 3000.0], "node": [], "line": [], "polygon": [],
+                  "arcline_path_3": {}, "connectivity": {}}
+    for layer in ALL_LAYERS:
+        data[layer] = []
+    counter = iter(range(10**9))
+
+    def nodes(coords: list[tuple[float, float]]) -> list[str]:
+        tokens = []
+        for x, y in coords:
+            t = f"n{next(counter)}"
+            data["node"].append({"token": t, "x": float(x), "y": float(y)})
+            tokens.append(t)
+        return tokens
+
+    for layer, items in lines.items():
+        for coords in items:
+            lt = f"l{next(counter)}"
+            data["line"].append({"token": lt, "node_tokens": nodes(coords)})
+            data[layer].append({"token": f"r{next(counter)}", "line_token": lt})
+    for layer, items in polygons.items():
+        for coords in items:
+            pt = f"p{next(counter)}"
+            data["polygon"].append({"token": pt, "exterior_node_tokens": nodes(coords), "holes": []})
+            rec: dict = {"token": f"r{next(counter)}", "polygon_token": pt}
+            if layer == "lane":
+                rec.update(left_lane_divider_segments=[], right_lane_divider_segments=[])
+            if layer == "stop_line":
+                rec.update(stop_line_type="STOP_SIGN", ped_crossing_tokens=[], traffic_light_tokens=[])
+            if layer == "drivable_area":
+                rec = {"token": rec["token"], "polygon_tokens": [pt]}
+            data[layer].append(rec)
+    path = dataroot / "maps" / "expansion" / f"{location}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def box_coords(x0: float, y0: float, x1: float, y1: float) -> list[tuple[float, float]]:
+    return [(x0, y0), (x1, y0), (x1, y1), (x0, y1)]
+
+
+def make_sample(token: str, g: np.ndarray, location: str = "singapore-onenorth", scene: str = "scene-0001",
+                index_in_scene: int = 0, prev: str | None = None) -> SampleRecord:
+    return SampleRecord(token=token, scene_token=f"st-{scene}", scene_name=scene, index_in_scene=index_in_scene,
+                        timestamp=index_in_scene * 500_000, location=location, global_T_ego=g, cameras=(),
+                        prev_token=prev)
+
+
+# ---- the fill --------------------------------------------------------------------------------
+
+
+def test_fill_matches_dense_point_in_polygon_reference() -> None:
+    rng = np.random.default_rng(0)
+    grid = GRID_PRESETS["hdmapnet"]
+    inside = 0
+    for _ in range(20):
+        g = pose(rng.uniform(-np.pi, np.pi), *rng.uniform(-500, 500, 2))
+        polys = []
+        for k in range(5):
+            c = rng.uniform([-35, -20], [35, 20])
+            p = shapely.Polygon(c + rng.normal(0, 4, (8, 2))).convex_hull
+            if k == 4:  # a polygon with a hole
+                p = p.buffer(3).difference(shapely.Point(c).buffer(1.5))
+            polys.append(to_global(g, p))
+        mask = fill_polygons(polys, grid.shape, cell_T_global(g, grid))
+        ref = reference_mask(polys, g, grid)
+        inside += int(ref.sum())
+        assert np.array_equal(mask, ref)
+    assert inside > 10_000  # the shapes really covered cells
+
+
+def test_fill_centre_rule_at_cell_boundaries() -> None:
+    # A box whose edges sit exactly on cell edges (x = 0, 1 m; y = 0, 0.5 m) covers exactly
+    # the 4 x 2 cells inside; shifted by just under half a cell it still does, by just over not.
+    g = np.eye(4)
+    t = cell_T_global(g, DEMO)
+    x, y = centres(DEMO)
+    for shift, expect_same in ((0.0, True), (0.124, True), (0.126, False)):
+        box = shapely.box(0 + shift, 0, 1 + shift, 0.5)
+        mask = fill_polygons([box], DEMO.shape, t)
+        expected = (x >= 0) & (x < 1) & (y >= 0) & (y < 0.5)
+        assert mask.sum() == 8
+        assert np.array_equal(mask, expected) == expect_same
+
+
+def test_overlapping_polygons_form_their_union() -> None:
+    g = np.eye(4)
+    a, b = shapely.box(-2, -2, 2, 2), shapely.box(0, 0, 4, 4)
+    mask = fill_polygons([a, b, b], DEMO.shape, cell_T_global(g, DEMO))  # b twice: still inside
+    assert np.array_equal(mask, reference_mask([a.union(b)], g, DEMO))
+
+
+# ---- class rules -----------------------------------------------------------------------------
+
+
+def test_dashed_divider_and_crosswalk_land_in_expected_cells() -> None:
+    """A dashed divider along ego x at y = 1 and a crosswalk, seen from a rotated, moved ego:
+    the expected cells are computed analytically from the cell centres (no shapely)."""
+    g = pose(np.deg2rad(37.0), 1234.5, -987.25, 0.3)
+    dashes = [shapely.LineString([(x0, 1.0), (x0 + 3.0, 1.0)]) for x0 in np.arange(-20.0, 20.0, 6.0)]
+    crosswalk = shapely.box(5.0, -6.0, 9.0, 6.0)
+    elements = {
+        "lane_divider": [to_global(g, d) for d in dashes],
+        "road_divider": [],
+        "ped_crossing": [to_global(g, crosswalk)],
+        "road_segment": [], "lane": [],
+    }
+    out = rasterize_sample(elements, g, DEMO, HDMAP)
+    x, y = centres(DEMO)
+    w = HDMAP.line_width_m
+    on_dash = np.zeros(DEMO.shape, bool)
+    for x0 in np.arange(-20.0, 20.0, 6.0):
+        on_dash |= (x > x0) & (x < x0 + 3.0) & (np.abs(y - 1.0) < w / 2)
+    in_cross = (x > 5.0) & (x < 9.0) & (np.abs(y) < 6.0)
+    expected = np.zeros(DEMO.shape, np.uint8)
+    expected[in_cross] = 2
+    expected[on_dash] = 3  # divider is listed after ped_crossing: it wins the overlap
+    assert on_dash.sum() > 0 and (on_dash & in_cross).sum() > 0
+    assert np.array_equal(out, expected)
+
+
+def test_outline_draws_union_boundary_and_holes_only() -> None:
+    g = pose(0.5, 10.0, 20.0)
+    road = shapely.Polygon(box_coords(-100, -5, 100, 5), [box_coords(2, -1, 6, 1)])  # island hole
+    lane = shapely.box(-100, 1.5, 100, 5)  # inside the road: its edge y = 1.5 is no boundary
+    elements = {"road_segment": [to_global(g, road)], "lane": [to_global(g, lane)],
+                "ped_crossing": [], "lane_divider": [], "road_divider": []}
+    out = rasterize_sample(elements, g, DEMO, HDMAP)
+    x, y = centres(DEMO)
+    h = HDMAP.line_width_m / 2
+    outer = np.abs(np.abs(y) - 5.0) < h
+    island = shapely.Polygon(box_coords(2, -1, 6, 1)).boundary.buffer(h, cap_style="flat", join_style="round")
+    hole = reference_mask([island], np.eye(4), DEMO)
+    assert hole.sum() > 0
+    assert np.array_equal(out == 1, outer | hole)  # also: no artificial edges where the map is clipped
+    # no boundary along y = 1.5 (the lane edge inside the road) nor at the grid edges (clipping)
+    assert not (out[:, np.abs(y[0] - 1.5) < 0.2] == 1).any()
+
+
+def test_markings_class_set_priority_and_stop_line() -> None:
+    cs = CLASS_SETS["markings"]  # boundary, ped_crossing, stop_line, road_divider, lane_divider
+    g = np.eye(4)
+    elements = {
+        "ped_crossing": [shapely.box(0, -4, 4, 4)],
+        "stop_line": [shapely.box(3.5, -4, 4.5, 4)],
+        "road_divider": [shapely.LineString([(-10, 0), (10, 0)])],
+        "lane_divider": [shapely.LineString([(-10, 2), (10, 2)])],
+        "road_segment": [], "lane": [],
+    }
+    out = rasterize_sample(elements, g, DEMO, cs)
+    x, y = centres(DEMO)
+    names = cs.names_with_background
+    at = lambda px, py: names[out[int((px + 16) / 0.25), int((py + 8) / 0.25)]]  # noqa: E731
+    assert at(1.0, -3.0) == "ped_crossing"
+    assert at(4.1, -3.0) == "stop_line"  # stop_line listed after ped_crossing
+    assert at(1.0, 0.05) == "road_divider"  # divider over the crosswalk
+    assert at(1.0, 2.05) == "lane_divider"
+    assert at(-5.0, -3.0) == "background"
+    assert set(np.unique(out)) == {0, 2, 3, 4, 5}
+
+
+def test_required_layers_and_bad_rule() -> None:
+    assert set(required_layers(HDMAP)) == {"road_segment", "lane", "ped_crossing", "road_divider", "lane_divider"}
+    bad = BEVClassSet(name="bad", classes=("x",), layers={"x": {"dots": ("lane",)}})
+    with pytest.raises(BevctlError, match="unknown rule 'dots'"):
+        required_layers(bad)
+
+
+# ---- the map module on a real map-expansion JSON ---------------------------------------------
+
+
+def test_map_elements_and_bev_gt_for_sample(tmp_path: Path) -> None:
+    nuscenes_map.clear_caches()
+    write_map_json(
+        tmp_path, "singapore-onenorth",
+        lines={"lane_divider": [[(x, 101.0), (x + 3, 101.0)] for x in range(80, 120, 6)],
+               "road_divider": [[(500.0, 0.0), (600.0, 0.0)]]},  # far away
+        polygons={"ped_crossing": [box_coords(105, 95, 109, 107)],
+                  "road_segment": [box_coords(0, 94, 200, 106)], "lane": [box_coords(0, 100, 200, 106)]},
+    )
+    g = pose(0.0, 100.0, 100.0)
+    sample = make_sample("tok", g)
+    elements = map_elements_for_sample(tmp_path, sample, DEMO, HDMAP)
+    assert len(elements["road_divider"]) == 0  # outside the query box
+    assert len(elements["lane_divider"]) == 7 and len(elements["ped_crossing"]) == 1
+    out = bev_gt_for_sample(tmp_path, sample, DEMO, HDMAP)
+    expected = rasterize_sample(
+        {"lane_divider": [shapely.LineString([(x, 101.0), (x + 3, 101.0)]) for x in range(80, 120, 6)],
+         "road_divider": [], "ped_crossing": [shapely.box(105, 95, 109, 107)],
+         "road_segment": [shapely.box(0, 94, 200, 106)], "lane": [shapely.box(0, 100, 200, 106)]},
+        g, DEMO, HDMAP)
+    assert np.array_equal(out, expected)
+    assert set(np.unique(out)) == {0, 1, 2, 3}
+
+
+def test_missing_or_unknown_map_is_one_clear_error(tmp_path: Path) -> None:
+    nuscenes_map.clear_caches()
+    with pytest.raises(BevctlError, match=r"map expansion not found: .*boston-seaport\.json"):
+        bev_gt_for_sample(tmp_path, make_sample("t", np.eye(4), "boston-seaport"), DEMO, HDMAP)
+    with pytest.raises(BevctlError, match="unknown map location 'mars'"):
+        bev_gt_for_sample(tmp_path, make_sample("t", np.eye(4), "mars"), DEMO, HDMAP)
+    with pytest.raises(BevctlError, match="global_T_ego must be a finite 4x4"):
+        rasterize_sample({}, np.full((4, 4), np.nan), DEMO, HDMAP)
