@@ -37,8 +37,10 @@ FAULT_MARKER_ENV = "BEVCTL_FAULT_MARKER"
 
 
 def _synth_classes() -> tuple[str, ...]:
-    from bevctl.data.synth import SYNTH_CLASSES
-
+    try:
+        from bevctl.data.synth import SYNTH_CLASSES
+    except ImportError:  # the world model defines them; synth re-exports
+        from bevctl.data.synth_world import SYNTH_CLASSES
     return tuple(SYNTH_CLASSES)
 
 

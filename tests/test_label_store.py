@@ -1,0 +1,105 @@
+"""The pseudo-label store: creation at final shape, resume rules, reader API, stats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bevctl.data.records import CAMERAS
+from bevctl.errors import BevctlError
+from bevctl.storage.labels import DONE, FAILED, LabelStore, LabelStoreSpec, label_stats, open_mask_arrays
+
+H, W = 30, 40
+
+
+def _spec(**kw) -> LabelStoreSpec:
+    base = dict(
+        model_id="m", weights_hash="abc", id2label={0: "road", 1: "lane", 2: "sky"}, resolution=(H, W),
+        dataset_version="v1.0-synth", splits=("train",), tokens=("t0", "t1", "t2"), confidence=True,
+    )
+    base.update(kw)
+    return LabelStoreSpec(**base)
+
+
+def _fill(path, idx: int, value_fn) -> np.ndarray:
+    masks, conf = open_mask_arrays(path, confidence=True)
+    out = np.stack([value_fn(c) for c in range(len(CAMERAS))]).astype(np.uint8)
+    for c in range(len(CAMERAS)):
+        masks[idx, c] = out[c]
+        conf[idx, c] = np.full((H, W), 200, np.uint8)
+    return out
+
+
+def test_create_write_read_and_stats(tmp_path) -> None:
+    path = tmp_path / "labels.zarr"
+    store, created = LabelStore.open_for_writing(path, _spec(), "/data/root")
+    assert created and store.tokens == ["t0", "t1", "t2"] and store.resolution == (H, W)
+    assert store.cameras == CAMERAS and store.id2label == {0: "road", 1: "lane", 2: "sky"}
+    assert [store.status(t) for t in store.tokens] == ["todo"] * 3
+    rng = np.random.default_rng(0)
+    m0 = _fill(path, 0, lambda c: rng.integers(0, 3, (H, W)))
+    m2 = _fill(path, 2, lambda c: np.full((H, W), 1))
+    store.mark([0, 2], DONE)
+    store.mark([1], FAILED)
+
+    reader = LabelStore.open(path)
+    np.testing.assert_array_equal(reader.get("t0"), m0)
+    np.testing.assert_array_equal(reader.get("t2"), m2)
+    assert reader.get("t0").dtype == np.uint8 and reader.get("t0").shape == (6, H, W)
+    assert (reader.get_confidence("t2") == 200).all()
+    assert [reader.status(t) for t in reader.tokens] == ["done", "failed", "done"]
+    assert reader.done_tokens() == ["t0", "t2"]
+    assert reader.dataroot == "/data/root"
+    with pytest.raises(BevctlError, match="t1.*failed"):
+        reader.get("t1")  # a failed sample has no trustworthy masks
+    with pytest.raises(BevctlError, match="no sample 'nope'"):
+        reader.get("nope")
+
+    stats = label_stats(path)
+    assert stats["samples"] == {"todo": 0, "done": 2, "failed": 1}
+    hist = {c["name"]: c["pixels"] for c in stats["classes"]}
+    expected = np.bincount(np.concatenate([m0.ravel(), m2.ravel()]), minlength=3)
+    assert hist == {"road": expected[0], "lane": expected[1], "sky": expected[2]}
+    cover = {c["name"]: c["image_coverage"] for c in stats["classes"]}
+    assert cover["lane"] == 1.0 and cover["road"] == pytest.approx(0.5)  # t2 is all lane
+    assert stats["mask_bytes_raw"] == 2 * 6 * H * W and stats["compression_ratio"] > 1
+
+
+def test_resume_keeps_done_and_refuses_incompatible(tmp_path) -> None:
+    path = tmp_path / "labels.zarr"
+    store, _ = LabelStore.open_for_writing(path, _spec(), "/a")
+    m0 = _fill(path, 0, lambda c: np.full((H, W), c % 3))
+    store.mark([0], DONE)
+    # a torn write left behind by a killed worker is removed on resume
+    partial = path / "masks" / "c" / "1" / "0" / "0" / "0.deadbeef.partial"
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"junk")
+
+    again, created = LabelStore.open_for_writing(path, _spec(), "/moved/root")
+    assert not created and not partial.exists()
+    assert list(again.todo_indices()) == [1, 2]
+    np.testing.assert_array_equal(again.get("t0"), m0)
+    assert again.dataroot == "/moved/root"  # the dataroot may move; it is not validated
+
+    for change, what in [
+        (dict(model_id="other"), "model_id"),
+        (dict(weights_hash="def"), "weights_hash"),
+        (dict(resolution=(H, W + 8)), "resolution"),
+        (dict(id2label={0: "road", 1: "lane"}), "id2label"),
+        (dict(dataset_version="v1.0-mini"), "dataset_version"),
+        (dict(confidence=False), "confidence"),
+        (dict(tokens=("t0", "t1")), "samples"),
+    ]:
+        with pytest.raises(BevctlError, match=f"{what}.*--overwrite"):
+            LabelStore.open_for_writing(path, _spec(**change), "/a")
+    fresh, created = LabelStore.open_for_writing(path, _spec(model_id="other"), "/a", overwrite=True)
+    assert created and fresh.model_id == "other" and fresh.counts()["done"] == 0
+
+
+def test_open_rejects_non_stores(tmp_path) -> None:
+    with pytest.raises(BevctlError, match="no Zarr store"):
+        LabelStore.open(tmp_path / "missing.zarr")
+    (tmp_path / "x.zarr").mkdir()
+    (tmp_path / "x.zarr" / "file").write_text("x")
+    with pytest.raises(BevctlError, match="not a Zarr store"):
+        LabelStore.open_for_writing(tmp_path / "x.zarr", _spec(), "/a")
