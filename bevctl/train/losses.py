@@ -12,8 +12,8 @@ Reprojection loss
     computed once per rig and cached (:class:`RayGridCache`); rigs repeat across a dataset.
 
     Normalisation: the loss is the mean over valid pixels **per sample**, then the mean over
-    samples with at least one valid pixel. Per-sample normalisation makes the loss of a batch
-    independent of how it is split across DDP ranks.
+    the samples of the batch (a sample without any valid pixel adds 0). Per-sample
+    normalisation makes the loss of a batch independent of how it is split across DDP ranks.
 
 Temporal loss
     The previous frame's BEV class probabilities ``q`` are warped into the current ego frame
@@ -136,16 +136,14 @@ class RayGridCache:
 
 
 def _per_sample_mean(values: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """values, mask ``(B, M)`` -> mean over samples of the per-sample masked mean, and the number
-    of samples that had any valid entry. A batch with nothing valid gives a zero that still has
+    """values, mask ``(B, M)`` -> mean over the B samples of the per-sample masked mean (a
+    sample with nothing valid counts as 0, so the batch mean splits exactly across DDP ranks),
+    and the number of samples with any valid entry. Nothing valid gives a zero that still has
     a gradient path (so DDP sees every parameter)."""
     maskf = mask.to(values.dtype)
     count = maskf.sum(dim=1)  # (B,)
     per_sample = (values * maskf).sum(dim=1) / count.clamp(min=1)
-    has = count > 0
-    n = has.sum()
-    loss = (per_sample * has.to(values.dtype)).sum() / n.clamp(min=1)
-    return loss, n
+    return per_sample.mean(), (count > 0).sum()
 
 
 def reproject_logits(bev_logits: Tensor, grid: BEVGrid, rays: RayGrid) -> Tensor:

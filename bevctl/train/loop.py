@@ -1,0 +1,449 @@
+"""The training loop shared by ``bevctl pretrain`` and ``bevctl finetune``.
+
+One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` samples on each of
+``world`` processes (the *global batch*). The data order is a seeded permutation per epoch,
+cut into global batches; rank ``r`` takes its slice of each, so 2 processes x batch b compute
+the same update as 1 process x batch 2b (losses are per-sample means, DDP averages gradients).
+The schedule (warm-up + cosine) is fixed at the start by ``epochs`` and ``max_steps``.
+
+Run directory::
+
+    RUN/config.yaml     the TrainConfig       RUN/run.json      mode, data paths, world size
+    RUN/scenes.json     scenes trained on     RUN/metrics.jsonl one JSON line per logged step
+    RUN/checkpoints/step_NNNNNNN.pt           RUN/last.pt       the newest checkpoint
+
+Checkpoints hold model, optimiser, scheduler, scaler, step, RNG states, config, bevctl version.
+``resume=True`` continues from ``RUN/last.pt`` exactly: the sampler skips the consumed
+batches, so on CPU an interrupted + resumed run ends bit-identical to an uninterrupted one.
+A non-finite loss (or gradient norm, without fp16 scaling) stops the run with
+:class:`TrainingDiverged`; nothing is saved after it, so ``RUN/last.pt`` stays the last good one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.nn as nn
+import yaml
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+import bevctl
+from bevctl.config import BEVGrid, class_set_from_name, dataclass_to_dict, dataclass_from_dict, grid_from_name
+from bevctl.errors import BevctlError
+from bevctl.train import distributed as D
+from bevctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from bevctl.train.config import TrainConfig, config_diff
+from bevctl.train.tasks import make_task, to_device
+
+# config fields that may change on --resume without changing the result
+RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every")
+
+
+class TrainingDiverged(BevctlError):
+    """A non-finite loss or gradient: the run stopped, the last good checkpoint is kept."""
+
+
+@dataclass
+class RunSpec:
+    """Everything a training process needs (picklable: it travels to spawned DDP workers)."""
+
+    mode: str  # "pretrain" | "finetune"
+    cfg: TrainConfig
+    run_dir: Path
+    dataroot: str | None = None
+    version: str | None = None
+    labels: str | None = None  # labels.zarr (pretrain)
+    gt: str | None = None  # BEV GT cache (finetune)
+    init: str | None = None  # checkpoint to initialise the model from (finetune after pretrain)
+    resume: bool = False
+    device: str = "auto"
+    gpus: int = 1
+    progress: bool = True
+    # hooks for tests and benchmarks (top-level callables so they pickle)
+    dataset_factory: Callable[["RunSpec"], Dataset] | None = None
+    model_factory: Callable[["RunSpec"], nn.Module] | None = None
+    stop_after_step: int | None = None  # simulate an interruption after this step (tests)
+    profile: bool = False  # synchronise CUDA around phases for exact timings
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks
+# --------------------------------------------------------------------------------------------
+
+
+def grid_and_classes(cfg: TrainConfig) -> tuple[BEVGrid, int]:
+    return grid_from_name(cfg.grid), class_set_from_name(cfg.class_set).num_classes
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    """The BEVFormer of preset ``cfg.model`` (or the toy stand-in) for the configured grid."""
+    grid, c = grid_and_classes(cfg)
+    if cfg.model == "toy":
+        from bevctl.train.toy import ToyBEVModel
+
+        return ToyBEVModel(grid, c, model_image_hw(cfg))
+    from bevctl.train.model import BEVFormer
+
+    return BEVFormer(model_config(cfg), grid, c)
+
+
+def model_config(cfg: TrainConfig):
+    from bevctl.train.model import model_preset
+
+    mc = model_preset(cfg.model)
+    if cfg.image_hw is not None and tuple(cfg.image_hw) != tuple(mc.image_hw):
+        import dataclasses
+
+        mc = dataclasses.replace(mc, image_hw=tuple(cfg.image_hw))
+    return mc
+
+
+def model_image_hw(cfg: TrainConfig) -> tuple[int, int]:
+    if cfg.image_hw is not None:
+        return tuple(cfg.image_hw)  # type: ignore[return-value]
+    if cfg.model == "toy":
+        return (64, 112)
+    return tuple(model_config(cfg).image_hw)  # type: ignore[return-value]
+
+
+def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
+    """Linear warm-up from ~0 to 1 over ``warmup`` steps, then cosine to ``min_ratio``."""
+
+    def f(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup
+        span = max(1, total_steps - warmup)
+        t = min(1.0, (step - warmup) / span)
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+    return f
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or name.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+class StepBatchSampler(Sampler[list[int]]):
+    """Micro-batches of indices for one rank, from ``start_step`` to ``total_steps``.
+
+    Epoch ``e`` is the permutation of ``torch.randperm(n, generator=seed + e)``, cut into
+    global batches of ``batch * world * accum`` (a ragged tail is dropped). Micro-batch ``m``
+    of rank ``r`` in a step is ``global[(m * world + r) * batch : ... + batch]``.
+    """
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, accum: int, seed: int,
+                 start_step: int, total_steps: int) -> None:
+        self.n, self.batch, self.world, self.rank, self.accum = n, batch, world, rank, accum
+        self.seed, self.start, self.total = seed, start_step, total_steps
+        self.global_batch = batch * world * accum
+        self.steps_per_epoch = n // self.global_batch
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start) * self.accum
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.total):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                perm, perm_epoch = torch.randperm(self.n, generator=g).tolist(), epoch
+            base = k * self.global_batch
+            for m in range(self.accum):
+                off = base + (m * self.world + self.rank) * self.batch
+                yield perm[off : off + self.batch]  # type: ignore[index]
+
+
+def steps_for(n_samples: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(steps per epoch, total steps) for a dataset of ``n_samples``."""
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    spe = n_samples // global_batch
+    if spe == 0:
+        raise BevctlError(f"training set has {n_samples} samples, fewer than one global batch "
+                          f"({cfg.batch_size} x {world} processes x {cfg.grad_accum} accumulation)")
+    total = spe * cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return spe, total
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after ``step`` (they are recomputed after a resume)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+    _atomic_write_text(path, "".join(k + "\n" for k in keep))
+
+
+def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use GradScaler)."""
+    if device.type != "cuda" or cfg.amp == "off":
+        return None, False
+    if cfg.amp == "bf16" or (cfg.amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16, False
+    return torch.float16, True
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    from torch.utils.data import default_collate
+
+    return default_collate(items)
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def train(spec: RunSpec) -> Path:
+    """Run a training job (spawning ``spec.gpus`` processes if asked). Returns ``RUN/last.pt``."""
+    run_dir = Path(spec.run_dir)
+    if not spec.resume and (run_dir / "last.pt").exists():
+        raise BevctlError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or pick a new --out")
+    try:
+        D.launch(_worker, spec.gpus, spec)
+    except Exception as e:  # a spawned worker's BevctlError arrives wrapped
+        if type(e).__name__ == "ProcessRaisedException":
+            lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            last = lines[-1] if lines else str(e)
+            if "BevctlError: " in last or "TrainingDiverged: " in last:
+                raise BevctlError(last.split(": ", 1)[1]) from None
+        raise
+    return run_dir / "last.pt"
+
+
+def _worker(spec: RunSpec) -> None:
+    info = D.setup(spec.device)
+    try:
+        _fit(spec, info)
+    finally:
+        D.teardown()
+
+
+def _fit(spec: RunSpec, info: D.DistInfo) -> None:
+    cfg = spec.cfg
+    run_dir = Path(spec.run_dir)
+    grid, num_classes = grid_and_classes(cfg)
+    device = info.device
+    if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None and info.distributed:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world))
+
+    # ---- resume or start ------------------------------------------------------------------
+    ckpt = None
+    if spec.resume and (run_dir / "last.pt").exists():
+        ckpt = load_checkpoint(run_dir / "last.pt")
+        saved = dataclass_from_dict(TrainConfig, ckpt["config"], where=f"{run_dir}/last.pt config")
+        diff = config_diff(saved, cfg, ignore=RESUME_MUTABLE)
+        if diff:
+            raise BevctlError(f"--resume: options differ from the run in {run_dir}: "
+                              + ", ".join(f"{k}={getattr(saved, k)!r} (now {getattr(cfg, k)!r})" for k in diff))
+        if ckpt["run"]["world"] != info.world:
+            raise BevctlError(f"--resume: {run_dir} was trained with {ckpt['run']['world']} processes, now {info.world}")
+        if ckpt["run"]["mode"] != spec.mode:
+            raise BevctlError(f"--resume: {run_dir} is a {ckpt['run']['mode']} run, not {spec.mode}")
+
+    torch.manual_seed(cfg.seed)
+    if spec.dataset_factory is not None:
+        dataset = spec.dataset_factory(spec)
+    else:
+        from bevctl.train.dataset import build_train_dataset
+
+        dataset = build_train_dataset(spec, write_scenes=info.is_main)
+    spe, total_steps = steps_for(len(dataset), cfg, info.world)
+
+    torch.manual_seed(cfg.seed)
+    model = spec.model_factory(spec) if spec.model_factory is not None else build_model(cfg)
+    if spec.init and ckpt is None:
+        init = load_checkpoint(spec.init)
+        try:
+            model.load_state_dict(init["model"])
+        except RuntimeError as e:
+            raise BevctlError(f"--init {spec.init}: weights do not fit this model "
+                              f"({str(e).splitlines()[0][:160]})") from None
+    model.to(device)
+    opt = make_optimizer(model, cfg)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
+    amp_dtype, use_scaler = _amp_settings(cfg, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    start = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start = int(ckpt["step"])
+        if int(ckpt["run"]["total_steps"]) != total_steps:
+            raise BevctlError(f"--resume: schedule length changed ({ckpt['run']['total_steps']} -> {total_steps} "
+                              f"steps); the dataset or its fraction differs from the original run")
+        set_rng_state(ckpt["rng"])
+    run_info = {"mode": spec.mode, "dataroot": spec.dataroot, "version": spec.version, "labels": spec.labels,
+                "gt": spec.gt, "init": spec.init, "world": info.world, "total_steps": total_steps,
+                "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": num_classes,
+                "image_hw": list(model_image_hw(cfg))}
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclass_to_dict(cfg), sort_keys=False))
+        _atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2) + "\n")
+        _truncate_metrics(run_dir / "metrics.jsonl", start)
+    D.barrier(info)
+
+    net: nn.Module = model
+    if info.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    task = make_task(spec.mode, cfg, grid, num_classes, profile=spec.profile)
+    sampler = StepBatchSampler(len(dataset), cfg.batch_size, info.world, info.rank, cfg.grad_accum,
+                               cfg.seed, start, total_steps)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda",
+                        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+                        persistent_workers=False)
+
+    def checkpoint(step: int) -> None:
+        if info.is_main:
+            payload = {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if use_scaler else {}, "step": step, "rng": rng_state(),
+                "config": dataclass_to_dict(cfg), "run": run_info, "bevctl_version": bevctl.__version__,
+            }
+            save_checkpoint(run_dir, step, payload, keep=cfg.keep_checkpoints)
+        D.barrier(info)
+
+    last_ckpt_step = start if ckpt is not None else None
+    metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
+    tb = _tensorboard(run_dir) if info.is_main else None
+    progress = _progress(spec.progress and info.is_main, spec.mode, total_steps, start)
+    it = iter(loader)
+    t_run = time.perf_counter()
+    try:
+        with progress:
+            task_id = progress.add_task(spec.mode, total=total_steps, completed=start, loss=float("nan"))
+            for step in range(start, total_steps):
+                net.train()
+                t_step = time.perf_counter()
+                times = {"t_data": 0.0, "t_fwd": 0.0, "t_loss": 0.0, "t_bwd": 0.0}
+                sums: dict[str, float] = {}
+                loss_sum = 0.0
+                opt.zero_grad(set_to_none=True)
+                for m in range(cfg.grad_accum):
+                    t0 = time.perf_counter()
+                    batch = to_device(next(it), device)
+                    times["t_data"] += time.perf_counter() - t0
+                    sync = net.no_sync() if info.distributed and m < cfg.grad_accum - 1 else contextlib.nullcontext()
+                    with sync:
+                        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                            loss, stats = task(net, batch, device)
+                        finite = bool(torch.isfinite(loss.detach()).item())
+                        if not D.all_true(finite, info):
+                            raise TrainingDiverged(_diverged_msg("loss", float(loss.detach()), step + 1, stats,
+                                                                 run_dir, last_ckpt_step))
+                        t0 = time.perf_counter()
+                        scaler.scale(loss / cfg.grad_accum).backward()
+                        if spec.profile and device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        times["t_bwd"] += time.perf_counter() - t0
+                    loss_sum += float(loss.detach())
+                    times["t_fwd"] += stats.pop("t_fwd", 0.0)
+                    times["t_loss"] += stats.pop("t_loss", 0.0)
+                    for k, v in stats.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                t0 = time.perf_counter()
+                scaler.unscale_(opt)
+                params = [p for p in model.parameters() if p.grad is not None]
+                if cfg.grad_clip > 0:
+                    gnorm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+                else:
+                    gnorm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) if params else 0.0
+                if not math.isfinite(gnorm) and not use_scaler:
+                    raise TrainingDiverged(_diverged_msg("gradient norm", gnorm, step + 1, {}, run_dir, last_ckpt_step))
+                lr = opt.param_groups[0]["lr"]
+                scaler.step(opt)
+                scaler.update()
+                sched.step()
+                if spec.profile and device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times["t_opt"] = time.perf_counter() - t0
+                times["t_step"] = time.perf_counter() - t_step
+                done = step + 1
+                loss_avg = loss_sum / cfg.grad_accum
+                progress.update(task_id, completed=done, loss=loss_avg)
+                if info.is_main and (done % cfg.log_every == 0 or done == total_steps):
+                    row = {"step": done, "epoch": step // spe, "loss": loss_avg, "lr": lr, "grad_norm": gnorm,
+                           **{k: v / cfg.grad_accum for k, v in sums.items()}, **times,
+                           "samples_per_s": cfg.batch_size * cfg.grad_accum * info.world / max(times["t_step"], 1e-9)}
+                    if device.type == "cuda":
+                        row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    metrics_file.write(json.dumps(row) + "\n")  # type: ignore[union-attr]
+                    metrics_file.flush()  # type: ignore[union-attr]
+                    if tb is not None:
+                        for k, v in row.items():
+                            if k != "step" and isinstance(v, (int, float)):
+                                tb.add_scalar(f"{spec.mode}/{k}", v, done)
+                if done % cfg.checkpoint_every == 0 or done == total_steps:
+                    checkpoint(done)
+                    last_ckpt_step = done
+                if spec.stop_after_step is not None and done >= spec.stop_after_step:
+                    break
+    finally:
+        if metrics_file is not None:
+            metrics_file.close()
+        if tb is not None:
+            tb.close()
+        del it
+    if info.is_main and spec.progress:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s "
+                                   f"-> {run_dir / 'last.pt'}")
+
+
+def _diverged_msg(what: str, value: float, step: int, stats: dict[str, float], run_dir: Path,
+                  last_ckpt_step: int | None) -> str:
+    parts = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k in ("reproj", "temporal", "ce", "dice"))
+    keep = (f"the last good checkpoint is {run_dir / 'last.pt'} (step {last_ckpt_step})"
+            if last_ckpt_step is not None else "no checkpoint was written yet")
+    return (f"training diverged: non-finite {what} ({value}) at step {step}"
+            + (f" [{parts}]" if parts else "") + f"; stopped, {keep}. Lower the lr or check the inputs")
+
+
+def _progress(enabled: bool, name: str, total: int, start: int):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
+                    TimeRemainingColumn(), disable=not enabled)
+
+
+def _tensorboard(run_dir: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+    except Exception:
+        return None
+    return SummaryWriter(str(run_dir / "tb"))
