@@ -74,6 +74,36 @@ def demo(
     run_demo(out, quick=quick)
 
 
+# ---- prepare-gt -------------------------------------------------------------------------------
+
+
+@app.command("prepare-gt")
+def prepare_gt_cmd(
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot (with maps/expansion/)."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    grid: str = typer.Option("hdmapnet", "--grid", help="BEV grid preset (hdmapnet, demo) or YAML file."),
+    classes: str = typer.Option("hdmapnet", "--classes", help="BEV class set preset (hdmapnet, markings) or YAML file."),
+    out: Path = typer.Option(..., "--out", help="Output Zarr store, e.g. gt.zarr."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: CPU count; 0 = in process)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the store from scratch."),
+) -> None:
+    """Rasterise map-expansion BEV ground truth of every sample once into a Zarr cache (resumable)."""
+    from bevctl.data.nuscenes import load_index, parse_splits
+    from bevctl.storage.gt_store import format_summary, prepare_gt, resolve_class_set, resolve_grid
+
+    bev_grid = resolve_grid(grid)
+    class_set = resolve_class_set(classes)
+    split_list = parse_splits(splits, load_index(dataroot, version)) if splits else None
+    if workers is not None and workers < 0:
+        raise BevctlError(f"--workers must be >= 0, got {workers}")
+    summary = prepare_gt(dataroot, version, bev_grid, class_set, out, splits=split_list,
+                         workers=workers, overwrite=overwrite)
+    print(format_summary(summary))
+    if summary.failed:
+        raise BevctlError(f"prepare-gt: {summary.failed} sample(s) failed (listed above); rerun to retry them")
+
+
 # ---- pseudolabel / labels ---------------------------------------------------------------------
 
 

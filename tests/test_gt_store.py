@@ -1,0 +1,159 @@
+"""GT cache: prepare-gt end to end, resume after an interruption, refusal of a mismatched store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_bev_gt import box_coords, make_sample, pose, write_map_json
+
+from bevctl.config import CLASS_SETS, GRID_PRESETS
+from bevctl.data import nuscenes_map
+from bevctl.data.bev_gt import bev_gt_for_sample
+from bevctl.data.records import DatasetIndex
+from bevctl.errors import BevctlError
+from bevctl.storage import gt_store
+from bevctl.storage.base import DONE, FAILED, TODO, SampleStore
+from bevctl.storage.gt_store import GTStore, prepare_gt
+
+DEMO = GRID_PRESETS["demo"]
+HDMAP = CLASS_SETS["hdmapnet"]
+
+
+def make_world(root: Path, n_per_scene: int = 6) -> DatasetIndex:
+    """A straight road with dashed dividers and crosswalks; two scenes driving along it."""
+    nuscenes_map.clear_caches()
+    write_map_json(
+        root, "singapore-onenorth",
+        lines={"lane_divider": [[(x, 3.5), (x + 3, 3.5)] for x in range(0, 400, 6)],
+               "road_divider": [[(0.0, 0.0), (400.0, 0.0)]]},
+        polygons={"ped_crossing": [box_coords(x, -7, x + 4, 7) for x in (60, 150, 260)],
+                  "road_segment": [box_coords(0, -7, 400, 7)], "lane": [box_coords(0, -7, 400, 0)]},
+    )
+    samples, scenes = {}, {}
+    for s, scene in enumerate(("scene-0001", "scene-0002")):
+        tokens = []
+        for k in range(n_per_scene):
+            tok = f"{scene}-{k:02d}"
+            g = pose(0.05 * np.sin(k) + (np.pi if s else 0.0), 40.0 + 9.7 * k + 100 * s, 1.8 - 3.6 * s)
+            samples[tok] = make_sample(tok, g, scene=scene, index_in_scene=k, prev=tokens[-1] if tokens else None)
+            tokens.append(tok)
+        scenes[scene] = tokens
+    return DatasetIndex(dataroot=str(root), version="v1.0-test-gt", split_scenes={"train": ["scene-0001"],
+                        "val": ["scene-0002"]}, scenes=scenes, samples=samples)
+
+
+@pytest.fixture()
+def world(tmp_path: Path) -> tuple[Path, DatasetIndex]:
+    return tmp_path, make_world(tmp_path)
+
+
+def run(root: Path, index: DatasetIndex, out: Path, **kw) -> gt_store.PrepareSummary:
+    kw.setdefault("workers", 0)
+    return prepare_gt(root, index.version, kw.pop("grid", DEMO), kw.pop("class_set", HDMAP), out,
+                      index=index, progress=False, **kw)
+
+
+def test_prepare_gt_end_to_end_matches_rasteriser(world: tuple[Path, DatasetIndex]) -> None:
+    root, index = world
+    out = root / "gt.zarr"
+    summary = run(root, index, out, splits=["train", "val"])
+    assert (summary.total, summary.done_now, summary.failed, summary.already_done) == (12, 12, 0, 0)
+    assert summary.class_fractions["divider"] > 0 and summary.class_fractions["ped_crossing"] > 0
+    store = GTStore.open(out, expected_grid=DEMO, expected_classes=HDMAP, expected_version=index.version)
+    assert store.tokens == index.scenes["scene-0001"] + index.scenes["scene-0002"]
+    for tok in store.tokens:
+        assert store.is_done(tok)
+        gt = store.get(tok)
+        assert gt.shape == DEMO.shape and gt.dtype == np.uint8
+        assert np.array_equal(gt, bev_gt_for_sample(root, index.samples[tok], DEMO, HDMAP))
+    # the ego drives on the road: a divider is in view and the road edges at |y| = 7 m
+    assert (store.get("scene-0001-00") == 3).any() and (store.get("scene-0001-00") == 1).any()
+    assert store.get_many(store.tokens[:3]).shape == (3, *DEMO.shape)
+    # rerun: nothing to do
+    again = run(root, index, out, splits=["train", "val"])
+    assert (again.already_done, again.done_now) == (12, 0)
+
+
+def test_resume_after_interruption_gives_identical_arrays(world: tuple[Path, DatasetIndex], monkeypatch) -> None:
+    root, index = world
+    ref_out, out = root / "ref.zarr", root / "gt.zarr"
+    run(root, index, ref_out)
+    real_task = gt_store._run_task
+    calls = {"n": 0}
+
+    def interrupted(items):  # Ctrl-C during the third task, after it wrote one sample
+        calls["n"] += 1
+        if calls["n"] == 3:
+            real_task(items[:1])
+            raise KeyboardInterrupt
+        return real_task(items)
+
+    monkeypatch.setattr(gt_store, "_run_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(root, index, out, task_size=2)
+    monkeypatch.setattr(gt_store, "_run_task", real_task)
+    store = SampleStore.open(out, gt_store.KIND)
+    status = store.status()
+    assert (status == DONE).sum() == 4  # two whole tasks reported; the interrupted one not
+    assert (status == TODO).sum() == 8
+    # simulate a torn / stale chunk of a sample that is not done: a rerun must rewrite it
+    todo = int(np.flatnonzero(status == TODO)[0])
+    SampleStore.open(out, gt_store.KIND, mode="r+").array("bev")[todo] = np.full(DEMO.shape, 7, np.uint8)
+    summary = run(root, index, out)
+    assert (summary.already_done, summary.done_now) == (4, 8)
+    ref, got = SampleStore.open(ref_out, gt_store.KIND), SampleStore.open(out, gt_store.KIND)
+    assert np.array_equal(ref.array("bev")[:], got.array("bev")[:])
+    assert (got.status() == DONE).all()
+
+
+def test_failed_sample_is_recorded_and_retried(world: tuple[Path, DatasetIndex]) -> None:
+    root, index = world
+    bad_tok = "scene-0002-03"
+    good_pose = index.samples[bad_tok].global_T_ego
+    index.samples[bad_tok] = make_sample(bad_tok, np.full((4, 4), np.nan), scene="scene-0002", index_in_scene=3)
+    out = root / "gt.zarr"
+    summary = run(root, index, out)
+    assert (summary.done_now, summary.failed) == (11, 1)
+    assert bad_tok in summary.errors[0] and "finite 4x4" in summary.errors[0]
+    assert "1 failed" in gt_store.format_summary(summary)
+    store = GTStore.open(out)
+    assert store.status()[store.tokens.index(bad_tok)] == FAILED and not store.is_done(bad_tok)
+    index.samples[bad_tok] = make_sample(bad_tok, good_pose, scene="scene-0002", index_in_scene=3)
+    again = run(root, index, out)
+    assert (again.already_done, again.done_now, again.failed) == (11, 1, 0)
+    assert store.is_done(bad_tok)
+
+
+def test_process_pool_matches_in_process(world: tuple[Path, DatasetIndex]) -> None:
+    root, index = world
+    run(root, index, root / "a.zarr", workers=0)
+    summary = run(root, index, root / "b.zarr", workers=2, task_size=3)
+    assert (summary.done_now, summary.workers) == (12, 2)
+    a, b = GTStore.open(root / "a.zarr"), GTStore.open(root / "b.zarr")
+    assert np.array_equal(a.get_many(a.tokens), b.get_many(b.tokens))
+
+
+def test_store_for_other_grid_classes_or_samples_is_refused(world: tuple[Path, DatasetIndex]) -> None:
+    root, index = world
+    out = root / "gt.zarr"
+    run(root, index, out, splits=["train"])
+    with pytest.raises(BevctlError, match=r"gt\.zarr: store was made for grid\..*use --overwrite"):
+        run(root, index, out, splits=["train"], grid=GRID_PRESETS["hdmapnet"])
+    with pytest.raises(BevctlError, match=r"store was made for class_set\."):
+        run(root, index, out, splits=["train"], class_set=CLASS_SETS["markings"])
+    with pytest.raises(BevctlError, match=r"store was made for dataset\.splits"):
+        run(root, index, out, splits=["train", "val"])
+    with pytest.raises(BevctlError, match=r"store was made for grid\."):
+        GTStore.open(out, expected_grid=GRID_PRESETS["hdmapnet"])
+    with pytest.raises(BevctlError, match=r"store was made for class_set\."):
+        GTStore.open(out, expected_classes=CLASS_SETS["markings"])
+    with pytest.raises(BevctlError, match=r"dataset\.version"):
+        GTStore.open(out, expected_version="v1.0-trainval")
+    with pytest.raises(BevctlError, match="no ground truth for sample 'nope'"):
+        GTStore.open(out).get("nope")
+    # --overwrite rebuilds it for the new settings
+    summary = run(root, index, out, splits=["train"], class_set=CLASS_SETS["markings"], overwrite=True)
+    assert summary.done_now == 6
+    assert GTStore.open(out, expected_classes=CLASS_SETS["markings"]).class_set == CLASS_SETS["markings"]
