@@ -137,7 +137,9 @@ def read_image(path: str) -> np.ndarray:
 class LabelWorker:
     """Loads the labeler once; labels batches of images and writes their masks as whole chunks."""
 
-    def __init__(self, model: str, device: str = "auto") -> None:
+    def __init__(self, model: str, device: str = "auto", threads: int | None = None) -> None:
+        if threads:  # the labeler sizes its thread pool from OMP_NUM_THREADS when it loads
+            os.environ["OMP_NUM_THREADS"] = str(threads)
         self.model = model
         self.device = device
         self._labeler: Any = None
@@ -224,6 +226,7 @@ class _RayPool:
         import ray
 
         self.ray = ray
+        self.model = cfg.model
         self.started_ray = False
         if not ray.is_initialized():
             if cfg.address:
@@ -248,26 +251,38 @@ class _RayPool:
                 raise BevctlError(f"--gpus {cfg.gpus}: the Ray cluster has {gpus:g} GPUs")
             opts: dict[str, Any] = {"num_gpus": 1, "num_cpus": min(1.0, cpus / n)}
             device = "cuda"
+            threads = None
         else:
             # Fractional CPUs: N whole-CPU actors on N CPUs starve everything else (STACK.md).
             opts = {"num_cpus": min(1.0, round(0.95 * cpus / n, 3))}
             device = "cpu" if cfg.device == "auto" else cfg.device
+            threads = max(1, int(cpus // n))  # the CPU's cores shared among the actors
         actor_cls = ray.remote(LabelWorker)
         self.actors = [
             actor_cls.options(max_restarts=-1, max_task_retries=0, max_concurrency=cfg.inflight + 1, **opts).remote(
-                cfg.model, device
+                cfg.model, device, threads
             )
             for _ in range(n)
         ]
 
     def info(self) -> dict[str, Any]:
+        """Every actor's labeler identity once loaded (so timing starts with all actors ready);
+        they must agree."""
         try:
-            return self.ray.get(self.actors[0].info.remote())
+            infos = self.ray.get([a.info.remote() for a in self.actors])
         except self.ray.exceptions.RayError as e:
             cause = _unwrap_ray_error(e)
             if isinstance(cause, BevctlError):
                 raise BevctlError(str(cause)) from None
             raise
+        first = infos[0]
+        for other in infos[1:]:
+            if other["weights_hash"] != first["weights_hash"] or other["id2label"] != first["id2label"]:
+                raise BevctlError(
+                    f"labeler '{self.model}' loads different weights on different Ray nodes "
+                    f"({first['weights_hash'][:12]} vs {other['weights_hash'][:12]})"
+                )
+        return first
 
     def submit(self, actor: int, args: tuple) -> Any:
         return self.actors[actor].label.remote(*args)
@@ -418,6 +433,7 @@ def _drive(
     retry: deque[_Batch] = deque()
     pending: dict[Any, tuple[int, _Batch]] = {}
     per_actor = [0] * len(pool.actors)
+    down = [False] * len(pool.actors)  # actor died and has not answered since
     cams_ok = np.zeros(n_total, dtype=np.int16)
     failed = np.zeros(n_total, dtype=bool)
     to_done: list[int] = []
@@ -465,16 +481,19 @@ def _drive(
                 try:
                     result = _get(pool, ref)
                 except _ActorDied as e:
-                    restarts += 1
+                    if not down[a]:
+                        down[a] = True
+                        restarts += 1
+                        log.warning("labeler actor %d died (%s); restarting it and resubmitting its batches", a, e)
                     batch.attempts += 1
                     if batch.attempts >= MAX_ATTEMPTS:
                         first = batch.items[0][2]
                         raise BevctlError(
                             f"labeler actor died {batch.attempts} times on the batch starting at {first} ({e})"
                         ) from None
-                    log.warning("labeler actor %d died (%s); resubmitting its batch", a, e)
                     retry.append(batch)
                     continue
+                down[a] = False
                 for i, c in result["ok"]:
                     cams_ok[i] += 1
                     if cams_ok[i] == n_cams and not failed[i]:

@@ -5,7 +5,8 @@ ablations and benchmarks (``load_labeler`` resolves these names too):
     An oracle for the synthetic world: returns the image's ground-truth segmentation (the PNG
     that ``bevctl synth`` writes at ``<dataroot>/semantic/<image path>.png``), resized with
     nearest neighbour to the requested resolution. Perfect pseudo-labels in the synthetic
-    world's class ids (:data:`bevctl.data.synth.SYNTH_CLASSES`).
+    world's class ids (:data:`bevctl.data.synth.SYNTH_CLASSES`). ``synth-gt:<seconds>`` also
+    sleeps that long per batch (a slow oracle, for interrupting runs in tests).
 ``sleep:<seconds>``
     Sleeps a fixed time per batch and returns all-zero masks: an accelerator that costs no CPU,
     for scaling benchmarks.
@@ -69,9 +70,10 @@ def _resize_nearest(mask: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
 class SynthGTLabeler:
     """Oracle: the synthetic world's image GT as pseudo-labels."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         classes = _synth_classes()
-        self.model_id = SYNTH_GT
+        self.delay = delay
+        self.model_id = SYNTH_GT if delay == 0 else f"{SYNTH_GT}:{delay:g}"
         self.id2label = {i: name for i, name in enumerate(classes)}
         self.weights_hash = _hash(SYNTH_GT, *classes)
 
@@ -93,6 +95,8 @@ class SynthGTLabeler:
     def predict(
         self, batch: list[np.ndarray], out_hw: tuple[int, int], confidence: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.delay:
+            time.sleep(self.delay)
         labels = np.stack([_resize_nearest(m, out_hw) for m in batch])  # (B, H, W)
         conf = np.full(labels.shape, 255, dtype=np.uint8) if confidence else None
         return labels, conf
@@ -145,22 +149,27 @@ class CrashOnceLabeler(SynthGTLabeler):
 
 
 def is_standin(model: str) -> bool:
-    return model == SYNTH_GT or model.startswith((SLEEP_PREFIX, CRASH_PREFIX))
+    return model == SYNTH_GT or model.startswith((SYNTH_GT + ":", SLEEP_PREFIX, CRASH_PREFIX))
+
+
+def _seconds(model: str, text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise BevctlError(f"model '{model}': expected a number of seconds >= 0 after ':'")
+    return seconds
 
 
 def load_standin(model: str) -> SynthGTLabeler | SleepLabeler:
     """The stand-in labeler named ``model`` (see the module docstring)."""
     if model == SYNTH_GT:
         return SynthGTLabeler()
+    if model.startswith(SYNTH_GT + ":"):
+        return SynthGTLabeler(_seconds(model, model[len(SYNTH_GT) + 1:]))
     if model.startswith(SLEEP_PREFIX):
-        text = model[len(SLEEP_PREFIX):]
-        try:
-            seconds = float(text)
-        except ValueError:
-            seconds = -1.0
-        if not seconds >= 0:
-            raise BevctlError(f"model '{model}': expected sleep:<seconds> with seconds >= 0")
-        return SleepLabeler(seconds)
+        return SleepLabeler(_seconds(model, model[len(SLEEP_PREFIX):]))
     if model.startswith(CRASH_PREFIX):
         text = model[len(CRASH_PREFIX):]
         if not text.isdigit() or int(text) < 1:
@@ -169,4 +178,4 @@ def load_standin(model: str) -> SynthGTLabeler | SleepLabeler:
         if not marker:
             raise BevctlError(f"model '{model}': set {FAULT_MARKER_ENV} to a marker file path")
         return CrashOnceLabeler(int(text), Path(marker))
-    raise BevctlError(f"'{model}' is not a stand-in labeler (synth-gt, sleep:<s>, crash-once:<k>)")
+    raise BevctlError(f"'{model}' is not a stand-in labeler (synth-gt[:<s>], sleep:<s>, crash-once:<k>)")
