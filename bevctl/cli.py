@@ -208,6 +208,122 @@ def train_labeler_cmd(
     print(f"wrote {out}; held-out IoU: {ious}; mIoU {metrics['miou']:.3f}")
 
 
+# ---- training / evaluation (bevctl.train) -------------------------------------------------------
+
+_TRAIN_HELP = {
+    "config": "Training preset (demo, toy, tiny, hdmapnet) or YAML file of TrainConfig keys.",
+    "epochs": "Epochs (with --max-steps: whichever ends first; fixes the LR schedule).",
+    "max_steps": "Stop after this many optimiser steps (0 = epochs decide).",
+}
+
+
+def _train_command(mode: str, dataroot: Path, version: str, out: Path, config: Optional[str], *,
+                   labels: Optional[Path] = None, gt: Optional[Path] = None, init: Optional[Path] = None,
+                   fraction: Optional[float] = None, epochs: Optional[int], max_steps: Optional[int],
+                   checkpoint_every: Optional[int], batch_size: Optional[int], lr: Optional[float],
+                   seed: Optional[int], resume: bool, gpus: int, device: str, workers: Optional[int]) -> None:
+    from bevctl.train.config import load_train_config
+    from bevctl.train.loop import RunSpec, train
+
+    cfg = load_train_config(config, epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                            batch_size=batch_size, lr=lr, seed=seed, fraction=fraction, num_workers=workers)
+    if gpus < 1:
+        raise BevctlError(f"--gpus must be >= 1, got {gpus}")
+    spec = RunSpec(mode=mode, cfg=cfg, run_dir=out, dataroot=str(dataroot), version=version,
+                   labels=str(labels) if labels else None, gt=str(gt) if gt else None,
+                   init=str(init) if init else None, resume=resume, device=device, gpus=gpus)
+    train(spec)
+
+
+@app.command()
+def pretrain(
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    labels: Path = typer.Option(..., "--labels", help="Pseudo-label store (labels.zarr)."),
+    out: Path = typer.Option(..., "--out", help="Run directory (config, scenes, metrics, checkpoints, last.pt)."),
+    config: Optional[str] = typer.Option("demo", "--config", help=_TRAIN_HELP["config"]),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"]),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"]),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per process per micro-batch."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, data order)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+) -> None:
+    """Self-supervised pretraining: BEV logits reprojected into the cameras vs pseudo-labels (+ temporal)."""
+    _train_command("pretrain", dataroot, version, out, config, labels=labels, epochs=epochs, max_steps=max_steps,
+                   checkpoint_every=checkpoint_every, batch_size=batch_size, lr=lr, seed=seed, resume=resume,
+                   gpus=gpus, device=device, workers=workers)
+
+
+@app.command()
+def finetune(
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="BEV GT cache (gt.zarr from prepare-gt); default: rasterise on the fly."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Pretrained checkpoint (omit: supervised baseline from scratch)."),
+    fraction: float = typer.Option(1.0, "--fraction", help="Fraction of labelled training scenes (seeded, scene-level)."),
+    out: Path = typer.Option(..., "--out", help="Run directory."),
+    config: Optional[str] = typer.Option("demo", "--config", help=_TRAIN_HELP["config"]),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"]),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"]),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per process per micro-batch."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, scene subset, data order)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+) -> None:
+    """Supervised fine-tuning on a fraction of the BEV labels (from a pretrained checkpoint or scratch)."""
+    _train_command("finetune", dataroot, version, out, config, gt=gt, init=init, fraction=fraction, epochs=epochs,
+                   max_steps=max_steps, checkpoint_every=checkpoint_every, batch_size=batch_size, lr=lr, seed=seed,
+                   resume=resume, gpus=gpus, device=device, workers=workers)
+
+
+@app.command()
+def evaluate(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory (uses last.pt)."),
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    split: str = typer.Option("val", "--split", help="Split to evaluate."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="BEV GT cache; default: rasterise on the fly."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write JSON here (and a .md beside it)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Samples per forward pass."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+) -> None:
+    """Per-class IoU and mIoU of a checkpoint on a split (argmax; every grid cell counts)."""
+    from bevctl.train.evaluate import evaluate as run_eval, format_markdown
+
+    result = run_eval(checkpoint, str(dataroot), version, split, str(gt) if gt else None, out, device=device,
+                      batch_size=batch_size, num_workers=workers)
+    print(format_markdown(result), end="")
+
+
+@app.command()
+def visualize(
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory."),
+    sample: str = typer.Option(..., "--sample", help="Sample token."),
+    out: Path = typer.Option(..., "--out", help="Directory for the PNGs."),
+    dataroot: Optional[Path] = typer.Option(None, "--dataroot", help="Default: the run's dataroot."),
+    version: Optional[str] = typer.Option(None, "--version", help="Default: the run's version."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Pseudo-labels to show (default: the run's)."),
+    gt: Optional[Path] = typer.Option(None, "--gt", help="BEV GT cache (default: the run's, else rasterise)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+) -> None:
+    """PNGs: BEV prediction vs GT, and the prediction reprojected onto the six images beside the pseudo-labels."""
+    from bevctl.train.visualize import visualize as run_vis
+
+    paths = run_vis(checkpoint, sample, out, dataroot=str(dataroot) if dataroot else None, version=version,
+                    labels=str(labels) if labels else None, gt=str(gt) if gt else None, device=device)
+    print(f"wrote {len(paths)} images to {out}")
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -1,0 +1,299 @@
+"""Training samples streamed from the data-layer index and the Zarr stores.
+
+Per sample (one ``__getitem__``, run in DataLoader worker processes with prefetch):
+
+- the six camera images, decoded (JPEG draft mode when shrinking) and resized to the model's
+  input ``image_hw``, as uint8 ``(6, 3, H, W)``; ``pix_T_cam`` scaled to match
+  (:func:`scale_intrinsics`), ``ego_T_cam``, and the sample's ``global_T_ego``;
+- pretraining: the six pseudo-label masks from ``labels.zarr`` mapped to BEV ids through the
+  label-map LUT (0 background, k+1 class k, 255 ignore), resampled (nearest, pixel centres) to
+  the loss resolution ``label_hw``; optionally their confidence in [0, 1];
+- fine-tuning / evaluation: the BEV ground truth from the GT cache (or rasterised on the fly);
+- temporal training: the previous keyframe of the same scene (images + matrices + pose) and
+  ``has_prev`` (False for a scene's first frame, whose ``prev_*`` fields repeat the frame).
+
+Samples whose pseudo-labels or GT the store marks failed (or not done) are skipped when the
+dataset is built. Stores are opened lazily in each worker (nothing heavy is pickled).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from bevctl.config import BEVClassSet, BEVGrid
+from bevctl.data.records import DatasetIndex, SampleRecord
+from bevctl.errors import BevctlError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers
+# --------------------------------------------------------------------------------------------
+
+
+def scale_intrinsics(pix_T_cam: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
+    """Intrinsics ``(..., 3, 3)`` of an image of size ``from_hw`` -> of the resized ``to_hw``
+    image (pixel centres at integer coordinates: ``u' = (u + 0.5) * sx - 0.5``)."""
+    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
+    s = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=np.float64)
+    return s @ np.asarray(pix_T_cam, dtype=np.float64)
+
+
+def load_image(path: str, image_hw: tuple[int, int]) -> np.ndarray:
+    """Decode and resize one image -> uint8 ``(3, H, W)``."""
+    h, w = image_hw
+    try:
+        with Image.open(path) as img:
+            if img.format == "JPEG" and (img.width >= 2 * w and img.height >= 2 * h):
+                img.draft("RGB", (w, h))  # DCT-domain downscale by 2/4/8: much faster decode
+            img = img.convert("RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.BILINEAR, reducing_gap=None)
+            arr = np.asarray(img)
+    except (OSError, ValueError) as e:
+        raise BevctlError(f"cannot read image {path}: {e}") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+
+
+def resize_nearest(masks: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Nearest resampling of ``(..., H, W)`` label maps by pixel centres."""
+    h, w = masks.shape[-2:]
+    if (h, w) == tuple(out_hw):
+        return masks
+    rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * h / out_hw[0]).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(out_hw[1]) + 0.5) * w / out_hw[1]).astype(np.int64), w - 1)
+    return masks[..., rows[:, None], cols[None, :]]
+
+
+def choose_scenes(scenes: list[str], fraction: float, seed: int) -> list[str]:
+    """A deterministic, seeded, scene-level subset: ``max(1, round(fraction * n))`` scenes.
+
+    The scenes are sorted, permuted with ``seed`` and the first ones taken, so for one seed a
+    smaller fraction is a subset of a larger one. Returned in the input order.
+    """
+    if not 0 < fraction <= 1:
+        raise BevctlError(f"--fraction must be in (0, 1], got {fraction}")
+    if not scenes:
+        return []
+    ordered = sorted(set(scenes))
+    k = max(1, int(round(fraction * len(ordered))))
+    perm = np.random.default_rng(seed).permutation(len(ordered))
+    chosen = {ordered[i] for i in perm[:k]}
+    return [s for s in scenes if s in chosen]
+
+
+# --------------------------------------------------------------------------------------------
+# The dataset
+# --------------------------------------------------------------------------------------------
+
+
+class TrainDataset(Dataset):
+    def __init__(
+        self,
+        samples: list[SampleRecord],
+        all_samples: dict[str, SampleRecord],
+        image_hw: tuple[int, int],
+        *,
+        labels_path: str | None = None,
+        lut: np.ndarray | None = None,
+        label_hw: tuple[int, int] | None = None,
+        with_confidence: bool = False,
+        gt_path: str | None = None,
+        rasterize: tuple[str, BEVGrid, BEVClassSet] | None = None,
+        load_prev: bool = False,
+    ) -> None:
+        self.samples = samples
+        self.all_samples = all_samples
+        self.image_hw = tuple(image_hw)
+        self.labels_path, self.lut, self.label_hw = labels_path, lut, label_hw
+        self.with_confidence = with_confidence
+        self.gt_path, self.rasterize = gt_path, rasterize
+        self.load_prev = load_prev
+        self._labels = None
+        self._gt = None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_labels"] = state["_gt"] = None
+        return state
+
+    @property
+    def tokens(self) -> list[str]:
+        return [s.token for s in self.samples]
+
+    def _label_store(self):
+        if self._labels is None:
+            from bevctl.storage.labels import LabelStore
+
+            self._labels = LabelStore.open(self.labels_path)
+        return self._labels
+
+    def _gt_store(self):
+        if self._gt is None:
+            from bevctl.storage.gt_store import GTStore
+
+            self._gt = GTStore.open(self.gt_path)
+        return self._gt
+
+    def _cameras(self, s: SampleRecord) -> dict[str, Any]:
+        imgs, pix, ego = [], [], []
+        for cam in s.cameras:
+            imgs.append(load_image(cam.image_path, self.image_hw))
+            pix.append(scale_intrinsics(cam.pix_T_cam, (cam.height, cam.width), self.image_hw))
+            ego.append(cam.ego_T_cam)
+        return {
+            "images": torch.from_numpy(np.stack(imgs)),  # (N, 3, H, W) uint8
+            "pix_T_cam": torch.from_numpy(np.stack(pix)).float(),  # (N, 3, 3)
+            "ego_T_cam": torch.from_numpy(np.stack(ego)).float(),  # (N, 4, 4)
+            "global_T_ego": torch.from_numpy(np.asarray(s.global_T_ego, dtype=np.float64)),  # (4, 4)
+        }
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        s = self.samples[i]
+        item: dict[str, Any] = {"token": s.token, **self._cameras(s)}
+        if self.labels_path is not None:
+            store = self._label_store()
+            raw = store.get(s.token)  # (N, Hs, Ws) labeler ids
+            hw = tuple(self.label_hw) if self.label_hw else raw.shape[-2:]
+            item["labels"] = torch.from_numpy(np.ascontiguousarray(resize_nearest(self.lut[raw], hw)))
+            if self.with_confidence:
+                conf = store.get_confidence(s.token)
+                if conf is not None:
+                    item["confidence"] = torch.from_numpy(resize_nearest(conf, hw).astype(np.float32) / 255.0)
+        if self.gt_path is not None:
+            item["bev_gt"] = torch.from_numpy(self._gt_store().get(s.token))
+        elif self.rasterize is not None:
+            from bevctl.data.bev_gt import bev_gt_for_sample
+
+            dataroot, grid, class_set = self.rasterize
+            item["bev_gt"] = torch.from_numpy(bev_gt_for_sample(dataroot, s, grid, class_set))
+        if self.load_prev:
+            prev = self.all_samples.get(s.prev_token) if s.prev_token else None
+            item["has_prev"] = prev is not None
+            cams = self._cameras(prev) if prev is not None else {k: item[k] for k in
+                                                                   ("images", "pix_T_cam", "ego_T_cam", "global_T_ego")}
+            item.update({f"prev_{k}": v for k, v in cams.items()})
+        return item
+
+
+# --------------------------------------------------------------------------------------------
+# Building it for a run
+# --------------------------------------------------------------------------------------------
+
+
+def select_samples(index: DatasetIndex, split: str, fraction: float, seed: int) -> tuple[list[str], list[SampleRecord]]:
+    """(chosen scenes, their samples in scene/time order) of ``split``."""
+    scenes = list(index.split_scenes.get(split, []))
+    if split not in index.split_scenes:
+        index.samples_in(split)  # raises the one-line error naming the splits
+    chosen = choose_scenes(scenes, fraction, seed)
+    keep = set(chosen)
+    return chosen, [s for s in index.samples_in(split) if s.scene_name in keep]
+
+
+def _filter_done(samples: list[SampleRecord], tokens: list[str], status: np.ndarray, done: int,
+                 what: str) -> tuple[list[SampleRecord], dict[str, int]]:
+    pos = {t: i for i, t in enumerate(tokens)}
+    kept, missing, not_done = [], 0, 0
+    for s in samples:
+        i = pos.get(s.token)
+        if i is None:
+            missing += 1
+        elif int(status[i]) != done:
+            not_done += 1
+        else:
+            kept.append(s)
+    if missing or not_done:
+        log.warning("%s: skipping %d samples not in the store and %d failed/unfinished", what, missing, not_done)
+    return kept, {"not_in_store": missing, "failed_or_todo": not_done}
+
+
+def build_train_dataset(spec, write_scenes: bool = True, split: str | None = None) -> TrainDataset:
+    """The dataset of a :class:`~bevctl.train.loop.RunSpec`; writes ``RUN/scenes.json``."""
+    from bevctl.config import class_set_from_name, grid_from_name
+    from bevctl.data.nuscenes import load_index
+    from bevctl.storage.base import DONE
+    from bevctl.train.loop import model_image_hw
+
+    cfg = spec.cfg
+    if not spec.dataroot or not spec.version:
+        raise BevctlError("training needs --dataroot and --version")
+    grid, class_set = grid_from_name(cfg.grid), class_set_from_name(cfg.class_set)
+    index = load_index(spec.dataroot, spec.version)
+    split = split or cfg.train_split
+    chosen, samples = select_samples(index, split, cfg.fraction, cfg.seed)
+    skipped: dict[str, int] = {}
+    kwargs: dict[str, Any] = {}
+    if spec.mode == "pretrain":
+        if not spec.labels:
+            raise BevctlError("pretrain needs --labels labels.zarr")
+        from bevctl.pseudolabel.label_maps import resolve_label_map
+        from bevctl.storage.labels import LabelStore
+
+        store = LabelStore.open(spec.labels)
+        lut = resolve_label_map(store.id2label, class_set, cfg.label_map)
+        samples, skipped = _filter_done(samples, store.tokens, store.statuses(), DONE, str(spec.labels))
+        kwargs.update(labels_path=str(spec.labels), lut=lut, label_hw=cfg.label_hw,
+                      with_confidence=cfg.min_confidence > 0 and store.has_confidence,
+                      load_prev=cfg.temporal_weight > 0)
+    elif spec.mode == "finetune":
+        if spec.gt:
+            from bevctl.storage.gt_store import GTStore
+
+            gt = GTStore.open(spec.gt, expected_grid=grid, expected_classes=class_set)
+            samples, skipped = _filter_done(samples, gt.tokens, gt.status(), DONE, str(spec.gt))
+            kwargs["gt_path"] = str(spec.gt)
+        else:
+            kwargs["rasterize"] = (str(spec.dataroot), grid, class_set)
+    else:
+        raise ValueError(spec.mode)
+    if not samples:
+        raise BevctlError(f"no usable training samples in split '{split}' of {spec.dataroot}/{spec.version} "
+                          f"(scenes chosen: {len(chosen)}, skipped: {skipped})")
+    if write_scenes:
+        run_dir = Path(spec.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        record = {"split": split, "fraction": cfg.fraction, "seed": cfg.seed, "scenes": chosen,
+                  "num_scenes_in_split": len(index.split_scenes[split]), "num_samples": len(samples),
+                  "skipped": skipped}
+        path = run_dir / "scenes.json"
+        if path.is_file() and spec.resume:
+            old = json.loads(path.read_text())
+            if old.get("scenes") != chosen:
+                raise BevctlError(f"--resume: {path} lists other scenes than this command selects")
+        tmp = path.with_name(f".scenes.json.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)
+    return TrainDataset(samples, index.samples, model_image_hw(cfg), **kwargs)
+
+
+def eval_dataset(index: DatasetIndex, split: str, image_hw: tuple[int, int], grid: BEVGrid,
+                 class_set: BEVClassSet, gt_path: str | None) -> TrainDataset:
+    """Evaluation samples of ``split`` with their BEV GT (cache or on-the-fly rasterisation)."""
+    samples = index.samples_in(split)
+    kwargs: dict[str, Any] = {}
+    if gt_path:
+        from bevctl.storage.base import DONE
+        from bevctl.storage.gt_store import GTStore
+
+        gt = GTStore.open(gt_path, expected_grid=grid, expected_classes=class_set)
+        samples, _ = _filter_done(samples, gt.tokens, gt.status(), DONE, gt_path)
+        kwargs["gt_path"] = gt_path
+    else:
+        kwargs["rasterize"] = (index.dataroot, grid, class_set)
+    if not samples:
+        raise BevctlError(f"no samples with ground truth in split '{split}'")
+    return TrainDataset(samples, index.samples, image_hw, **kwargs)
