@@ -17,6 +17,7 @@ a half-precision ``x`` at 1600 px is off by up to a pixel).
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -26,13 +27,20 @@ from torch import nn
 Tensor = torch.Tensor
 
 
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """A context with autocast off on ``device`` (a no-op where autocast does not exist, e.g. meta)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device_type=device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def ms_deform_attn(values: list[Tensor], locations: Tensor, weights: Tensor) -> Tensor:
     """Multi-scale deformable attention (see the module docstring for shapes)."""
     b, q, m, n_lvl, p, _ = locations.shape
     if len(values) != n_lvl:
         raise ValueError(f"ms_deform_attn: {len(values)} value levels for {n_lvl} location levels")
     out_dtype = values[0].dtype
-    with torch.autocast(device_type=locations.device.type, enabled=False):
+    with no_autocast(locations.device):
         grids = (2.0 * locations.float() - 1.0).permute(0, 2, 3, 1, 4, 5)  # (B, M, L, Q, P, 2)
         w = weights.float().permute(0, 2, 3, 1, 4)  # (B, M, L, Q, P)
         out = None

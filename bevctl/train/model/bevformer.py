@@ -15,6 +15,7 @@ from torch import nn
 from bevctl import geometry
 from bevctl.config import BEVGrid, dataclass_from_dict, dataclass_to_dict
 from bevctl.errors import BevctlError
+from bevctl.train.model.attention import no_autocast
 from bevctl.train.model.backbone import ImageEncoder
 from bevctl.train.model.config import ModelConfig
 from bevctl.train.model.encoder import BEVEncoder
@@ -87,7 +88,7 @@ class BEVFormer(nn.Module):
         and ``visible (B, N, Q, Z)``: in front of the camera and inside the image.
         """
         h, w = hw
-        with torch.autocast(device_type=pix_T_cam.device.type, enabled=False):
+        with no_autocast(pix_T_cam.device):
             pts = self.pillars.float().reshape(1, 1, -1, 3)
             uv, depth = geometry.ego_to_pixels(pix_T_cam.float()[:, :, None], ego_T_cam.float()[:, :, None], pts)
             visible = geometry.in_image(uv, depth, w, h)  # (B, N, Q*Z)
@@ -142,7 +143,7 @@ class BEVFormer(nn.Module):
         prev = prev_valid = None
         if prev_bev is not None:
             assert cur_T_prev is not None
-            with torch.autocast(device_type=prev_bev.device.type, enabled=False):
+            with no_autocast(prev_bev.device):
                 aligned, valid = align_prev_bev(prev_bev.float(), cur_T_prev.float(), self.query_grid)
             prev = aligned.flatten(2).transpose(1, 2).to(prev_bev.dtype)  # (B, Q, D)
             prev_valid = valid.reshape(b, -1, 1)

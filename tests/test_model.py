@@ -1,0 +1,390 @@
+"""BEVFormer model: deformable attention vs a loop reference, visibility, temporal alignment,
+gradients, shapes per preset, save/load, AMP, and that it learns."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from bevctl import geometry
+from bevctl.config import GRID_PRESETS, BEVGrid
+from bevctl.data.records import CAMERAS
+from bevctl.errors import BevctlError
+from bevctl.train.model import (
+    BEVFormer,
+    align_prev_bev,
+    compile_model,
+    count_parameters,
+    load_model,
+    model_config_from_dict,
+    model_preset,
+    save_model,
+)
+from bevctl.train.model.attention import ms_deform_attn, ms_deform_attn_reference
+
+RIG = Path("/work/shared/nuscenes_rig.json")
+DEMO_GRID = GRID_PRESETS["demo"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def rig(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real nuScenes rig: ``pix_T_cam (1, 6, 3, 3)`` scaled to ``(h, w)`` and ``ego_T_cam (1, 6, 4, 4)``."""
+    data = json.loads(RIG.read_text())
+    w0, h0 = data["image_size"]["width"], data["image_size"]["height"]
+    sx, sy = w / w0, h / h0
+    # pixel centres at integers: u' = (u + 0.5) * sx - 0.5
+    scale = torch.tensor([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=torch.float64)
+    ks, ts = [], []
+    for name in CAMERAS:
+        cam = data["cameras"][name]
+        ks.append(scale @ torch.tensor(cam["camera_intrinsic"], dtype=torch.float64))
+        q = torch.tensor(cam["rotation"], dtype=torch.float64)
+        ts.append(geometry.transform_from_quat(q, torch.tensor(cam["translation"], dtype=torch.float64)))
+    return torch.stack(ks).float()[None], torch.stack(ts).float()[None]
+
+
+def demo_model(seed: int = 0, **overrides) -> BEVFormer:
+    torch.manual_seed(seed)
+    return BEVFormer(model_preset("demo", **overrides), DEMO_GRID, num_classes=4)
+
+
+def demo_inputs(model: BEVFormer, b: int = 1, seed: int = 1):
+    h, w = model.cfg.image_hw
+    k, t = rig(h, w)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 6, 3, h, w, generator=g)
+    return images, k.expand(b, -1, -1, -1), t.expand(b, -1, -1, -1)
+
+
+def yaw_T(yaw: float, tx: float = 0.0, ty: float = 0.0) -> torch.Tensor:
+    return geometry.yaw_transform(torch.tensor([yaw]), torch.tensor([tx]), torch.tensor([ty]))  # (1, 4, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# deformable attention
+# ----------------------------------------------------------------------------------------------
+
+
+def test_deformable_attention_matches_loop_reference():
+    g = torch.Generator().manual_seed(0)
+    b, q, m, dh, p = 2, 5, 3, 4, 3
+    shapes = [(7, 9), (4, 5)]
+    values = [torch.randn(b, m, dh, h, w, generator=g) for h, w in shapes]
+    # include positions outside the map (zero padding) and exactly on the border
+    loc = torch.rand(b, q, m, len(shapes), p, 2, generator=g) * 1.4 - 0.2
+    loc[0, 0, 0, 0, 0] = torch.tensor([0.0, 1.0])
+    weights = torch.rand(b, q, m, len(shapes), p, generator=g)
+    fast = ms_deform_attn(values, loc, weights)
+    slow = ms_deform_attn_reference(values, loc, weights)
+    assert fast.shape == (b, q, m * dh)
+    torch.testing.assert_close(fast.double(), slow, atol=1e-5, rtol=1e-5)
+    # a sample at a pixel centre reads that pixel exactly
+    h, w = shapes[0]
+    loc2 = torch.tensor([(3 + 0.5) / w, (2 + 0.5) / h]).view(1, 1, 1, 1, 1, 2).expand(b, 1, m, 2, 1, 2).clone()
+    wts = torch.zeros(b, 1, m, 2, 1)
+    wts[:, :, :, 0] = 1.0
+    out = ms_deform_attn(values, loc2, wts).view(b, m, dh)
+    torch.testing.assert_close(out, values[0][:, :, :, 2, 3])
+
+
+# ----------------------------------------------------------------------------------------------
+# visibility
+# ----------------------------------------------------------------------------------------------
+
+
+def test_pillars_project_where_expected():
+    model = demo_model()
+    images, k, t = demo_inputs(model)
+    ref, visible = model.pillar_visibility(k, t, model.cfg.image_hw)
+    q_xy = model.pillars[:, 0, :2]  # (Q, 2)
+    seen = visible.any(-1)[0]  # (N, Q)
+    front = CAMERAS.index("CAM_FRONT")
+    back = CAMERAS.index("CAM_BACK")
+    ahead = (q_xy[:, 0] > 8) & (q_xy[:, 1].abs() < 1.5)
+    behind = (q_xy[:, 0] < -8) & (q_xy[:, 1].abs() < 1.5)
+    assert seen[front, ahead].all() and not seen[front, behind].any()
+    assert seen[back, behind].all() and not seen[back, ahead].any()
+    h, w = model.cfg.image_hw
+    inside = ref[visible]  # (K, 2); geometry.in_image accepts u in [0, W), i.e. up to half a pixel past 1
+    assert (inside >= 0).all() and (inside[:, 0] <= 1 + 0.5 / w).all() and (inside[:, 1] <= 1 + 0.5 / h).all()
+    # the ground point straight ahead lands near the horizontal image centre of CAM_FRONT
+    j = torch.argmin((q_xy[:, 0] - 10.5).abs() + (q_xy[:, 1] - 0.0).abs() * 10)
+    z0 = torch.argmin(model.pillars[0, :, 2].abs())
+    assert abs(float(ref[0, front, j, z0, 0]) - 0.5) < 0.1
+
+
+@torch.no_grad()
+def test_query_seen_by_no_camera_gets_no_image_contribution():
+    model = demo_model(num_layers=1).eval()
+    images, k, t = demo_inputs(model)
+    _, visible = model.pillar_visibility(k, t, model.cfg.image_hw)
+    unseen = ~visible.any(-1).any(1)[0]  # (Q,)
+    assert 0 < int(unseen.sum()) < unseen.numel() // 2  # the cells under/around the car
+    a = model(images, k, t).bev.flatten(2)[0]  # (D, Q)
+    b = model(torch.randn_like(images) * 3, k, t).bev.flatten(2)[0]
+    torch.testing.assert_close(a[:, unseen], b[:, unseen], atol=0, rtol=0)
+    assert (a[:, ~unseen] - b[:, ~unseen]).abs().amax(0).min() > 1e-4  # every seen query changes
+
+
+@torch.no_grad()
+def test_moving_one_camera_changes_only_the_queries_it_sees():
+    model = demo_model(num_layers=1).eval()
+    images, k, t = demo_inputs(model)
+    cam = CAMERAS.index("CAM_FRONT_LEFT")
+    t2 = t.clone()
+    t2[0, cam] = yaw_T(0.3)[0] @ t[0, cam]  # turn that camera 17 degrees to the left
+    _, vis1 = model.pillar_visibility(k, t, model.cfg.image_hw)
+    _, vis2 = model.pillar_visibility(k, t2, model.cfg.image_hw)
+    touched = vis1[0, cam].any(-1) | vis2[0, cam].any(-1)  # (Q,)
+    assert 0 < int(touched.sum()) < touched.numel()
+    a = model(images, k, t).bev.flatten(2)[0]
+    b = model(images, k, t2).bev.flatten(2)[0]
+    torch.testing.assert_close(a[:, ~touched], b[:, ~touched], atol=0, rtol=0)
+    changed = (a - b).abs().amax(0) > 1e-5
+    assert changed[touched].float().mean() > 0.9
+
+
+# ----------------------------------------------------------------------------------------------
+# temporal alignment
+# ----------------------------------------------------------------------------------------------
+
+
+def _smooth_field(grid: BEVGrid, c: int = 3) -> torch.Tensor:
+    xy = geometry.bev_cell_centers(grid)  # (X, Y, 2)
+    x, y = xy[..., 0], xy[..., 1]
+    chans = [torch.sin(0.3 * x + 0.2 * y + i) + torch.cos(0.25 * y - 0.1 * x * i) for i in range(c)]
+    return torch.stack(chans)[None]  # (1, C, X, Y)
+
+
+def test_warp_by_ego_motion_and_back_matches_inside_overlap():
+    grid = DEMO_GRID
+    f = _smooth_field(grid)
+    cur_T_prev = yaw_T(0.25, 1.5, -0.7)
+    there, valid1 = align_prev_bev(f, cur_T_prev, grid)
+    back, valid2 = align_prev_bev(there, geometry.invert_transform(cur_T_prev), grid)
+    # overlap: the cell and its image under the motion are both well inside the grid
+    margin = 2 * grid.resolution
+    inner = BEVGrid(grid.x_min + margin, grid.x_max - margin, grid.y_min + margin, grid.y_max - margin, grid.resolution)
+    xy = geometry.bev_cell_centers(grid)
+    pts = torch.cat([xy, torch.zeros_like(xy[..., :1])], -1).reshape(1, -1, 3)
+    moved = geometry.transform_points(cur_T_prev, pts)[..., :2].reshape(grid.nx, grid.ny, 2)
+    overlap = geometry.inside_grid(inner, xy) & geometry.inside_grid(inner, moved)
+    assert overlap.float().mean() > 0.5
+    assert valid2[0][overlap].all()
+    err = (back[0] - f[0]).abs()[:, overlap]
+    assert float(err.max()) < 0.02
+    assert float((back[0] - f[0]).abs()[:, ~valid2[0]].max()) > 0.1  # outside: no data, not a copy
+
+
+def test_pure_translation_moves_features_backwards():
+    grid = BEVGrid(-8.0, 8.0, -4.0, 4.0, 1.0)  # 16 x 8 query grid
+    f = torch.zeros(1, 1, 16, 8)
+    f[0, 0, 12, 5] = 1.0  # prev-frame point at x = 4.5, y = 1.5
+    # the ego drove 3 m forward and 1 m left: a static point appears 3 m closer and 1 m to the right
+    cur_T_prev = geometry.invert_transform(yaw_T(0.0, 3.0, 1.0))
+    out, valid = align_prev_bev(f, cur_T_prev, grid)
+    assert out[0, 0, 9, 4] == pytest.approx(1.0) and out.sum() == pytest.approx(1.0)
+    assert not valid[0, 13:].any() and valid[0, :13, :7].all()  # the far end is new ground
+
+
+def test_pure_rotation_turns_features_about_the_ego_origin():
+    # an off-centre grid: a rotation about the grid centre (BEVFormer's approximation) would differ
+    grid = BEVGrid(-4.0, 12.0, -8.0, 8.0, 1.0)
+    f = torch.zeros(1, 1, grid.nx, grid.ny)
+    i, j = geometry.ego_to_cell(grid, torch.tensor([5.5, 2.5])).floor().long().tolist()
+    f[0, 0, i, j] = 1.0
+    # previous frame rotated by +90 deg into the current one: (x, y) -> (-y, x)
+    out, _ = align_prev_bev(f, yaw_T(math.pi / 2), grid)
+    i2, j2 = geometry.ego_to_cell(grid, torch.tensor([-2.5, 5.5])).floor().long().tolist()
+    assert out[0, 0, i2, j2] == pytest.approx(1.0, abs=1e-5)
+    assert out.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+@torch.no_grad()
+def test_history_used_and_uncovered_cells_fall_back_to_queries():
+    model = demo_model().eval()
+    images, k, t = demo_inputs(model)
+    first = model(images, k, t)
+    prev = torch.randn_like(first.bev)
+    with_hist = model(images, k, t, prev_bev=prev, cur_T_prev=torch.eye(4)[None])
+    assert (with_hist.bev - first.bev).abs().max() > 1e-3
+    # a jump of 1 km: nothing of the previous BEV overlaps -> identical to having no history
+    far = model(images, k, t, prev_bev=prev, cur_T_prev=yaw_T(0.0, 1000.0))
+    torch.testing.assert_close(far.bev, first.bev)
+    with pytest.raises(BevctlError, match="cur_T_prev"):
+        model(images, k, t, prev_bev=prev)
+
+
+# ----------------------------------------------------------------------------------------------
+# gradients, shapes, save/load, AMP, config
+# ----------------------------------------------------------------------------------------------
+
+
+def test_gradients_reach_every_parameter():
+    model = demo_model().train()
+    images, k, t = demo_inputs(model, b=2)
+    with torch.no_grad():
+        prev = model(images, k, t).bev
+    target = torch.randint(0, 4, (2, *DEMO_GRID.shape), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def dead_after_backward() -> list[str]:
+        opt.zero_grad()
+        out = model(images, k, t, prev_bev=prev, cur_T_prev=yaw_T(0.1, 1.0).expand(2, -1, -1))
+        torch.nn.functional.cross_entropy(out.logits, target).backward()
+        return [n for n, p in model.named_parameters() if p.grad is None or float(p.grad.abs().sum()) == 0.0]
+
+    # As in Deformable DETR / BEVFormer, the offset and weight predictors start at zero weight,
+    # so at step 0 the positional encoding (which only feeds them) has no gradient yet ...
+    assert set(dead_after_backward()) <= {"pos_row", "pos_col"}
+    opt.step()
+    # ... and from the first update on, every parameter gets one.
+    dead = dead_after_backward()
+    assert not dead, dead
+    assert (model.cams_embeds.grad.abs().sum(1) > 0).all()  # every camera contributes
+
+
+def test_demo_output_shapes_on_both_grids():
+    with torch.no_grad():
+        for grid in (DEMO_GRID, GRID_PRESETS["hdmapnet"]):
+            torch.manual_seed(0)
+            model = BEVFormer(model_preset("demo"), grid, num_classes=6).eval()
+            images, k, t = demo_inputs(model, b=2)
+            out = model(images, k, t)
+            xq, yq = grid.nx // 4, grid.ny // 4
+            assert out.logits.shape == (2, 6, grid.nx, grid.ny)
+            assert out.bev.shape == (2, 32, xq, yq) and model.query_grid.shape == (xq, yq)
+            assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize(
+    "name, query_shape, layers, levels",
+    [("tiny", (50, 25), 3, 1), ("small", (100, 50), 3, 1), ("base", (200, 100), 6, 4)],
+)
+def test_paper_presets_shapes_on_meta_device(name, query_shape, layers, levels):
+    cfg = model_preset(name)
+    grid = GRID_PRESETS["hdmapnet"]
+    with torch.device("meta"):
+        model = BEVFormer(cfg, grid, num_classes=4)
+        h, w = cfg.image_hw
+        out = model(torch.empty(1, 6, 3, h, w), torch.empty(1, 6, 3, 3), torch.empty(1, 6, 4, 4))
+        out2 = model(torch.empty(1, 6, 3, h, w), torch.empty(1, 6, 3, 3), torch.empty(1, 6, 4, 4), out.bev, torch.empty(1, 4, 4))
+    assert out.logits.shape == out2.logits.shape == (1, 4, 400, 200)
+    assert out.bev.shape == (1, 256, *query_shape)
+    assert len(model.encoder.layers) == layers and model.level_embeds.shape[0] == levels
+    assert cfg.num_points_in_pillar == 4 and cfg.sca_points == 8 and cfg.tsa_points == 4 and cfg.num_heads == 8
+    assert 20e6 < count_parameters(model)["total"] < 80e6
+
+
+def test_save_load_round_trip(tmp_path):
+    model = demo_model(seed=3)
+    model.train()
+    images, k, t = demo_inputs(model)
+    model(images, k, t)  # update BN running stats so they differ from init
+    model.eval()
+    path = tmp_path / "m.pt"
+    save_model(model, path, extra={"step": 7})
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]  # no temp file left behind
+    loaded = load_model(path).eval()
+    with torch.no_grad():
+        a, b = model(images, k, t), loaded(images, k, t)
+    torch.testing.assert_close(a.logits, b.logits, atol=0, rtol=0)
+    payload = torch.load(path, weights_only=True)
+    assert payload["extra"] == {"step": 7} and loaded.cfg == model.cfg and loaded.grid == model.grid
+    # plain state_dict round trip too
+    torch.save(model.state_dict(), tmp_path / "sd.pt")
+    fresh = demo_model(seed=9).eval()
+    fresh.load_state_dict(torch.load(tmp_path / "sd.pt", weights_only=True))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(images, k, t).logits, a.logits, atol=0, rtol=0)
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(BevctlError, match="bad.pt"):
+        load_model(tmp_path / "bad.pt")
+
+
+@torch.no_grad()
+def test_autocast_bf16_forward_is_finite_and_close():
+    model = demo_model().eval()
+    images, k, t = demo_inputs(model)
+    ref = model(images, k, t).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, k, t)
+    assert torch.isfinite(out.logits.float()).all()
+    # bf16 keeps ~3 significant digits; the map must stay essentially the same
+    agree = (out.logits.float().argmax(1) == ref.argmax(1)).float().mean()
+    assert agree > 0.9
+
+
+def test_config_overrides_and_errors():
+    cfg = model_config_from_dict({"preset": "tiny", "num_layers": 2, "image_hw": [224, 400]})
+    assert cfg.num_layers == 2 and cfg.image_hw == (224, 400) and cfg.embed_dim == 256
+    assert dataclasses.replace(model_preset("demo"), embed_dim=64).embed_dim == 64
+    with pytest.raises(BevctlError, match="unknown key"):
+        model_config_from_dict({"preset": "demo", "num_layer": 2})
+    with pytest.raises(BevctlError, match="unknown model preset"):
+        model_preset("huge")
+    with pytest.raises(BevctlError, match="num_heads"):
+        model_preset("demo", num_heads=5)
+    with pytest.raises(BevctlError, match="not divisible"):
+        BEVFormer(model_preset("demo", bev_downsample=16), BEVGrid(-10, 10, -5, 5, 0.5), 3)
+    model = demo_model()
+    images, k, t = demo_inputs(model)
+    with pytest.raises(BevctlError, match="pix_T_cam"):
+        model(images, k[:, :5], t)
+
+
+# ----------------------------------------------------------------------------------------------
+# it learns
+# ----------------------------------------------------------------------------------------------
+
+
+def test_model_trains_loss_falls():
+    """A simple supervised BEV loss on two fixed synthetic batches: the loss must fall."""
+    model = demo_model(seed=0).train()
+    g = torch.Generator().manual_seed(5)
+    batches = []
+    for s in range(2):
+        images, k, t = demo_inputs(model, b=1, seed=10 + s)
+        # blocky BEV labels (lane-like stripes + a crossing), different per batch
+        target = torch.zeros(1, DEMO_GRID.nx, DEMO_GRID.ny, dtype=torch.long)
+        target[:, :, 10 + 8 * s : 13 + 8 * s] = 1
+        target[:, 80 + 10 * s : 90 + 10 * s, :] = 2
+        target[:, :, 48:50] = 3
+        batches.append((images, k, t, target))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(24):
+        images, k, t, target = batches[step % 2]
+        loss = torch.nn.functional.cross_entropy(model(images, k, t).logits, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:2]) / 2, sum(losses[-2:]) / 2
+    assert last < 0.5 * first, losses
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model = demo_model().eval()
+    images, k, t = demo_inputs(model)
+    compiled = compile_model(model)
+    with torch.no_grad():
+        ref = model(images, k, t)
+        out = compiled(images, k, t)
+        out2 = compiled(images, k, t, prev_bev=out.bev, cur_T_prev=yaw_T(0.05, 0.5))
+    torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
+    assert out2.logits.shape == ref.logits.shape
