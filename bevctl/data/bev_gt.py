@@ -8,7 +8,8 @@ Rules (also in docs/bev_gt.md):
   side, flat ends exactly at the line's end points, round joins).
 - ``polygons`` layers: filled (holes stay empty).
 - ``outline`` layers: the boundary of the union of those polygons (outer edges and the edges
-  of holes, e.g. traffic islands) drawn as a band ``line_width_m`` wide.
+  of holes, e.g. traffic islands) drawn as a band ``line_width_m`` wide. Gaps narrower than
+  10 cm between the polygons are closed first (morphological closing by ``OUTLINE_SNAP_M``).
 - A cell belongs to a shape iff its **centre** lies inside the drawn shape (sub-cell exact:
   no rounding of vertices). A centre exactly on an edge counts on the edge's low-``y`` side
   rule: inside if the edge is the shape's lower ``y`` boundary, outside if the upper one.
@@ -38,6 +39,8 @@ from bevctl.data.records import SampleRecord
 from bevctl.errors import BevctlError
 
 RULE_KINDS = ("lines", "polygons", "outline")
+# Gaps narrower than 2 * OUTLINE_SNAP_M between the polygons of an outline rule are closed.
+OUTLINE_SNAP_M = 0.05
 
 
 def required_layers(class_set: BEVClassSet) -> tuple[str, ...]:
@@ -163,7 +166,11 @@ def _outline(polygons: list[BaseGeometry], clip: BaseGeometry) -> BaseGeometry |
     invalid = ~shapely.is_valid(arr)
     if invalid.any():
         arr[invalid] = shapely.make_valid(arr[invalid])
-    union = shapely.union_all(shapely.intersection(arr, clip))
+    # Morphological closing by OUTLINE_SNAP_M: adjacent map polygons rarely share exact vertices
+    # (rounding, separately drawn records), and a hairline gap between them would otherwise
+    # outline a spurious boundary across the road.
+    grown = shapely.buffer(shapely.intersection(arr, clip), OUTLINE_SNAP_M, join_style="mitre")
+    union = shapely.buffer(shapely.union_all(grown), -OUTLINE_SNAP_M, join_style="mitre")
     if union.is_empty:
         return None
     return union.boundary
