@@ -28,6 +28,7 @@ function without loading any weights (for decode workers that run ahead of the m
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.resources
 import json
@@ -36,7 +37,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -289,9 +290,10 @@ class HFMask2FormerLabeler:
         from transformers import Mask2FormerForUniversalSegmentation
 
         try:
-            model = Mask2FormerForUniversalSegmentation.from_pretrained(
-                str(model_dir), local_files_only=True, trust_remote_code=False, use_safetensors=True
-            )
+            with quiet_transformers():
+                model = Mask2FormerForUniversalSegmentation.from_pretrained(
+                    str(model_dir), local_files_only=True, trust_remote_code=False, use_safetensors=True
+                )
         except Exception as e:
             raise BevctlError(f"{model_dir}: cannot load Mask2Former weights ({e})") from None
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -328,6 +330,21 @@ class HFMask2FormerLabeler:
         labels_np = labels.to(torch.uint8).cpu().numpy()
         conf_np = conf.cpu().numpy() if conf is not None else None
         return labels_np, conf_np
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No per-tensor progress bars from transformers while loading or saving (they would
+    flood the logs of every Ray actor)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _pick_device(device: str) -> str:

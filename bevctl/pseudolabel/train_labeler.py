@@ -188,8 +188,6 @@ def evaluate_labeler(
     from rich.progress import Progress
 
     n = len(class_names)
-    inter = np.zeros(n, dtype=np.int64)
-    union = np.zeros(n, dtype=np.int64)
     conf = np.zeros((n, n), dtype=np.int64)
     t0 = time.perf_counter()
     with Progress(transient=True) as bar:
@@ -242,6 +240,8 @@ def train_labeler(
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    from bevctl.pseudolabel.labeler import quiet_transformers
+
     torch.set_num_threads(max(1, cfg.threads))
     _seed_everything(cfg.seed)
     model, processor = build_model(class_names, cfg.model)
@@ -290,8 +290,9 @@ def train_labeler(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        processor.save_pretrained(tmp)
+        with quiet_transformers():
+            model.save_pretrained(tmp, safe_serialization=True)
+            processor.save_pretrained(tmp)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
