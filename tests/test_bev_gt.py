@@ -211,6 +211,22 @@ def test_outline_draws_union_boundary_and_holes_only() -> None:
     assert not (out[:, np.abs(y[0] - 1.5) < 0.2] == 1).any()
 
 
+def test_outline_closes_hairline_gaps_but_keeps_real_ones() -> None:
+    # Two road pieces meeting at x = 3 with a 1e-6 m gap (rounded map nodes): outlined as one
+    # road, no boundary across it; the same pieces 0.5 m apart: outlined as two roads.
+    x, y = centres(DEMO)
+    pts = shapely.points(x, y)
+    for gap in (1e-6, 0.5):
+        left, right = shapely.box(-100, -5, 3, 5), shapely.box(3 + gap, -5, 100, 5)
+        elements = {"road_segment": [left, right], "lane": [], "ped_crossing": [], "lane_divider": [],
+                    "road_divider": []}
+        out = rasterize_sample(elements, np.eye(4), DEMO, HDMAP)
+        outline = shapely.box(-100, -5, 100, 5) if gap < 0.01 else shapely.union(left, right)
+        expected = shapely.distance(outline.boundary, pts) < HDMAP.line_width_m / 2
+        assert np.array_equal(out == 1, expected)
+        assert ((out == 1) & (np.abs(y) < 4.5)).any() == (gap > 0.01)
+
+
 def test_markings_class_set_priority_and_stop_line() -> None:
     cs = CLASS_SETS["markings"]  # boundary, ped_crossing, stop_line, road_divider, lane_divider
     g = np.eye(4)
