@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,8 @@ def test_prepare_gt_end_to_end_matches_rasteriser(world: tuple[Path, DatasetInde
     # the ego drives on the road: a divider is in view and the road edges at |y| = 7 m
     assert (store.get("scene-0001-00") == 3).any() and (store.get("scene-0001-00") == 1).any()
     assert store.get_many(store.tokens[:3]).shape == (3, *DEMO.shape)
+    clone = pickle.loads(pickle.dumps(store))  # what a DataLoader worker gets
+    assert np.array_equal(clone.get(store.tokens[5]), store.get(store.tokens[5]))
     # rerun: nothing to do
     again = run(root, index, out, splits=["train", "val"])
     assert (again.already_done, again.done_now) == (12, 0)
@@ -120,10 +123,15 @@ def test_failed_sample_is_recorded_and_retried(world: tuple[Path, DatasetIndex])
     assert "1 failed" in gt_store.format_summary(summary)
     store = GTStore.open(out)
     assert store.status()[store.tokens.index(bad_tok)] == FAILED and not store.is_done(bad_tok)
+    with pytest.raises(BevctlError, match=f"sample '{bad_tok}' is not prepared yet \\(failed\\)"):
+        store.get(bad_tok)
+    assert len(store.done_tokens) == 11
     index.samples[bad_tok] = make_sample(bad_tok, good_pose, scene="scene-0002", index_in_scene=3)
     again = run(root, index, out)
     assert (again.already_done, again.done_now, again.failed) == (11, 1, 0)
-    assert store.is_done(bad_tok)
+    assert not store.is_done(bad_tok)  # status as of opening ...
+    store.refresh()
+    assert store.is_done(bad_tok) and store.get(bad_tok).shape == DEMO.shape
 
 
 def test_process_pool_matches_in_process(world: tuple[Path, DatasetIndex]) -> None:

@@ -94,6 +94,7 @@ class GTStore:
         self.tokens: list[str] = store.tokens
         self._index = {t: i for i, t in enumerate(self.tokens)}
         self._bev: zarr.Array | None = None
+        self._status: np.ndarray = store.status()  # read once; refresh() re-reads
 
     @classmethod
     def open(
@@ -134,22 +135,34 @@ class GTStore:
     def __contains__(self, token: object) -> bool:
         return token in self._index
 
-    def status(self) -> np.ndarray:
-        """uint8 (N,) 0 todo, 1 done, 2 failed."""
+    def refresh(self) -> None:
+        """Re-read the completion record (another process may be preparing the store)."""
         if self._store is None:
             self._store = SampleStore.open(self.path, KIND, mode="r")
-        return self._store.status()
+        self._status = self._store.status()
+
+    def status(self) -> np.ndarray:
+        """uint8 (N,) 0 todo, 1 done, 2 failed, as of opening (or the last :meth:`refresh`)."""
+        return self._status
+
+    @property
+    def done_tokens(self) -> list[str]:
+        return [t for t, s in zip(self.tokens, self._status) if s == DONE]
 
     def is_done(self, token: str) -> bool:
-        if token not in self._index:
-            return False
-        return bool(self.status()[self._index[token]] == DONE)
+        i = self._index.get(token)
+        return i is not None and bool(self._status[i] == DONE)
 
     def get(self, token: str) -> np.ndarray:
-        """The BEV ground truth uint8 (X, Y) of ``token``."""
+        """The BEV ground truth uint8 (X, Y) of ``token``; refuses a sample not prepared yet."""
         i = self._index.get(token)
         if i is None:
             raise BevctlError(f"{self.path}: no ground truth for sample '{token}' (not in this store)")
+        if self._status[i] != DONE:
+            raise BevctlError(
+                f"{self.path}: sample '{token}' is not prepared yet ({'failed' if self._status[i] == FAILED else 'todo'});"
+                " rerun bevctl prepare-gt"
+            )
         return np.asarray(self._array()[i])
 
     def get_many(self, tokens: list[str]) -> np.ndarray:
