@@ -4,7 +4,9 @@ Per sample (one ``__getitem__``, run in DataLoader worker processes with prefetc
 
 - the six camera images, decoded (JPEG draft mode when shrinking) and resized to the model's
   input ``image_hw``, as uint8 ``(6, 3, H, W)``; ``pix_T_cam`` scaled to match
-  (:func:`scale_intrinsics`), ``ego_T_cam``, and the sample's ``global_T_ego``;
+  (:func:`scale_intrinsics`); ``ego_T_cam`` expressed in the *sample's* ego frame (each camera
+  fires at its own timestamp, so its extrinsics are composed with the ego motion between the
+  camera's ego pose and the sample's); and the sample's ``global_T_ego``;
 - pretraining: the six pseudo-label masks from ``labels.zarr`` mapped to BEV ids through the
   label-map LUT (0 background, k+1 class k, 255 ignore), resampled (nearest, pixel centres) to
   the loss resolution ``label_hw``; optionally their confidence in [0, 1];
@@ -150,10 +152,13 @@ class TrainDataset(Dataset):
 
     def _cameras(self, s: SampleRecord) -> dict[str, Any]:
         imgs, pix, ego = [], [], []
+        ego_T_global = np.linalg.inv(np.asarray(s.global_T_ego, dtype=np.float64))
         for cam in s.cameras:
             imgs.append(load_image(cam.image_path, self.image_hw))
             pix.append(scale_intrinsics(cam.pix_T_cam, (cam.height, cam.width), self.image_hw))
-            ego.append(cam.ego_T_cam)
+            # the camera in the *sample's* ego frame: cameras fire at their own timestamps, so
+            # compose with the ego motion between the sample's pose and the camera's pose
+            ego.append(ego_T_global @ np.asarray(cam.global_T_ego) @ np.asarray(cam.ego_T_cam))
         return {
             "images": torch.from_numpy(np.stack(imgs)),  # (N, 3, H, W) uint8
             "pix_T_cam": torch.from_numpy(np.stack(pix)).float(),  # (N, 3, 3)
