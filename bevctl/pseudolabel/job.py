@@ -105,10 +105,9 @@ class JobSummary:
 
 def parse_resolution(text: str) -> tuple[int, int]:
     """``"450x800"`` -> ``(450, 800)``."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
-        raise BevctlError(f"--resolution: expected HxW such as 450x800, got '{text}'")
-    return int(parts[0]), int(parts[1])
+    from bevctl.data.synth import parse_hw
+
+    return parse_hw(text, "--resolution")
 
 
 # --------------------------------------------------------------------------------------------

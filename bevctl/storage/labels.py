@@ -80,6 +80,11 @@ class LabelStoreSpec:
         return specs
 
 
+_CHECK_ORDER = (
+    "model_id", "weights_hash", "dataset_version", "splits", "resolution", "cameras", "confidence", "id2label",
+)  # fmt: skip
+
+
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
@@ -126,8 +131,14 @@ class LabelStore:
         split list or class list is refused with one line unless ``overwrite``.
         """
         path = Path(path)
+        meta = spec.metadata()
+        if not overwrite and (path / "zarr.json").is_file():
+            # Name the most telling difference first (a different model also has other classes).
+            existing = SampleStore.open(path, KIND, mode="r")
+            for key in _CHECK_ORDER:
+                existing.check_metadata({key: meta[key]})
         store, created = SampleStore.open_or_create(
-            path, KIND, spec.metadata(), list(spec.tokens), spec.arrays(), overwrite=overwrite,
+            path, KIND, meta, list(spec.tokens), spec.arrays(), overwrite=overwrite,
             provenance={"dataroot": str(dataroot)},
         )
         if created:

@@ -1,0 +1,244 @@
+"""Pseudo-label job: pipeline efficiency, actor scaling, store size and read time.
+
+On a small synthetic world (written once into a temp dir):
+
+- **efficiency**: the labeler alone (``predict`` over pre-decoded, pre-processed batches, same
+  batch size and thread count as the actor) vs the whole job on Ray with one actor (decode +
+  preprocess + predict + Zarr write + completion records). Labeler: the shipped ``bevctl-synth``
+  Mask2Former, or an untrained one of the same architecture if it is not shipped yet.
+  Target: end-to-end / model-only >= 0.95.
+- **scaling**: the ``sleep:<s>`` stand-in (an accelerator that costs no CPU) with 1, 2, 4, 8
+  actors; efficiency = images/s with n actors / (n x images/s with 1). Target >= 0.9.
+- **store**: the ``synth-gt`` masks (the world's exact image GT) in the Zarr store vs the same
+  masks as PNG files (target <= 0.5x) and raw (target >= 50x smaller); time to read one
+  6-camera frame.
+
+All timings are of the labeling phase (Ray start-up and model load excluded; both are printed).
+Results: bench/results/pseudolabel.json and pseudolabel.md.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from bevctl.data.nuscenes import load_index  # noqa: E402
+from bevctl.pseudolabel.job import PseudolabelConfig, read_image, run_pseudolabel  # noqa: E402
+from bevctl.storage.labels import LabelStore, dir_bytes  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+VERSION = "v1.0-synth"
+SCENES, SAMPLES_PER_SCENE = 8, 8  # 64 samples, 384 images
+IMAGE_HW = (225, 400)
+BATCH = 6
+SLEEP_S = 0.25
+ACTORS = (1, 2, 4, 8)
+CPUS = os.cpu_count() or 1
+
+
+def make_dataset(root: Path) -> None:
+    from bevctl.data.synth import SynthConfig, write_synthetic_dataset
+
+    cfg = SynthConfig(scenes=SCENES, samples_per_scene=SAMPLES_PER_SCENE, image_hw=IMAGE_HW, seed=0, version=VERSION)
+    write_synthetic_dataset(cfg, root, overwrite=True)
+
+
+def efficiency_model(work: Path) -> tuple[str, str]:
+    """(model argument, description): the shipped labeler, else the same architecture untrained."""
+    from bevctl.errors import BevctlError
+    from bevctl.pseudolabel.labeler import shipped_labeler_dir
+
+    try:
+        shipped_labeler_dir()
+        return "bevctl-synth", "bevctl-synth (shipped)"
+    except BevctlError:
+        pass
+    import torch
+
+    from bevctl.data.synth_world import SYNTH_CLASSES
+    from bevctl.pseudolabel.train_labeler import LabelerModelConfig, build_model
+
+    torch.manual_seed(0)
+    model, processor = build_model(list(SYNTH_CLASSES), LabelerModelConfig())
+    out = work / "untrained-labeler"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return str(out), "bevctl-synth architecture, untrained (shipped weights not found)"
+
+
+def bench_efficiency(dataroot: Path, work: Path) -> dict:
+    import torch
+
+    from bevctl.pseudolabel.labeler import load_labeler
+
+    model, desc = efficiency_model(work)
+    threads = max(1, CPUS)  # what one CPU actor gets (job.py: cores // actors)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    labeler = load_labeler(model, device="cpu")
+    index = load_index(dataroot, VERSION)
+    paths = [cam.image_path for s in index.all_samples() for cam in s.cameras]
+    inputs = [labeler.preprocess(read_image(p)) for p in paths]
+    out_hw = IMAGE_HW
+    labeler.predict(inputs[:BATCH], out_hw, False)  # warm-up
+    t0 = time.perf_counter()
+    for k in range(0, len(inputs), BATCH):
+        labeler.predict(inputs[k : k + BATCH], out_hw, False)
+    model_s = time.perf_counter() - t0
+    del labeler, inputs
+    model_rate = len(paths) / model_s
+
+    t0 = time.perf_counter()
+    cfg = PseudolabelConfig(dataroot=str(dataroot), version=VERSION, out=str(work / "eff.zarr"), model=model,
+                            workers=1, batch_size=BATCH, overwrite=True, progress=False)
+    summary = run_pseudolabel(cfg)
+    wall = time.perf_counter() - t0
+    assert summary.samples_done == summary.samples_total
+    e2e_rate = summary.images_labeled / summary.seconds
+    return {
+        "labeler": desc,
+        "images": len(paths),
+        "batch_size": BATCH,
+        "threads": threads,
+        "model_only_img_s": round(model_rate, 2),
+        "end_to_end_img_s": round(e2e_rate, 2),
+        "efficiency": round(e2e_rate / model_rate, 3),
+        "startup_s": round(wall - summary.seconds, 1),
+    }
+
+
+def bench_scaling(dataroot: Path, work: Path) -> list[dict]:
+    import ray
+
+    rows = []
+    base = None
+    for n in ACTORS:
+        t0 = time.perf_counter()
+        cfg = PseudolabelConfig(dataroot=str(dataroot), version=VERSION, out=str(work / f"sleep{n}.zarr"),
+                                model=f"sleep:{SLEEP_S:g}", workers=n, batch_size=BATCH, overwrite=True,
+                                progress=False)
+        summary = run_pseudolabel(cfg)
+        wall = time.perf_counter() - t0
+        assert not ray.is_initialized()
+        rate = summary.images_labeled / summary.seconds
+        base = base or rate
+        rows.append({
+            "actors": n,
+            "img_s": round(rate, 2),
+            "ideal_img_s": round(n * BATCH / SLEEP_S, 2),
+            "efficiency_vs_1": round(rate / (n * base), 3),
+            "efficiency_vs_ideal": round(rate / (n * BATCH / SLEEP_S), 3),
+            "startup_s": round(wall - summary.seconds, 1),
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+def bench_store(dataroot: Path, work: Path) -> dict:
+    out = work / "gt.zarr"
+    cfg = PseudolabelConfig(dataroot=str(dataroot), version=VERSION, out=str(out), model="synth-gt",
+                            workers=0, batch_size=BATCH, overwrite=True, progress=False)
+    run_pseudolabel(cfg)
+    store = LabelStore.open(out)
+    h, w = store.resolution
+    n_masks = len(store) * len(store.cameras)
+    zarr_bytes = dir_bytes(out / "masks")
+    png_bytes = 0
+    reads = []
+    for token in store.tokens:
+        t0 = time.perf_counter()
+        masks = store.get(token)
+        reads.append(time.perf_counter() - t0)
+        for m in masks:
+            buf = io.BytesIO()
+            Image.fromarray(m).save(buf, format="PNG")  # zlib level 6, the PIL default
+            png_bytes += buf.tell()
+    return {
+        "masks": n_masks,
+        "resolution": [h, w],
+        "zarr_bytes_per_mask": round(zarr_bytes / n_masks, 1),
+        "png_bytes_per_mask": round(png_bytes / n_masks, 1),
+        "raw_bytes_per_mask": h * w,
+        "zarr_vs_png": round(zarr_bytes / png_bytes, 3),
+        "raw_vs_zarr": round(h * w * n_masks / zarr_bytes, 1),
+        "read_frame_ms_median": round(1000 * statistics.median(reads), 2),
+        "read_frame_ms_max": round(1000 * max(reads), 2),
+    }
+
+
+def to_markdown(res: dict) -> str:
+    e, s = res["efficiency"], res["store"]
+    lines = [
+        f"Synthetic world {SCENES}x{SAMPLES_PER_SCENE} samples x 6 cameras, images {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
+        f"{CPUS} CPUs, {res['machine']}.",
+        "",
+        "| pipeline efficiency | model-only img/s | end-to-end img/s | ratio (target >= 0.95) |",
+        "|---|---|---|---|",
+        f"| {e['labeler']}, batch {e['batch_size']}, {e['threads']} threads | {e['model_only_img_s']} | "
+        f"{e['end_to_end_img_s']} | **{e['efficiency']}** |",
+        "",
+        f"| actors (sleep {SLEEP_S:g} s / batch of {BATCH}) | img/s | ideal img/s | vs 1 actor x n (target >= 0.9) | vs ideal |",
+        "|---|---|---|---|---|",
+    ]
+    for r in res["scaling"]:
+        lines.append(f"| {r['actors']} | {r['img_s']} | {r['ideal_img_s']} | **{r['efficiency_vs_1']}** | {r['efficiency_vs_ideal']} |")
+    lines += [
+        "",
+        f"| store ({s['masks']} synth-gt masks {s['resolution'][0]}x{s['resolution'][1]}) | bytes/mask | vs Zarr |",
+        "|---|---|---|",
+        f"| Zarr blosc-zstd5-bitshuffle | {s['zarr_bytes_per_mask']} | 1 |",
+        f"| PNG (PIL default) | {s['png_bytes_per_mask']} | Zarr = **{s['zarr_vs_png']}x** PNG (target <= 0.5) |",
+        f"| raw uint8 | {s['raw_bytes_per_mask']} | **{s['raw_vs_zarr']}x** larger (target >= 50) |",
+        "",
+        f"Read one 6-camera frame: median {s['read_frame_ms_median']} ms, max {s['read_frame_ms_max']} ms.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parts = set(sys.argv[1:]) or {"efficiency", "scaling", "store"}
+    work = Path(tempfile.mkdtemp(prefix="bench_pl_"))
+    os.environ.setdefault("BEVCTL_CACHE_DIR", str(work / "cache"))
+    try:
+        dataroot = work / "synth"
+        t0 = time.perf_counter()
+        make_dataset(dataroot)
+        print(f"dataset in {time.perf_counter() - t0:.0f} s", flush=True)
+        res: dict = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": CPUS}
+        prev = RESULTS / "pseudolabel.json"
+        if prev.exists() and parts != {"efficiency", "scaling", "store"}:
+            res.update(json.loads(prev.read_text()))  # keep the parts not rerun
+        if "store" in parts:
+            res["store"] = bench_store(dataroot, work)
+            print(res["store"], flush=True)
+        if "scaling" in parts:
+            res["scaling"] = bench_scaling(dataroot, work)
+        if "efficiency" in parts:
+            res["efficiency"] = bench_efficiency(dataroot, work)
+            print(res["efficiency"], flush=True)
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / "pseudolabel.json").write_text(json.dumps(res, indent=2) + "\n")
+        (RESULTS / "pseudolabel.md").write_text(to_markdown(res))
+        print(to_markdown(res))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

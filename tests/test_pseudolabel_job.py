@@ -1,0 +1,235 @@
+"""The pseudo-label job on the synthetic world with stand-in labelers: exactly-once writes,
+resume, actor crashes, bad images, incompatible stores, kill -9 of the driver, CLI."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bevctl.data.nuscenes import load_index
+from bevctl.errors import BevctlError
+from bevctl.pseudolabel import job as job_mod
+from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
+from bevctl.pseudolabel.standins import gt_path_for_image
+from bevctl.storage.labels import LabelStore
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("BEVCTL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+
+
+def _cfg(root: Path, version: str, out: Path, **kw) -> PseudolabelConfig:
+    base = dict(dataroot=str(root), version=version, out=str(out), model="synth-gt", workers=0,
+                batch_size=4, progress=False)
+    base.update(kw)
+    return PseudolabelConfig(**base)
+
+
+def _expected(root: Path, version: str, out_hw: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+    """Every sample's six GT masks, resized (nearest) to ``out_hw``: what synth-gt must store."""
+    index = load_index(root, version)
+    result = {}
+    for s in index.all_samples():
+        masks = []
+        for cam in s.cameras:
+            gt = Image.open(gt_path_for_image(cam.image_path))
+            if out_hw is not None:
+                gt = gt.resize((out_hw[1], out_hw[0]), Image.Resampling.NEAREST)
+            masks.append(np.asarray(gt, dtype=np.uint8))
+        result[s.token] = np.stack(masks)
+    return result
+
+
+def _assert_store_equals(out: Path, expected: dict[str, np.ndarray]) -> None:
+    store = LabelStore.open(out)
+    assert sorted(store.tokens) == sorted(expected)
+    for token, want in expected.items():
+        assert store.status(token) == "done"
+        np.testing.assert_array_equal(store.get(token), want, err_msg=token)
+
+
+def test_every_image_labeled_once_then_resume_skips(tiny_synth, tmp_path, monkeypatch) -> None:
+    root, version = tiny_synth
+    first = next(iter(load_index(root, version).all_samples())).cameras[0]
+    out_hw = (first.height // 2, first.width // 2)
+    calls: list[tuple[int, int]] = []
+    real_label = job_mod.LabelWorker.label
+
+    def counting_label(self, store_path, confidence, hw, items):
+        calls.extend((i, c) for i, c, _ in items)
+        return real_label(self, store_path, confidence, hw, items)
+
+    monkeypatch.setattr(job_mod.LabelWorker, "label", counting_label)
+    out = tmp_path / "labels.zarr"
+    summary = run_pseudolabel(_cfg(root, version, out, resolution=out_hw, confidence=True))
+    n = summary.samples_total
+    assert n >= 2 and summary.samples_done == n and summary.samples_failed == 0
+    assert summary.images_labeled == 6 * n
+    assert sorted(calls) == [(i, c) for i in range(n) for c in range(6)]  # each image exactly once
+    expected = _expected(root, version, out_hw)
+    _assert_store_equals(out, expected)
+    store = LabelStore.open(out)
+    assert store.resolution == out_hw and store.model_id == "synth-gt"
+    assert store.id2label[2] == "lane_marking" and store.dataroot == str(Path(root).resolve())
+    assert (store.get_confidence(store.tokens[0]) == 255).all()
+    # every class the oracle sees is a real label: the masks are not trivially constant
+    assert len(np.unique(np.concatenate([m.ravel() for m in expected.values()]))) >= 4
+
+    calls.clear()
+    again = run_pseudolabel(_cfg(root, version, out, resolution=out_hw, confidence=True))
+    assert calls == [] and again.samples_skipped == n and again.images_labeled == 0
+    _assert_store_equals(out, expected)
+
+
+def test_incompatible_store_is_refused(tiny_synth, tmp_path) -> None:
+    root, version = tiny_synth
+    out = tmp_path / "labels.zarr"
+    run_pseudolabel(_cfg(root, version, out, resolution=(32, 64)))
+    with pytest.raises(BevctlError, match=r"resolution=\[32, 64\].*--overwrite"):
+        run_pseudolabel(_cfg(root, version, out, resolution=(16, 32)))
+    with pytest.raises(BevctlError, match=r"model_id=\"synth-gt\".*--overwrite"):
+        run_pseudolabel(_cfg(root, version, out, resolution=(32, 64), model="sleep:0"))
+    with pytest.raises(BevctlError, match=r"confidence=false"):
+        run_pseudolabel(_cfg(root, version, out, resolution=(32, 64), confidence=True))
+    summary = run_pseudolabel(_cfg(root, version, out, resolution=(16, 32), overwrite=True))
+    assert summary.samples_done == summary.samples_total and summary.samples_skipped == 0
+    assert LabelStore.open(out).resolution == (16, 32)
+
+
+def test_missing_and_corrupt_images(tiny_synth, tmp_path) -> None:
+    src, version = tiny_synth
+    root = tmp_path / "data"
+    shutil.copytree(src, root)
+    samples = load_index(root, version).all_samples()
+    missing = Path(samples[0].cameras[2].image_path)
+    corrupt = Path(samples[-1].cameras[4].image_path)
+    backup = {p: p.read_bytes() for p in (missing, corrupt)}
+    missing.unlink()
+    corrupt.write_bytes(backup[corrupt][: len(backup[corrupt]) // 3])  # a truncated JPEG
+    out = tmp_path / "labels.zarr"
+
+    with pytest.raises(BevctlError) as err:  # the first bad image in job order, named
+        run_pseudolabel(_cfg(root, version, out))
+    msg = str(err.value)
+    assert msg.startswith(f"{missing}: missing image") or msg.startswith(f"{corrupt}: corrupt image"), msg
+
+    summary = run_pseudolabel(_cfg(root, version, out, on_error="skip"))
+    assert summary.samples_failed == 2 and summary.images_failed == 2
+    assert summary.samples_done == summary.samples_total - 2
+    assert any(str(missing) in f for f in summary.failures)
+    assert any(str(corrupt) in f and "corrupt" in f for f in summary.failures)
+    store = LabelStore.open(out)
+    assert store.status(samples[0].token) == "failed" and store.status(samples[-1].token) == "failed"
+    assert store.status(samples[1].token) == "done"
+    with pytest.raises(BevctlError, match="failed, not done"):
+        store.get(samples[0].token)  # the trainer skips failed samples
+
+    for p, data in backup.items():  # fixed input: a rerun redoes exactly the failed samples
+        p.write_bytes(data)
+    rerun = run_pseudolabel(_cfg(root, version, out, on_error="skip"))
+    assert rerun.images_labeled == 12 and rerun.samples_failed == 0
+    _assert_store_equals(out, _expected(root, version))
+
+
+def test_ray_actor_crash_is_restarted_and_work_redone(tiny_synth, tmp_path, monkeypatch) -> None:
+    root, version = tiny_synth
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv("BEVCTL_FAULT_MARKER", str(marker))
+    out = tmp_path / "labels.zarr"
+    summary = run_pseudolabel(_cfg(root, version, out, model="crash-once:2", workers=2, batch_size=3))
+    assert marker.is_file(), "the fault-injecting labeler never crashed"
+    assert summary.actor_restarts >= 1
+    assert summary.samples_done == summary.samples_total
+    _assert_store_equals(out, _expected(root, version))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from bevctl.cli import main; main()", *args]
+
+
+def _done_count(out: Path) -> int:
+    try:
+        return LabelStore.open(out).counts()["done"]
+    except BevctlError:
+        return 0
+
+
+@pytest.mark.slow
+def test_kill_9_driver_then_rerun_is_bit_identical(tiny_synth, tmp_path) -> None:
+    root, version = tiny_synth
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--dataroot", str(root), "--version", version, "--workers", "1", "--batch-size", "3"]
+    ref = tmp_path / "ref.zarr"  # an uninterrupted run (in process: same masks, same bytes)
+    run_pseudolabel(_cfg(root, version, ref, batch_size=3))
+
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.Popen(_cli("pseudolabel", *common, "--model", "synth-gt:0.2", "--out", str(out)), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    n_total = len(LabelStore.open(ref))
+    while time.monotonic() < deadline and proc.poll() is None and _done_count(out) < 1:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the job finished before it could be killed"
+    time.sleep(0.3)  # let it get some batches further, mid-flight
+    proc.send_signal(signal.SIGKILL)  # the driver only: its Ray processes notice and exit
+    proc.wait(timeout=30)
+    time.sleep(2)
+    try:  # Ray's agents can outlive a killed driver: end what this test started
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    partial_done = _done_count(out)
+    assert 1 <= partial_done < n_total
+
+    res = subprocess.run(_cli("pseudolabel", *common, "--model", "synth-gt:0.2", "--out", str(out)), env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert f"{partial_done} skipped" in res.stdout
+    a, b = LabelStore.open(ref), LabelStore.open(out)
+    assert b.counts() == {"todo": 0, "done": n_total, "failed": 0}
+    for token in a.tokens:
+        np.testing.assert_array_equal(a.get(token), b.get(token))
+    # the chunk files themselves are byte-identical, and nothing else is lying around
+    files_a = {p.relative_to(ref): p for p in (ref / "masks").rglob("*") if p.is_file()}
+    files_b = {p.relative_to(out): p for p in (out / "masks").rglob("*") if p.is_file()}
+    assert files_a.keys() == files_b.keys()
+    assert all(files_a[k].read_bytes() == files_b[k].read_bytes() for k in files_a)
+    assert (ref / "done" / "c" / "0").read_bytes() == (out / "done" / "c" / "0").read_bytes()
+
+
+def test_cli_stats_show_and_errors(tiny_synth, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from bevctl.cli import app
+
+    root, version = tiny_synth
+    out = tmp_path / "labels.zarr"
+    run_pseudolabel(_cfg(root, version, out, resolution=(40, 72)))
+    runner = CliRunner()
+    res = runner.invoke(app, ["labels", "stats", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "road" in res.output and "lane_marking" in res.output and "done" in res.output
+    png = tmp_path / "show.png"
+    token = LabelStore.open(out).tokens[1]
+    res = runner.invoke(app, ["labels", "show", str(out), "--sample", token, "--out", str(png)])
+    assert res.exit_code == 0, res.output
+    with Image.open(png) as im:
+        assert im.size == (3 * 72, 2 * 40)
+        pixels = np.asarray(im.convert("RGB"))
+    assert pixels.std() > 10  # images with coloured masks, not a blank canvas
+
+    proc = subprocess.run(_cli("pseudolabel", "--dataroot", str(root), "--version", version, "--out",
+                               str(out), "--workers", "0", "--model", "synth-gt", "--resolution", "12"),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --resolution '12': expected HxW, e.g. 225x400"
