@@ -314,6 +314,31 @@ def test_save_load_round_trip(tmp_path):
         load_model(tmp_path / "bad.pt")
 
 
+def test_pretrained_backbone_from_local_dir_and_checkpoint_without_it(tmp_path):
+    from transformers import AutoBackbone, ResNetConfig
+
+    torch.manual_seed(4)
+    hf = AutoBackbone.from_config(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", out_features=["stage4"])
+    )
+    src = tmp_path / "resnet"
+    hf.save_pretrained(src)
+    model = BEVFormer(model_preset("demo", backbone_pretrained=str(src)), DEMO_GRID, 3).eval()
+    bb = model.image_encoder.backbone
+    assert len(bb.encoder.stages) == 3  # stage 4 is not used by the demo FPN (stages 2, 3): pruned
+    torch.testing.assert_close(bb.embedder.embedder.convolution.weight, hf.embedder.embedder.convolution.weight)
+    save_model(model, tmp_path / "m.pt")
+    import shutil
+
+    shutil.rmtree(src)  # the checkpoint must not need the original weights any more
+    loaded = load_model(tmp_path / "m.pt").eval()
+    images, k, t = demo_inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, k, t).logits, model(images, k, t).logits, atol=0, rtol=0)
+    with pytest.raises(BevctlError, match="missing"):
+        BEVFormer(model_preset("demo", backbone_pretrained=str(tmp_path / "missing")), DEMO_GRID, 3)
+
+
 @torch.no_grad()
 def test_autocast_bf16_forward_is_finite_and_close():
     model = demo_model().eval()

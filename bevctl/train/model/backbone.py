@@ -8,6 +8,8 @@ expect ImageNet-normalised RGB input; that is the data pipeline's job.
 
 from __future__ import annotations
 
+import json
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,19 +20,25 @@ from bevctl.train.model.config import ModelConfig
 Tensor = torch.Tensor
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
-    """A transformers backbone returning ``cfg.backbone_out_stages`` (1-based) feature maps."""
-    from transformers import AutoBackbone, ResNetConfig
+def build_backbone(cfg: ModelConfig, hf_config: dict | None = None) -> nn.Module:
+    """A transformers backbone returning ``cfg.backbone_out_stages`` (1-based) feature maps.
+
+    ``hf_config`` (a transformers config as a dict, see :func:`backbone_hf_config`) rebuilds the
+    architecture of a pretrained backbone without fetching its weights (used when a checkpoint
+    is loaded: its own weights replace them anyway).
+    """
+    from transformers import AutoBackbone, AutoConfig, ResNetConfig
 
     out_features = [f"stage{s}" for s in cfg.backbone_out_stages]
-    if cfg.backbone_pretrained:
-        try:
-            model = AutoBackbone.from_pretrained(
-                cfg.backbone_pretrained, out_features=out_features, trust_remote_code=False
-            )
-        except (OSError, ValueError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise BevctlError(f"backbone '{cfg.backbone_pretrained}': cannot load ({first})") from None
+    if hf_config is not None:
+        conf = dict(hf_config)
+        model_type = conf.pop("model_type", None)
+        if not isinstance(model_type, str):
+            raise BevctlError("backbone config: no model_type")
+        config = AutoConfig.for_model(model_type, **conf)
+        model = AutoBackbone.from_config(config)
+    elif cfg.backbone_pretrained:
+        model = _load_pretrained(cfg.backbone_pretrained, out_features)
     else:
         last = max(cfg.backbone_out_stages)  # stages after the last used one would get no gradient
         config = ResNetConfig(
@@ -51,12 +59,40 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     return model
 
 
+def _load_pretrained(source: str, out_features: list[str]) -> nn.Module:
+    """Backbone weights from a hub id or a local directory (``trust_remote_code=False``).
+
+    Resolves the backbone class from the checkpoint's config ourselves: ``AutoBackbone.from_pretrained``
+    of transformers 5 asks the hub whether the repo exists first, which fails for local directories
+    and offline.
+    """
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
+
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=False)
+        config.out_features = out_features
+        cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]
+        return cls.from_pretrained(source, config=config)
+    except KeyError:
+        raise BevctlError(f"backbone '{source}': model type has no transformers backbone class") from None
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BevctlError(f"backbone '{source}': cannot load ({first})") from None
+
+
 def _prune_unused_stages(model: nn.Module, last: int) -> None:
     """Drop ResNet-like stages after ``last`` (pretrained models keep all four)."""
     encoder = getattr(model, "encoder", None)
     stages = getattr(encoder, "stages", None)
     if isinstance(stages, nn.ModuleList) and len(stages) > last:
         encoder.stages = stages[:last]  # type: ignore[union-attr]
+
+
+def backbone_hf_config(model: nn.Module) -> dict:
+    """The backbone's transformers config as a plain dict (what :func:`build_backbone` takes back)."""
+    conf = model.config.to_dict()  # type: ignore[union-attr]
+    return json.loads(json.dumps(conf, default=str))  # plain JSON types only (weights_only safe)
 
 
 def backbone_channels(model: nn.Module) -> list[int]:
@@ -101,9 +137,9 @@ class FPN(nn.Module):
 class ImageEncoder(nn.Module):
     """Backbone + FPN: images ``(B*N, 3, H, W)`` -> ``num_levels`` maps ``(B*N, D, H_l, W_l)``."""
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, hf_config: dict | None = None) -> None:
         super().__init__()
-        self.backbone = build_backbone(cfg)
+        self.backbone = build_backbone(cfg, hf_config)
         self.neck = FPN(backbone_channels(self.backbone), cfg.embed_dim, cfg.num_levels)
         self.norm_eval = cfg.backbone_norm_eval
 

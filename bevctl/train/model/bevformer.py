@@ -16,7 +16,7 @@ from bevctl import geometry
 from bevctl.config import BEVGrid, dataclass_from_dict, dataclass_to_dict
 from bevctl.errors import BevctlError
 from bevctl.train.model.attention import no_autocast
-from bevctl.train.model.backbone import ImageEncoder
+from bevctl.train.model.backbone import ImageEncoder, backbone_hf_config
 from bevctl.train.model.config import ModelConfig
 from bevctl.train.model.encoder import BEVEncoder
 from bevctl.train.model.head import SegHead
@@ -44,7 +44,10 @@ def align_prev_bev(prev_bev: Tensor, cur_T_prev: Tensor, grid: BEVGrid) -> tuple
 
 
 class BEVFormer(nn.Module):
-    def __init__(self, cfg: ModelConfig, grid: BEVGrid, num_classes: int) -> None:
+    def __init__(self, cfg: ModelConfig, grid: BEVGrid, num_classes: int, *,
+                 backbone_config: dict | None = None) -> None:  # fmt: skip
+        """``backbone_config``: rebuild a pretrained backbone's architecture from its saved
+        transformers config instead of loading ``cfg.backbone_pretrained`` (see :func:`load_model`)."""
         super().__init__()
         if num_classes < 2:
             raise BevctlError(f"BEVFormer: num_classes must include background (>= 2), got {num_classes}")
@@ -52,7 +55,7 @@ class BEVFormer(nn.Module):
         self.query_grid = grid.coarsened(cfg.bev_downsample)
         xq, yq = self.query_grid.shape
         d = cfg.embed_dim
-        self.image_encoder = ImageEncoder(cfg)
+        self.image_encoder = ImageEncoder(cfg, backbone_config)
         self.bev_queries = nn.Parameter(torch.randn(xq * yq, d) * 0.02)
         self.pos_row = nn.Parameter(torch.rand(xq, d // 2))  # learned positional encoding, per x
         self.pos_col = nn.Parameter(torch.rand(yq, d // 2))  # ... and per y
@@ -183,6 +186,7 @@ def save_model(model: BEVFormer, path: str | Path, extra: dict[str, Any] | None 
         "config": dataclass_to_dict(model.cfg),
         "grid": dataclasses.asdict(model.grid),
         "num_classes": model.num_classes,
+        "backbone_config": backbone_hf_config(model.image_encoder.backbone) if model.cfg.backbone_pretrained else None,
         "state_dict": model.state_dict(),
         "extra": extra or {},
     }
@@ -210,7 +214,7 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> BE
         raise BevctlError(f"{path}: not a bevctl BEVFormer checkpoint")
     cfg = dataclass_from_dict(ModelConfig, payload["config"], f"{path}:config")
     grid = dataclass_from_dict(BEVGrid, payload["grid"], f"{path}:grid")
-    model = BEVFormer(cfg, grid, int(payload["num_classes"]))
+    model = BEVFormer(cfg, grid, int(payload["num_classes"]), backbone_config=payload.get("backbone_config"))
     missing, unexpected = model.load_state_dict(payload["state_dict"], strict=False)
     if missing or unexpected:
         raise BevctlError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
