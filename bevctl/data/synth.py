@@ -266,12 +266,13 @@ def _render_job(cfg_dict: dict, scene: int, samples: list[int], root: str) -> in
     tiles = noise_tiles(cfg.seed)
     h, w = cfg.image_hw
     rays = [camera_rays(cam, h, w) for cam in plan.cameras]
+    noise = np.random.default_rng([cfg.seed, 6006, scene, samples[0]]).standard_normal(h * w * 3 + 65536, np.float32)
     out = Path(root)
     for k in samples:
         for ci, cam in enumerate(plan.cameras):
             rng = np.random.default_rng([cfg.seed, 5005, scene, k, ci])
             t_us = plan.cam_time_us(k, cam.channel)
-            rgb, cls = render(world, plan, ci, rays[ci], tiles, t_us, rng)
+            rgb, cls = render(world, plan, ci, rays[ci], tiles, t_us, rng, noise)
             rel = image_relpath(cfg, plan, k, cam.channel)
             buf = io.BytesIO()
             Image.fromarray(rgb).save(buf, format="JPEG", quality=plan.style["jpeg_quality"])

@@ -14,9 +14,12 @@ import numpy as np
 
 from bevctl.data.synth_scene import Camera, ScenePlan
 from bevctl.data.synth_world import (
+    CROSSWALK,
     CURB,
+    LANE,
+    STOP,
+    YELLOW,
     OTHER,
-    PAINT_NONE,
     PAINT_WHITE,
     PAINT_YELLOW,
     ROAD,
@@ -43,6 +46,7 @@ class CameraRays:
     gxy: np.ndarray  # (N, 2) ground hit in ego (x, y)
     elev: np.ndarray  # (N,) float32 sine of the ray elevation
     norm: np.ndarray  # (N,) |dir|
+    sky: np.ndarray | None = None  # (N, 3) float32 sky colours, filled by the first render
 
 
 def camera_rays(cam: Camera, h: int, w: int) -> CameraRays:
@@ -76,9 +80,31 @@ def noise_tiles(seed: int) -> np.ndarray:
 
 
 def _lookup(tile: np.ndarray, x: np.ndarray, y: np.ndarray, res: float) -> np.ndarray:
-    ix = np.floor(x / res).astype(np.int64) % TILE
-    iy = np.floor(y / res).astype(np.int64) % TILE
+    """Periodic nearest lookup (local coordinates are >= 0 inside the world)."""
+    ix = (x * (1.0 / res)).astype(np.int32) & (TILE - 1)
+    iy = (y * (1.0 / res)).astype(np.int32) & (TILE - 1)
     return tile[iy, ix]
+
+
+def _palette(st: dict):
+    """Per-class base colours (10, 3), texture weights (3, 10), paint colours (3, 3), sky colours."""
+    pal = np.zeros((10, 3), np.float32)
+    a = st["asphalt"]
+    for c in (ROAD, LANE, YELLOW, CROSSWALK, STOP):
+        pal[c] = (a, a, a * 1.03)
+    pal[CURB] = st["sidewalk"] + 15
+    sw = st["sidewalk"]
+    pal[SIDEWALK] = (sw * 1.02, sw * 0.97, sw * 0.93)
+    pal[OTHER] = st["grass"]
+    tex = np.zeros((3, 10), np.float32)
+    tex[:, [ROAD, LANE, YELLOW, CROSSWALK, STOP]] = np.array([[0.10], [0.07], [0.08]])
+    tex[:, CURB] = (0.06, 0.0, 0.0)
+    tex[:, SIDEWALK] = (0.05, 0.0, 0.05)
+    tex[:, OTHER] = (0.0, 0.10, 0.15)
+    paint = np.zeros((3, 3), np.float32)
+    paint[PAINT_WHITE] = st["paint"] * np.array((1.0, 1.0, 0.98))
+    paint[PAINT_YELLOW] = st["paint"] * np.array((0.95, 0.75, 0.2))
+    return pal, tex, paint, np.array(st["sky_horizon"], np.float32), np.array(st["sky_top"], np.float32)
 
 
 def _box_hits(rays: CameraRays, cam: Camera, boxes, idx: np.ndarray | None = None):
@@ -151,8 +177,13 @@ def render(
     tiles: np.ndarray,
     t_us: int,
     rng: np.random.Generator,
+    noise: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Render one image: (rgb uint8 (H, W, 3), class ids uint8 (H, W))."""
+    """Render one image: (rgb uint8 (H, W, 3), class ids uint8 (H, W)).
+
+    ``noise``: optional float32 buffer of standard normals (longer than H*W*3) to draw sensor
+    noise from at a random offset (much cheaper than fresh normals per image).
+    """
     st = plan.style
     cam = plan.cameras[cam_idx]
     exy, eyaw = plan.ego_local(t_us)
@@ -165,9 +196,7 @@ def render(
     ly[g] = s * rays.gxy[g, 0] + c * rays.gxy[g, 1] + exy[1]
     cls = np.full(n, SKY, np.uint8)
     paint = np.zeros(n, np.uint8)
-    zebra = np.zeros(n, bool)
-    cg, pg, zg = world.classify_local(lx[g], ly[g])
-    cls[g], paint[g], zebra[g] = cg, pg, zg
+    cls[g], paint[g], _ = world.classify_local(lx[g], ly[g])
 
     # vehicles at this camera time, in the ego frame
     t_s = (t_us - plan.t0_us) * 1e-6
@@ -185,51 +214,49 @@ def render(
     cls[veh] = VEHICLE
 
     # ---- colour -------------------------------------------------------------------------------
-    col = np.zeros((n, 3), np.float32)
-    fine = _lookup(tiles[0], lx, ly, 0.04)
-    mid = _lookup(tiles[1], lx, ly, 0.15)
-    coarse = _lookup(tiles[2], lx, ly, 1.0)
-    asphalt = st["asphalt"] * (1.0 + 0.10 * fine + 0.07 * mid + 0.08 * coarse)
-    gray = np.stack([asphalt, asphalt, asphalt * 1.03], 1)
-    m = cls == ROAD
-    col[m] = gray[m]
-    # ground classes other than road
-    m = cls == CURB
-    col[m] = (st["sidewalk"] + 15) * (1.0 + 0.06 * fine[m, None])
-    m = cls == SIDEWALK
-    seam = ((np.mod(lx, 0.6) < 0.035) | (np.mod(ly, 0.6) < 0.035))[m]
-    sw = st["sidewalk"] * (1.0 + 0.05 * fine[m] + 0.05 * coarse[m]) * np.where(seam, 0.8, 1.0)
-    col[m] = np.stack([sw * 1.02, sw * 0.97, sw * 0.93], 1)
-    m = cls == OTHER
-    grass = np.array(st["grass"], np.float32)
-    col[m] = grass[None] * (1.0 + 0.15 * coarse[m, None] + 0.10 * mid[m, None])
-    # paint (lane, divider, zebra stripes, stop lines) over asphalt, with wear
-    wear = np.clip(0.85 + 0.3 * mid - 0.25 * np.maximum(coarse, 0.0), 0.45, 1.0)
-    for code, rgb in ((PAINT_WHITE, (1.0, 1.0, 0.98)), (PAINT_YELLOW, (0.95, 0.75, 0.2))):
-        m = (paint == code) & g & ~veh
-        pc = st["paint"] * np.array(rgb, np.float32)
-        a = wear[m, None]
-        col[m] = a * pc[None] + (1 - a) * gray[m]
-    # vehicles: flat-shaded boxes with darker windows
-    if veh.any():
-        vcol = np.array(colors, np.float32)[bid[veh]]
+    pal, tex_w, paint_pal, hz, top = _palette(st)
+    if rays.sky is None:
+        e = np.clip(rays.elev, 0.0, 1.0)[:, None] ** 0.6
+        rays.sky = ((1 - e) * hz[None] + e * top[None]).astype(np.float32)
+    out = rays.sky.copy()
+    gi = np.flatnonzero(g & ~veh)
+    if gi.size:
+        x, y = lx[gi].astype(np.float32), ly[gi].astype(np.float32)
+        fine = _lookup(tiles[0], x, y, 0.04)
+        mid = _lookup(tiles[1], x, y, 0.15)
+        coarse = _lookup(tiles[2], x, y, 1.0)
+        cg, pg = cls[gi], paint[gi]
+        tex = 1.0 + tex_w[0][cg] * fine + tex_w[1][cg] * mid + tex_w[2][cg] * coarse
+        sw = np.flatnonzero(cg == SIDEWALK)
+        if sw.size:
+            seam = (np.mod(x[sw], 0.6) < 0.035) | (np.mod(y[sw], 0.6) < 0.035)
+            tex[sw[seam]] *= 0.8
+        col = pal[cg] * tex[:, None]
+        pm = np.flatnonzero(pg)
+        if pm.size:
+            a = np.clip(0.85 + 0.3 * mid[pm] - 0.25 * np.maximum(coarse[pm], 0.0), 0.45, 1.0)[:, None]
+            col[pm] = a * paint_pal[pg[pm]] + (1 - a) * col[pm]
+        out[gi] = col
+    vi = np.flatnonzero(veh)
+    if vi.size:
+        vcol = np.array(colors, np.float32)[bid[vi]]
         sun = np.array(st["sun"], np.float32)
-        lam = 0.45 + 0.55 * np.clip(bnormal[veh] @ sun, 0.0, 1.0)
-        side = np.abs(bnormal[veh, 2]) < 0.5
-        window = side & (bz[veh] > 0.55) & (bz[veh] < 0.9)
-        vcol = np.where(window[:, None], vcol * 0.25 + 15, vcol)
-        col[veh] = vcol * lam[:, None]
-    # haze with distance, sky gradient
-    dist = np.where(veh, tb, rays.t_ground) * rays.norm
-    hz = np.array(st["sky_horizon"], np.float32)
-    top = np.array(st["sky_top"], np.float32)
-    hit = g | veh
-    f = np.exp(-np.where(hit, dist, 0.0) / st["fog"]).astype(np.float32)[:, None]
-    col = np.where(hit[:, None], f * col + (1 - f) * hz[None], col)
-    e = np.clip(rays.elev, 0.0, 1.0)[:, None] ** 0.6
-    sky = (1 - e) * hz[None] + e * top[None]
-    col = np.where(hit[:, None], col, sky)
-    col *= st["brightness"] * np.array(st["tint"], np.float32)[None] * float(rng.uniform(0.95, 1.05))
-    col += rng.normal(0.0, st["noise"], size=col.shape).astype(np.float32)
-    rgb = np.clip(col, 0, 255).astype(np.uint8).reshape(rays.h, rays.w, 3)
+        nv = bnormal[vi]
+        lam = 0.45 + 0.55 * np.clip(nv @ sun, 0.0, 1.0)
+        window = (np.abs(nv[:, 2]) < 0.5) & (bz[vi] > 0.55) & (bz[vi] < 0.9)
+        vcol[window] = vcol[window] * 0.25 + 15
+        out[vi] = vcol * lam[:, None]
+    # haze with distance
+    hi = np.flatnonzero(g | veh)
+    dist = np.where(veh[hi], tb[hi], rays.t_ground[hi]) * rays.norm[hi]
+    f = np.exp(-dist / st["fog"]).astype(np.float32)[:, None]
+    out[hi] = hz[None] + f * (out[hi] - hz[None])
+    out *= (st["brightness"] * float(rng.uniform(0.95, 1.05))) * np.array(st["tint"], np.float32)[None]
+    if noise is not None:
+        off = int(rng.integers(0, noise.size - out.size))
+        out += noise[off : off + out.size].reshape(out.shape) * st["noise"]
+    else:
+        out += rng.standard_normal(out.shape, dtype=np.float32) * st["noise"]
+    np.clip(out, 0, 255, out=out)
+    rgb = out.astype(np.uint8).reshape(rays.h, rays.w, 3)
     return rgb, cls.reshape(rays.h, rays.w)

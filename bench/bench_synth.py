@@ -1,0 +1,70 @@
+"""Benchmark ``bevctl synth``: wall time of the nuScenes-format synthetic dataset writer.
+
+Writes bench/results/synth.json and bench/results/synth.md. Default: the issue's target,
+10 scenes x 40 samples at 225x400 with one render process per CPU.
+
+    .venv/bin/python bench/bench_synth.py [--scenes 10] [--samples 40] [--hw 225x400] [--workers 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main() -> None:
+    from bevctl.data.synth import SynthConfig, parse_hw, write_synthetic_dataset
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--scenes", type=int, default=10)
+    ap.add_argument("--samples", type=int, default=40)
+    ap.add_argument("--hw", default="225x400")
+    ap.add_argument("--workers", type=int, default=0)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args()
+    cfg = SynthConfig(scenes=args.scenes, samples_per_scene=args.samples, image_hw=parse_hw(args.hw), workers=args.workers)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-synth-"))
+    try:
+        t0 = time.perf_counter()
+        summary = write_synthetic_dataset(cfg, tmp / "data", progress=True)
+        wall = time.perf_counter() - t0
+        size = sum(p.stat().st_size for p in (tmp / "data").rglob("*") if p.is_file())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    res = {
+        "scenes": cfg.scenes,
+        "samples_per_scene": cfg.samples_per_scene,
+        "image_hw": list(cfg.image_hw),
+        "workers": cfg.workers or min(os.cpu_count() or 1, cfg.scenes * -(-cfg.samples_per_scene // cfg.chunk)),
+        "cpus": os.cpu_count(),
+        "images": summary["images"],
+        "wall_s": round(wall, 2),
+        "images_per_s": round(summary["images"] / wall, 1),
+        "samples_per_s": round(summary["samples"] / wall, 2),
+        "dataset_mb": round(size / 1e6, 1),
+        "target_s": 120,
+        "python": platform.python_version(),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "synth.json").write_text(json.dumps(res, indent=1))
+    md = [
+        "| scenes x samples | image | workers / cpus | images | wall (s) | images/s | dataset (MB) | target (s) |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| {res['scenes']} x {res['samples_per_scene']} | {cfg.image_hw[0]}x{cfg.image_hw[1]} | {res['workers']} / {res['cpus']} "
+        f"| {res['images']} | {res['wall_s']} | {res['images_per_s']} | {res['dataset_mb']} | {res['target_s']} |",
+    ]
+    (out / "synth.md").write_text("# bevctl synth\n\n" + "\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
