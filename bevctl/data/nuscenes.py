@@ -50,7 +50,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "ego_pose": ("token", "translation", "rotation", "timestamp"),
     "log": ("token", "location"),
     "scene": ("token", "name", "log_token", "first_sample_token", "nbr_samples"),
-    "sample": ("token", "timestamp", "scene_token", "prev", "next", "data"),
+    "sample": ("token", "timestamp", "scene_token", "prev", "next"),
     "sample_data": (
         "token", "sample_token", "ego_pose_token", "calibrated_sensor_token", "filename",
         "timestamp", "is_key_frame", "width", "height",
