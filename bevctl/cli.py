@@ -94,11 +94,12 @@ def prepare_gt_cmd(
 
     bev_grid = resolve_grid(grid)
     class_set = resolve_class_set(classes)
-    split_list = parse_splits(splits, load_index(dataroot, version)) if splits else None
     if workers is not None and workers < 0:
         raise BevctlError(f"--workers must be >= 0, got {workers}")
+    index = load_index(dataroot, version)
+    split_list = parse_splits(splits, index) if splits else None
     summary = prepare_gt(dataroot, version, bev_grid, class_set, out, splits=split_list,
-                         workers=workers, overwrite=overwrite)
+                         workers=workers, overwrite=overwrite, index=index)
     print(format_summary(summary))
     if summary.failed:
         raise BevctlError(f"prepare-gt: {summary.failed} sample(s) failed (listed above); rerun to retry them")

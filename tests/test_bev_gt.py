@@ -291,3 +291,63 @@ def test_missing_or_unknown_map_is_one_clear_error(tmp_path: Path) -> None:
         bev_gt_for_sample(tmp_path, make_sample("t", np.eye(4), "mars"), DEMO, HDMAP)
     with pytest.raises(BevctlError, match="global_T_ego must be a finite 4x4"):
         rasterize_sample({}, np.full((4, 4), np.nan), DEMO, HDMAP)
+
+
+# ---- the synthetic world: BEV GT from its map expansion vs the world's own geometry ----------
+
+
+def _world_geometry(dataroot: Path, version: str) -> tuple[dict[str, shapely.Geometry], shapely.Geometry]:
+    """Union per ground class of ``bevctl_world.json`` (global frame) and the world rectangle."""
+    data = json.loads((dataroot / version / "bevctl_world.json").read_text())
+    geoms = {
+        name: shapely.union_all([shapely.Polygon(rings[0], rings[1:]) for rings in polys])
+        for name, polys in data["polygons"].items()
+    }
+    w = data["world"]
+    c, s = np.cos(w["theta"]), np.sin(w["theta"])
+    rect = shapely.affinity.affine_transform(shapely.box(0, 0, *w["size"]), [c, -s, s, c, *w["origin"]])
+    return geoms, rect
+
+
+def test_synth_world_bev_gt_agrees_with_world_geometry(tiny_synth: tuple[Path, str]) -> None:
+    """Every keyframe of the synthetic world, markings classes on the hdmapnet grid:
+    crosswalks and stop lines land exactly on the world's own polygons, the boundary band is
+    exactly the cells within line_width/2 of the road's edge, and every painted lane-marking
+    cell is a lane divider."""
+    import shapely.affinity  # noqa: F401
+
+    from bevctl.data.nuscenes import load_index
+
+    dataroot, version = tiny_synth
+    world, world_rect = _world_geometry(dataroot, version)
+    road_edge = world["road"].boundary
+    grid, cs = GRID_PRESETS["hdmapnet"], CLASS_SETS["markings"]
+    ids = {name: k + 1 for k, name in enumerate(cs.classes)}
+    x, y = centres(grid)
+    totals = dict.fromkeys(("crosswalk", "stop_line", "boundary", "lane_marking", "yellow", "yellow_hit"), 0)
+    samples = load_index(dataroot, version).all_samples()
+    assert len(samples) == 8
+    for sample in samples:
+        out = bev_gt_for_sample(dataroot, sample, grid, cs)
+        g = sample.global_T_ego
+        gx = g[0, 0] * x + g[0, 1] * y + g[0, 3]
+        gy = g[1, 0] * x + g[1, 1] * y + g[1, 3]
+        ref = {name: shapely.contains_xy(world[name], gx, gy) for name in
+               ("crosswalk", "stop_line", "lane_marking", "road_divider_marking")}
+        above = lambda name: out > ids[name]  # noqa: E731 - painted over by a later class
+        assert np.array_equal((out == ids["ped_crossing"])[~above("ped_crossing")], ref["crosswalk"][~above("ped_crossing")])
+        assert np.array_equal((out == ids["stop_line"])[~above("stop_line")], ref["stop_line"][~above("stop_line")])
+        dist = shapely.distance(road_edge, shapely.points(gx, gy))
+        # the synthetic map's lanes run past the world edge: compare inside the world only
+        inside = shapely.contains_xy(world_rect.buffer(-1.0), gx, gy) & ~above("boundary")
+        assert np.array_equal((out == ids["boundary"])[inside], (dist < cs.line_width_m / 2)[inside])
+        assert (out[ref["lane_marking"]] == ids["lane_divider"]).all()
+        totals["crosswalk"] += int(ref["crosswalk"].sum())
+        totals["stop_line"] += int(ref["stop_line"].sum())
+        totals["boundary"] += int((out == ids["boundary"]).sum())
+        totals["lane_marking"] += int(ref["lane_marking"].sum())
+        totals["yellow"] += int(ref["road_divider_marking"].sum())
+        totals["yellow_hit"] += int((out[ref["road_divider_marking"]] == ids["road_divider"]).sum())
+    # the double yellow line (0.36 m wide) is mostly inside the 0.3 m road_divider band
+    assert totals["yellow"] > 0 and totals["yellow_hit"] / totals["yellow"] > 0.6
+    assert totals["boundary"] > 0 and totals["lane_marking"] > 0

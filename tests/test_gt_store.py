@@ -165,3 +165,33 @@ def test_store_for_other_grid_classes_or_samples_is_refused(world: tuple[Path, D
     summary = run(root, index, out, splits=["train"], class_set=CLASS_SETS["markings"], overwrite=True)
     assert summary.done_now == 6
     assert GTStore.open(out, expected_classes=CLASS_SETS["markings"]).class_set == CLASS_SETS["markings"]
+
+
+def test_cli_prepare_gt_on_synthetic_world(tiny_synth: tuple[Path, str], tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    dataroot, version = tiny_synth
+    out = tmp_path / "gt.zarr"
+    env = {**os.environ, "BEVCTL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "bevctl.cli", "prepare-gt", "--dataroot", str(dataroot), "--version", version,
+               "--out", str(out), *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+
+    first = cli("--grid", "demo", "--classes", "hdmapnet", "--workers", "0")
+    assert first.returncode == 0, first.stderr
+    assert "8 samples, 0 already done, 8 rasterised now, 0 failed" in first.stdout
+    store = GTStore.open(out, expected_grid=DEMO, expected_classes=HDMAP, expected_version=version)
+    assert all(store.is_done(t) for t in store.tokens) and any(store.get(t).any() for t in store.tokens)
+    again = cli("--grid", "demo", "--classes", "hdmapnet")
+    assert again.returncode == 0 and "8 already done, 0 rasterised now" in again.stdout
+    refused = cli("--grid", "hdmapnet", "--classes", "hdmapnet")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in refused.stderr  # one line, no traceback
+    assert "store was made for grid." in refused.stderr and "--overwrite" in refused.stderr
+    bad = cli("--grid", "demo", "--classes", "nope")
+    assert bad.returncode == 2 and "error: unknown class set 'nope'" in bad.stderr
