@@ -42,8 +42,9 @@ import torch  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 RIG = ROOT.parent / "shared" / "nuscenes_rig.json"
 # (preset, grid): the CPU set and the extra GPU set
-CPU_RUNS = [("demo", "demo"), ("demo", "hdmapnet"), ("tiny", "hdmapnet")]
-GPU_ONLY = [("small", "hdmapnet"), ("base", "hdmapnet")]
+CPU_RUNS = [("demo", "demo", {}), ("demo", "hdmapnet", {}), ("demo", "hdmapnet", {"sca_gather": False}),
+            ("tiny", "hdmapnet", {})]  # fmt: skip
+GPU_ONLY = [("small", "hdmapnet", {}), ("base", "hdmapnet", {}), ("base", "hdmapnet", {"sca_gather": False})]
 NUM_CLASSES = 4  # hdmapnet class set + background
 
 
@@ -76,14 +77,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_one(preset: str, grid_name: str, device_name: str, reps: int) -> dict:
+def run_one(preset: str, grid_name: str, overrides: dict, device_name: str, reps: int) -> dict:
     """Measure one configuration (runs inside its own process)."""
     from bevctl.config import grid_from_name
     from bevctl.train.model import BEVFormer, count_parameters, model_preset
 
     device = torch.device(device_name)
     torch.manual_seed(0)
-    cfg = model_preset(preset)
+    cfg = model_preset(preset, **overrides)
     grid = grid_from_name(grid_name)
     model = BEVFormer(cfg, grid, NUM_CLASSES).to(device)
     h, w = cfg.image_hw
@@ -157,6 +158,7 @@ def run_one(preset: str, grid_name: str, device_name: str, reps: int) -> dict:
     res = {
         "preset": preset,
         "grid": grid_name,
+        "overrides": overrides,
         "grid_shape": list(grid.shape),
         "query_shape": list(model.query_grid.shape),
         "image_hw": list(cfg.image_hw),
@@ -176,16 +178,16 @@ def run_one(preset: str, grid_name: str, device_name: str, reps: int) -> dict:
     return res
 
 
-def count_on_meta(preset: str, grid_name: str) -> dict:
+def count_on_meta(preset: str, grid_name: str, overrides: dict) -> dict:
     from bevctl.config import grid_from_name
     from bevctl.train.model import BEVFormer, count_parameters, model_preset
 
-    cfg = model_preset(preset)
+    cfg = model_preset(preset, **overrides)
     grid = grid_from_name(grid_name)
     with torch.device("meta"):
         model = BEVFormer(cfg, grid, NUM_CLASSES)
     return {
-        "preset": preset, "grid": grid_name, "grid_shape": list(grid.shape),
+        "preset": preset, "grid": grid_name, "overrides": overrides, "grid_shape": list(grid.shape),
         "query_shape": list(model.query_grid.shape), "image_hw": list(cfg.image_hw),
         "params": count_parameters(model), "device": "meta (not run)",
     }  # fmt: skip
@@ -216,6 +218,11 @@ def bench_deform_attn() -> dict:
     }  # fmt: skip
 
 
+def _label(r: dict) -> str:
+    extra = ", ".join(f"{k}={v}" for k, v in r.get("overrides", {}).items())
+    return f"{r['preset']} @ {r['grid']}" + (f" ({extra})" if extra else "")
+
+
 def _fmt_params(n: int) -> str:
     return f"{n / 1e6:.2f} M"
 
@@ -242,7 +249,7 @@ def write_markdown(results: dict) -> str:
         else:
             mem, fwd, step = "-", "not run (needs a GPU)", "-"
         lines.append(
-            f"| {r['preset']} @ {r['grid']} | {img} | {shp} | {_fmt_params(r['params']['total'])} | {fwd} | {step} | {mem} |"
+            f"| {_label(r)} | {img} | {shp} | {_fmt_params(r['params']['total'])} | {fwd} | {step} | {mem} |"
         )
     lines += ["", "Forward cost split (eval):", "", "| preset @ grid | backbone+FPN | temporal self-attn | spatial cross-attn | head | rest |", "|---|---|---|---|---|---|"]
     for r in results["runs"]:
@@ -251,12 +258,12 @@ def write_markdown(results: dict) -> str:
         s = r["forward_split_s"]
         tot = sum(s.values())
         cells = [f"{s[p] * 1e3:.0f} ms ({100 * s[p] / tot:.0f}%)" for p in ("backbone+fpn", "temporal self-attn", "spatial cross-attn", "head", "rest")]
-        lines.append(f"| {r['preset']} @ {r['grid']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
     lines += ["", "Parameters per part:", "", "| preset | backbone+FPN | encoder | head | queries+embeddings | total |", "|---|---|---|---|---|---|"]
     seen = set()
     for r in results["runs"]:
         key = (r["preset"], r["grid"])
-        if key in seen:
+        if key in seen or r.get("overrides"):
             continue
         seen.add(key)
         p = r["params"]
@@ -280,19 +287,19 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--one", nargs=2, metavar=("PRESET", "GRID"), help=argparse.SUPPRESS)
+    ap.add_argument("--one", nargs=3, metavar=("PRESET", "GRID", "OVERRIDES_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.one:
-        print(json.dumps(run_one(args.one[0], args.one[1], args.device, args.reps)))
+        print(json.dumps(run_one(args.one[0], args.one[1], json.loads(args.one[2]), args.device, args.reps)))
         return 0
 
     runs_cfg = CPU_RUNS + (GPU_ONLY if args.device.startswith("cuda") else [])
     runs = []
-    for preset, grid in runs_cfg:
-        print(f"-- {preset} @ {grid}", flush=True)
+    for preset, grid, overrides in runs_cfg:
+        print(f"-- {preset} @ {grid} {overrides or ''}", flush=True)
         cmd = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
-               "--reps", str(args.reps), "--one", preset, grid]  # fmt: skip
+               "--reps", str(args.reps), "--one", preset, grid, json.dumps(overrides)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -300,7 +307,7 @@ def main() -> int:
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"   fwd {runs[-1]['forward_s']:.3f} s, fwd+bwd {runs[-1]['fwd_bwd_s']:.3f} s", flush=True)
     if not args.device.startswith("cuda"):
-        runs += [count_on_meta(p, g) for p, g in GPU_ONLY]
+        runs += [count_on_meta(p, g, o) for p, g, o in GPU_ONLY if not o]
     results = {
         "device": args.device,
         "threads": args.threads,

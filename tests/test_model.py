@@ -156,6 +156,23 @@ def test_moving_one_camera_changes_only_the_queries_it_sees():
     assert changed[touched].float().mean() > 0.9
 
 
+def test_gathered_cross_attention_equals_dense():
+    """Attending only over each camera's visible queries gives the dense result, values and grads."""
+    dense = demo_model(seed=2, sca_gather=False).train()
+    gathered = demo_model(seed=2, sca_gather=True).train()
+    gathered.load_state_dict(dense.state_dict())
+    images, k, t = demo_inputs(dense, b=2)
+    t = t.clone()
+    t[1, 0] = yaw_T(0.4)[0] @ t[1, 0]  # different visibility per batch element
+    outs = []
+    for model in (dense, gathered):
+        out = model(images, k, t)
+        out.logits.square().mean().backward()
+        outs.append((out.bev, model.encoder.layers[0].sca.sampling_offsets.weight.grad))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outs[0][1], outs[1][1], atol=1e-5, rtol=1e-4)
+
+
 # ----------------------------------------------------------------------------------------------
 # temporal alignment
 # ----------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class BEVFormer(nn.Module):
         self.encoder = BEVEncoder(
             cfg.num_layers, cfg.grad_checkpoint, dim=d, heads=cfg.num_heads, levels=cfg.num_levels,
             sca_points=cfg.sca_points, z_anchors=cfg.num_points_in_pillar, tsa_points=cfg.tsa_points,
-            ffn_dim=cfg.ffn_dim, dropout=cfg.dropout,
+            ffn_dim=cfg.ffn_dim, dropout=cfg.dropout, sca_gather=cfg.sca_gather,
         )  # fmt: skip
         self.head = SegHead(d, num_classes, cfg.bev_downsample, cfg.head_channels)
         # Geometry constants (not saved: they follow from cfg and grid).

@@ -4,14 +4,13 @@ The ``tiny``/``small``/``base`` presets mirror BEVFormer's published configs
 (fundamentalvision/BEVFormer, ``projects/configs/bevformer/bevformer_{tiny,small,base}.py``,
 read at commit 68e6af5):
 
-=========  ==========  ==========  ======  =====  =========  ===============================
-preset     backbone    image       levels  BEV    layers     attention
-=========  ==========  ==========  ======  =====  =========  ===============================
-tiny       ResNet-50   x0.5 (450x800)  1 (C5)  50x50    3   embed 256, ffn 512, 8 heads
-small      ResNet-101  x0.8 (720x1280) 1 (C5)  150x150  3   TSA 4 points (1 level),
-base       ResNet-101  x1.0 (900x1600) 4 (C3-C5 + 1 extra)  200x200  6   SCA 8 points over
-                                                                        4 pillar heights
-=========  ==========  ==========  ======  =====  =========  ===============================
+- common: embed 256, FFN 512, 8 heads; temporal self-attention with 4 points over 1 level
+  (TemporalSelfAttention defaults); spatial cross-attention (MSDeformableAttention3D) with
+  8 points per head and level spread over ``num_points_in_pillar=4`` pillar heights; dropout 0.1.
+- tiny: ResNet-50, C5 only (1 level), images x0.5 (450x800), BEV 50x50, 3 encoder layers.
+- small: ResNet-101, C5 only (1 level), images x0.8 (720x1280), BEV 150x150, 3 layers.
+- base: ResNet-101, C3-C5 + 1 extra FPN level (4 levels), full 900x1600 images, BEV 200x200,
+  6 layers.
 
 Differences, on purpose: BEVFormer's small/base use DCNv2 in stages 3-4 of a caffe-style
 ResNet-101 (an mmcv CUDA op); here the backbone is a plain transformers ResNet. BEVFormer's
@@ -21,6 +20,9 @@ target grid coarsened by ``bev_downsample`` and the head upsamples back. On the 
 (base, x2) queries: base keeps BEVFormer's 200 rows. BEVFormer's pillars span the lidar range
 z in [-5, 3] m (lidar ~1.8 m above ground); ours are in the ego frame (z = 0 is the ground)
 and default to z in [-1, 2] m so that one of the 4 heights lies on the road surface itself.
+BEVFormer starts from pretrained weights with frozen BatchNorm (``norm_eval``) and a frozen stem
++ stage 1; the presets here start from random init, so BatchNorm trains by default — set
+``backbone_pretrained`` (e.g. ``microsoft/resnet-50``) and ``backbone_norm_eval=True`` to match.
 
 Every field is overridable: ``dataclasses.replace(model_preset("demo"), embed_dim=64)``, or
 from YAML through :func:`model_config_from_dict` (strict: unknown keys are an error).
@@ -64,6 +66,9 @@ class ModelConfig:
     num_points_in_pillar: int = 4
     sca_points: int = 8  # spatial cross-attention points per head and level (all heights)
     tsa_points: int = 4  # temporal self-attention points per head (and per queue entry)
+    # Spatial cross-attention only over the queries each camera sees (BEVFormer's rebatch; ~N x
+    # less work and memory). False: every camera processes every query (static shapes).
+    sca_gather: bool = True
     # --- head -------------------------------------------------------------------------------------
     head_channels: int = 128  # width after the first upsampling stage halves it, min 16
     # --- runtime --------------------------------------------------------------------------------

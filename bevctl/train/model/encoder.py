@@ -83,12 +83,18 @@ class SpatialCrossAttention(nn.Module):
     positions are ``reference (per camera, per height) + offset / level size``. A point whose
     reference lies behind a camera or outside its image has weight 0 in that camera; each query
     averages over the cameras that see at least one of its pillar points (zero if none).
-    Batched over cameras (no per-camera gather), so shapes are static.
+
+    Batched over cameras. With ``gather`` (default) each camera attends only for the queries it
+    sees, padded to the largest such set (BEVFormer's rebatch: ~N times less work and memory;
+    the size depends on the calibration, so ``torch.compile`` recompiles when it changes); without,
+    every camera processes every query (static shapes; same result).
     """
 
-    def __init__(self, dim: int, heads: int, levels: int, points: int, z_anchors: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, levels: int, points: int, z_anchors: int, dropout: float,
+                 gather: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.dim, self.heads, self.levels, self.points, self.z = dim, heads, levels, points, z_anchors
+        self.gather = gather
         self.sampling_offsets = nn.Linear(dim, heads * levels * points * 2)
         self.attention_weights = nn.Linear(dim, heads * levels * points)
         self.value_proj = nn.Linear(dim, dim)
@@ -120,18 +126,47 @@ class SpatialCrossAttention(nn.Module):
             values.append(v.view(bn, m, d // m, h, w))
             norms.append((w, h))
         qp = query + pos
-        offsets = self.sampling_offsets(qp).float().view(b, 1, q, m, lv, pz, z, 2)  # fp32 positions
-        norm = offsets.new_tensor(norms).view(lv, 1, 1, 2)  # per level (W_l, H_l)
-        loc = ref.view(b, n, q, 1, 1, 1, z, 2).float() + offsets / norm  # (B, N, Q, M, L, Pz, Z, 2)
-        loc = loc.reshape(b * n, q, m, lv, p, 2)
-        weights = softmax_fp32(self.attention_weights(qp).view(b, q, m, lv * p), -1)
-        weights = weights.view(b, 1, q, m, lv, pz, z) * visible.view(b, n, q, 1, 1, 1, z)
-        weights = weights.reshape(b * n, q, m, lv, p)
-        out = ms_deform_attn(values, loc, weights).view(b, n, q, d)  # invisible points add exactly 0
+        offsets = self.sampling_offsets(qp).float()  # (B, Q, M*L*P*2), fp32 positions
+        weights = softmax_fp32(self.attention_weights(qp).view(b, q, m, lv * p), -1).view(b, q, -1)
         seen = visible.any(-1)  # (B, N, Q)
+        if self.gather:  # only the queries each camera sees (BEVFormer's "rebatch"), padded to K
+            idx = visible_query_index(seen)  # (B, N, K)
+            k = idx.shape[-1]
+
+            def take(x: Tensor) -> Tensor:  # (B, Q, C) -> (B, N, K, C)
+                c = x.shape[-1]
+                return torch.gather(x.unsqueeze(1).expand(b, n, q, c), 2, idx.unsqueeze(-1).expand(b, n, k, c))
+
+            offsets, weights = take(offsets), take(weights)
+            ref = torch.gather(ref, 2, idx[..., None, None].expand(b, n, k, z, 2))
+            visible = torch.gather(visible, 2, idx[..., None].expand(b, n, k, z))  # padding: all False
+        else:
+            k = q
+            offsets, weights = offsets.unsqueeze(1), weights.unsqueeze(1)
+        norm = offsets.new_tensor(norms).view(lv, 1, 1, 2)  # per level (W_l, H_l)
+        loc = ref.view(b, n, k, 1, 1, 1, z, 2).float() + offsets.view(b, -1, k, m, lv, pz, z, 2) / norm
+        loc = loc.reshape(b * n, k, m, lv, p, 2)  # (B*N, K, M, L, P, 2)
+        weights = weights.view(b, -1, k, m, lv, pz, z) * visible.view(b, n, k, 1, 1, 1, z)
+        weights = weights.reshape(b * n, k, m, lv, p)
+        out = ms_deform_attn(values, loc, weights).view(b, n, k, d)  # invisible points add exactly 0
+        if self.gather:
+            flat = idx.reshape(b, n * k, 1).expand(b, n * k, d)
+            out = out.new_zeros(b, q, d).scatter_add_(1, flat, out.reshape(b, n * k, d))
+        else:
+            out = out.sum(1)
         count = seen.sum(1).clamp(min=1).unsqueeze(-1)  # (B, Q, 1)
-        out = (out.sum(1) / count).to(query.dtype)
+        out = (out / count).to(query.dtype)
         return query + self.dropout(self.output_proj(out))
+
+
+def visible_query_index(seen: Tensor) -> Tensor:
+    """``seen (B, N, Q)`` bool -> ``(B, N, K)`` indices of each camera's visible queries first (in
+    query order), then unseen ones as padding; ``K`` = the largest visible count (at least 1)."""
+    if seen.device.type == "meta":  # shapes only (parameter counting, shape tests)
+        k = seen.shape[-1]
+    else:
+        k = max(int(seen.sum(-1).max()), 1)
+    return torch.argsort((~seen).to(torch.int8), dim=-1, stable=True)[..., :k]
 
 
 class FFN(nn.Module):
@@ -147,10 +182,10 @@ class FFN(nn.Module):
 
 class EncoderLayer(nn.Module):
     def __init__(self, dim: int, heads: int, levels: int, sca_points: int, z_anchors: int,
-                 tsa_points: int, ffn_dim: int, dropout: float) -> None:  # fmt: skip
+                 tsa_points: int, ffn_dim: int, dropout: float, sca_gather: bool = True) -> None:  # fmt: skip
         super().__init__()
         self.tsa = TemporalSelfAttention(dim, heads, tsa_points, dropout)
-        self.sca = SpatialCrossAttention(dim, heads, levels, sca_points, z_anchors, dropout)
+        self.sca = SpatialCrossAttention(dim, heads, levels, sca_points, z_anchors, dropout, sca_gather)
         self.ffn = FFN(dim, ffn_dim, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
