@@ -21,6 +21,7 @@ alone marks samples done (:meth:`SampleStore.mark`). Readers use :meth:`LabelSto
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +35,11 @@ import zarr
 from bevctl.data.records import CAMERAS
 from bevctl.errors import BevctlError
 from bevctl.storage.base import DONE, FAILED, STATUS_NAMES, TODO, ArraySpec, SampleStore
+from bevctl.storage.rle import mask_compressors  # also registers the bevctl_rle codec with zarr
+
+# ArraySpec(compressors=...) lets the masks use run-length + zstd; without it they get the
+# store default (Blosc zstd bitshuffle).
+_SPEC_HAS_COMPRESSORS = "compressors" in {f.name for f in dataclasses.fields(ArraySpec)}
 
 KIND = "pseudolabels"
 RUN_KEY = "bevctl_run"
@@ -74,7 +80,10 @@ class LabelStoreSpec:
         n, c = len(self.tokens), len(self.cameras)
         h, w = self.resolution
         names = ("sample", "camera", "y", "x")
-        specs = [ArraySpec("masks", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names)]
+        mask_codecs: dict[str, Any] = {}
+        if _SPEC_HAS_COMPRESSORS:  # run-length + zstd: ~0.45x PNG where Blosc alone is ~1x PNG
+            mask_codecs["compressors"] = mask_compressors()
+        specs = [ArraySpec("masks", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names, **mask_codecs)]
         if self.confidence:
             specs.append(ArraySpec("confidence", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names))
         return specs
