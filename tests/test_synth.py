@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -108,13 +109,22 @@ def test_ego_drives_realistically(nusc):
 # ---- world vs images --------------------------------------------------------------------------
 
 
-def _world_classes(root: Path, version: str, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
-    world = json.loads((root / version / "bevctl_world.json").read_text())
-    out = np.full(gx.shape, SYNTH_CLASSES.index("other_ground"), np.uint8)
+@functools.lru_cache(maxsize=4)
+def _world_layers(path: str) -> list[tuple[int, object]]:
+    """(class id, prepared union of that class's polygons) in paint order."""
+    world = json.loads(Path(path).read_text())
+    out = []
     for name in world["paint_order"]:
-        for rings in world["polygons"][name]:
-            poly = shapely.Polygon(rings[0], rings[1:])
-            out[shapely.contains_xy(poly, gx, gy)] = SYNTH_CLASSES.index(name)
+        geom = shapely.union_all([shapely.Polygon(r[0], r[1:]) for r in world["polygons"][name]])
+        shapely.prepare(geom)
+        out.append((SYNTH_CLASSES.index(name), geom))
+    return out
+
+
+def _world_classes(root: Path, version: str, gx: np.ndarray, gy: np.ndarray) -> np.ndarray:
+    out = np.full(gx.shape, SYNTH_CLASSES.index("other_ground"), np.uint8)
+    for cid, geom in _world_layers(str(root / version / "bevctl_world.json")):
+        out[shapely.contains_xy(geom, gx, gy)] = cid
     return out
 
 
@@ -156,10 +166,10 @@ def _stable(gt: np.ndarray, r: int = 2) -> np.ndarray:
     return ok & ~veh
 
 
-def _agreement(nusc, root: Path, classify) -> tuple[int, int, dict]:
+def _agreement(nusc, root: Path, classify, step: int = 2) -> tuple[int, int, dict]:
     agree = total = 0
     confusion: dict = {}
-    for sample in nusc.sample[::2]:
+    for sample in nusc.sample[::step]:
         for ch, sd_tok in sample["data"].items():
             if ch == "LIDAR_TOP":
                 continue
@@ -302,3 +312,34 @@ def test_cli_errors(tmp_path):
     )
     assert r.returncode == 2 and "error: --image-size '12by3'" in r.stderr and "Traceback" not in r.stderr
     assert not out.exists()
+
+
+def test_lane_arclines_follow_lane_polygons(nmap):
+    """Every lane / lane connector arcline (devkit discretisation) stays inside its polygon and
+    ends at its end pose; connectivity links lanes through connectors."""
+    from nuscenes.map_expansion.arcline_path_utils import discretize_lane
+
+    recs = nmap.lane + nmap.lane_connector
+    assert len(nmap.lane) > 50 and len(nmap.lane_connector) > 100
+    for rec in recs[::7]:
+        path = nmap.arcline_path_3[rec["token"]]
+        poses = np.array(discretize_lane(path, 0.25))
+        assert np.linalg.norm(poses[-1, :2] - np.array(path[-1]["end_pose"][:2])) < 1e-3
+        poly = nmap.extract_polygon(rec["polygon_token"]).buffer(0.01)
+        assert shapely.contains_xy(poly, poses[:, 0], poses[:, 1]).all(), rec["token"]
+    lane = next(r["token"] for r in nmap.lane if nmap.get_outgoing_lane_ids(r["token"]))
+    conn = nmap.get_outgoing_lane_ids(lane)[0]
+    assert nmap.get_incoming_lane_ids(conn) == [lane]
+    assert nmap.get_outgoing_lane_ids(conn)[0] in {r["token"] for r in nmap.lane}
+
+
+@pytest.mark.slow
+def test_small_synth_agreement_all_samples(small_synth):
+    """Heavier: world geometry vs rendered GT on every sample and camera of ``small_synth``."""
+    from nuscenes.nuscenes import NuScenes
+
+    root, version = small_synth
+    nusc = NuScenes(version=version, dataroot=str(root), verbose=False)
+    agree, total, conf = _agreement(nusc, Path(root), lambda x, y: _world_classes(Path(root), version, x, y), step=1)
+    assert total > 100_000
+    assert agree / total >= 0.995, (agree / total, conf)

@@ -107,13 +107,15 @@ def _palette(st: dict):
     return pal, tex, paint, np.array(st["sky_horizon"], np.float32), np.array(st["sky_top"], np.float32)
 
 
-def _box_hits(rays: CameraRays, cam: Camera, boxes, idx: np.ndarray | None = None):
-    """Nearest box hit per ray: (t (N,), box id (N,), face normal in ego (N, 3), height (N,))."""
+def _box_hits(rays: CameraRays, cam: Camera, boxes):
+    """Nearest box hit per ray: (t (N,), box id (N,), face normal in ego (N, 3), relative height
+    (N,), [(box id, pixel indices of its projected window)])."""
     n = rays.dirs.shape[0]
     t_best = np.full(n, np.inf)
     bid = np.full(n, -1, np.int64)
     normal = np.zeros((n, 3), np.float32)
     zrel = np.zeros(n, np.float32)
+    windows = []
     cam_T_ego = np.linalg.inv(cam.ego_T_cam)
     o = rays.origin
     for b, (centre, yaw, size) in enumerate(boxes):
@@ -141,6 +143,7 @@ def _box_hits(rays: CameraRays, cam: Camera, boxes, idx: np.ndarray | None = Non
             sel = (rr * rays.w + cc).ravel()
         else:
             sel = np.arange(n)
+        windows.append((b, sel))
         d = rays.dirs[sel]
         ob = rot.T @ (o - ctr)
         db = d @ rot  # (M, 3) in box frame (rot.T applied to row vectors)
@@ -166,7 +169,7 @@ def _box_hits(rays: CameraRays, cam: Camera, boxes, idx: np.ndarray | None = Non
         nb[np.arange(hs.size), axis] = sign
         normal[hs] = (nb @ rot.T).astype(np.float32)
         zrel[hs] = ((o[2] + tnear[hit] * d[hit, 2]) / height).astype(np.float32)
-    return t_best, bid, normal, zrel
+    return t_best, bid, normal, zrel, windows
 
 
 def render(
@@ -209,7 +212,7 @@ def render(
         ex = np.array([c * d[0] + s * d[1], -s * d[0] + c * d[1]])
         boxes.append((ex, yaw - eyaw, v.size))
         colors.append(v.color)
-    tb, bid, bnormal, bz = _box_hits(rays, cam, boxes)
+    tb, bid, bnormal, bz, windows = _box_hits(rays, cam, boxes)
     veh = tb < rays.t_ground
     cls[veh] = VEHICLE
 
@@ -231,6 +234,20 @@ def render(
         if sw.size:
             seam = (np.mod(x[sw], 0.6) < 0.035) | (np.mod(y[sw], 0.6) < 0.035)
             tex[sw[seam]] *= 0.8
+        # soft contact shadows under the vehicles (texture only; the label stays the ground's)
+        for b, sel in windows:
+            centre, yaw_b, (wid, length, _h) = boxes[b]
+            sel = sel[g[sel] & ~veh[sel]]
+            if not sel.size:
+                continue
+            dxy = rays.gxy[sel] - centre[None]
+            cb, sb = math.cos(yaw_b), math.sin(yaw_b)
+            u = np.abs(cb * dxy[:, 0] + sb * dxy[:, 1]) - length / 2
+            v = np.abs(-sb * dxy[:, 0] + cb * dxy[:, 1]) - wid / 2
+            dout = np.maximum(np.maximum(u, v), 0.0)
+            shade = 1.0 - 0.5 * np.clip(1.0 - dout / 0.35, 0.0, 1.0)
+            pos = np.searchsorted(gi, sel)
+            tex[pos] *= shade.astype(np.float32)
         col = pal[cg] * tex[:, None]
         pm = np.flatnonzero(pg)
         if pm.size:
@@ -243,8 +260,10 @@ def render(
         sun = np.array(st["sun"], np.float32)
         nv = bnormal[vi]
         lam = 0.45 + 0.55 * np.clip(nv @ sun, 0.0, 1.0)
-        window = (np.abs(nv[:, 2]) < 0.5) & (bz[vi] > 0.55) & (bz[vi] < 0.9)
+        side = np.abs(nv[:, 2]) < 0.5
+        window = side & (bz[vi] > 0.55) & (bz[vi] < 0.9)
         vcol[window] = vcol[window] * 0.25 + 15
+        vcol[side & (bz[vi] < 0.2)] = 25.0  # wheels / shadowed skirt
         out[vi] = vcol * lam[:, None]
     # haze with distance
     hi = np.flatnonzero(g | veh)
@@ -259,4 +278,8 @@ def render(
         out += rng.standard_normal(out.shape, dtype=np.float32) * st["noise"]
     np.clip(out, 0, 255, out=out)
     rgb = out.astype(np.uint8).reshape(rays.h, rays.w, 3)
+    if min(rays.h, rays.w) >= 64:  # mild optical blur
+        import cv2
+
+        rgb = cv2.GaussianBlur(rgb, (3, 3), 0.6)
     return rgb, cls.reshape(rays.h, rays.w)

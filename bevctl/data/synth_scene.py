@@ -251,7 +251,7 @@ def _vehicles(world: World, rng: np.random.Generator, segs, ego_fn, times: np.nd
         length = float(np.linalg.norm(d))
         along0 = float(np.dot(p0, d / length))  # unused reference, keeps intent clear
         del along0
-        for _ in range(int(rng.poisson(3.0))):
+        for _ in range(int(rng.poisson(6.0))):
             sig = float(rng.choice([-1.0, 1.0]))
             parked = rng.random() < 0.35
             q = n - 1 if parked else int(rng.integers(n))
