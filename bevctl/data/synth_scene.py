@@ -118,9 +118,9 @@ class ScenePlan:
     path_xy: np.ndarray  # (N, 2) local
     path_yaw: np.ndarray  # (N,)
     path_s: np.ndarray  # (N,) arc length
-    s0: float
-    speed: float
-    wobble: tuple[float, float, float]  # (amplitude m, omega rad/s, phase)
+    path_t: np.ndarray  # (N,) time (s) at which the ego passes each path vertex
+    t_start: float  # path time at the scene start
+    speed: float  # cruise speed (m/s); slower in turns
     vehicles: list[Vehicle]
     style: dict  # per-scene rendering style
 
@@ -129,9 +129,8 @@ class ScenePlan:
         return self.sample_times_us[sample] + CAM_OFFSET_US[channel] + jitter
 
     def ego_local(self, t_us: int) -> tuple[np.ndarray, float]:
-        t = (t_us - self.t0_us) * 1e-6
-        amp, om, ph = self.wobble
-        s = self.s0 + self.speed * t + amp * (math.sin(om * t + ph) - math.sin(ph))
+        t = self.t_start + (t_us - self.t0_us) * 1e-6
+        s = float(np.interp(t, self.path_t, self.path_s))
         xy = np.array([np.interp(s, self.path_s, self.path_xy[:, 0]), np.interp(s, self.path_s, self.path_xy[:, 1])])
         yaw = float(np.interp(s, self.path_s, self.path_yaw))
         return xy, yaw
@@ -301,6 +300,26 @@ def _vehicles(world: World, rng: np.random.Generator, segs, ego_fn, times: np.nd
     return kept
 
 
+def _speed_profile(yaw: np.ndarray, s: np.ndarray, cruise: float, rng: np.random.Generator) -> np.ndarray:
+    """Path time per vertex: cruise speed with slow variation, capped by lateral acceleration in
+    turns (<= 3 m/s^2) and by longitudinal acceleration / braking (<= 1.5 / 2.5 m/s^2)."""
+    ds = np.diff(s)
+    kappa = np.zeros_like(s)
+    kappa[1:] = np.abs(np.diff(yaw)) / np.maximum(ds, 1e-9)
+    # spread the curvature a little so the speed limit covers the whole turn
+    k = np.convolve(kappa, np.ones(9) / 9.0, mode="same")
+    kappa = np.maximum(kappa, k)
+    phase = float(rng.uniform(0, 2 * np.pi))
+    v = cruise * (1.0 + 0.08 * np.sin(s / 40.0 + phase))
+    v = np.minimum(v, np.sqrt(3.0 / np.maximum(kappa, 1e-6)))
+    v = np.maximum(v, 3.5)
+    for i in range(1, len(v)):  # acceleration limit
+        v[i] = min(v[i], math.sqrt(v[i - 1] ** 2 + 2 * 1.5 * ds[i - 1]))
+    for i in range(len(v) - 2, -1, -1):  # braking limit
+        v[i] = min(v[i], math.sqrt(v[i + 1] ** 2 + 2 * 2.5 * ds[i]))
+    return np.concatenate([[0.0], np.cumsum(ds / (0.5 * (v[1:] + v[:-1])))])
+
+
 def plan_scene(world: World, seed: int, index: int, samples: int, image_hw: tuple[int, int]) -> ScenePlan:
     rng = np.random.default_rng([seed, 2002, index])
     speed = float(rng.uniform(5.0, 12.0))
@@ -308,8 +327,7 @@ def plan_scene(world: World, seed: int, index: int, samples: int, image_hw: tupl
     length = speed * duration * 1.15 + 60.0
     xy, yaw, s, segs, first_len = _route(world, rng, length)
     s0 = float(rng.uniform(0.0, 0.6 * first_len))
-    amp = 0.08 * speed / 0.8
-    wobble = (amp, 0.8, float(rng.uniform(0, 2 * math.pi)))
+    path_t = _speed_profile(yaw, s, speed, rng)
     t0_us = 1_533_000_000_000_000 + (seed % 1000) * 10_000_000_000 + index * 100_000_000
     sample_times = [t0_us + k * 500_000 + int(rng.integers(-2000, 2001)) * (k > 0) for k in range(samples)]
     cams = make_rig(rng, image_hw)
@@ -322,9 +340,9 @@ def plan_scene(world: World, seed: int, index: int, samples: int, image_hw: tupl
         path_xy=xy,
         path_yaw=yaw,
         path_s=s,
-        s0=s0,
+        path_t=path_t,
+        t_start=float(np.interp(s0, s, path_t)),
         speed=speed,
-        wobble=wobble,
         vehicles=[],
         style={},
     )
