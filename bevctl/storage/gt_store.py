@@ -181,6 +181,8 @@ class PrepareSummary:
     done_now: int = 0
     failed: int = 0
     seconds: float = 0.0
+    startup_seconds: float = 0.0  # until the first task reported (pool start-up, map loads)
+    first_task_samples: int = 0
     workers: int = 1
     errors: list[str] = field(default_factory=list)
     class_fractions: dict[str, float] = field(default_factory=dict)
@@ -188,6 +190,13 @@ class PrepareSummary:
     @property
     def samples_per_s(self) -> float:
         return self.done_now / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        """Rate after the first task reported (excludes start-up and the first map loads)."""
+        span = self.seconds - self.startup_seconds
+        n = self.done_now + self.failed - self.first_task_samples
+        return n / span if span > 0 and n > 0 else self.samples_per_s
 
 
 # Worker state (one per process): set by _init_worker.
@@ -301,6 +310,9 @@ def prepare_gt(
         last_flush = time.monotonic()
 
     def record(results: list[tuple[int, str | None]]) -> None:
+        if not summary.startup_seconds:
+            summary.startup_seconds = time.perf_counter() - start
+            summary.first_task_samples = len(results)
         for i, err in results:
             if err is None:
                 pending_done.append(i)
@@ -385,7 +397,8 @@ def format_summary(s: PrepareSummary) -> str:
         f"prepare-gt: {s.out}: {s.total} samples, {s.already_done} already done, "
         f"{s.done_now} rasterised now, {s.failed} failed"
         + (f" in {s.seconds:.1f} s ({s.samples_per_s:.1f} samples/s on {s.workers} worker(s), "
-           f"{s.samples_per_s / max(1, s.workers):.1f} per worker)" if s.done_now else "")
+           f"{s.samples_per_s / max(1, s.workers):.1f} per worker; {s.steady_samples_per_s:.1f} samples/s after "
+           f"{s.startup_seconds:.1f} s start-up)" if s.done_now else "")
     ]
     if s.class_fractions:
         lines.append("  cell fractions: " + ", ".join(f"{k} {v:.2%}" for k, v in s.class_fractions.items()))
