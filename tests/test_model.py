@@ -273,6 +273,18 @@ def test_gradients_reach_every_parameter():
     assert (model.cams_embeds.grad.abs().sum(1) > 0).all()  # every camera contributes
 
 
+def test_grad_checkpoint_gives_the_same_gradients():
+    grads = []
+    for ckpt in (False, True):
+        model = demo_model(seed=6, num_layers=2, grad_checkpoint=ckpt).train()
+        images, k, t = demo_inputs(model)
+        model(images, k, t).logits.square().mean().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
+
+
 def test_demo_output_shapes_on_both_grids():
     with torch.no_grad():
         for grid in (DEMO_GRID, GRID_PRESETS["hdmapnet"]):

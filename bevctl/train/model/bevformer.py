@@ -164,7 +164,9 @@ class BEVFormer(nn.Module):
 
 
 def compile_model(model: BEVFormer, **kwargs: Any) -> nn.Module:
-    """``torch.compile`` with static shapes (the model has no data-dependent shapes)."""
+    """``torch.compile`` with static shapes. With ``cfg.sca_gather`` (default) the number of
+    queries a camera sees is read once per forward (a graph break; a recompile when the rig
+    changes); ``sca_gather=False`` gives one graph at ~N x the cross-attention cost."""
     kwargs.setdefault("dynamic", False)
     return torch.compile(model, **kwargs)  # type: ignore[return-value]
 
