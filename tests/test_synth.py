@@ -85,6 +85,9 @@ def test_map_expansion_queries(nusc, nmap):
     assert np.min(np.hypot(poses[:, 0] - x, poses[:, 1] - y)) < 0.5
     mask = nmap.get_map_mask((x, y, 60, 30), 0.0, ["drivable_area", "walkway"], (200, 400))
     assert mask.shape == (2, 200, 400) and mask[0].mean() > 0.1 and mask[1].mean() > 0.0
+    # stop lines carry their cue (crossing or traffic light), as the devkit resolves it
+    types = {r["stop_line_type"] for r in nmap.stop_line}
+    assert types <= {"PED_CROSSING", "TRAFFIC_LIGHT"} and all(r["cue"] for r in nmap.stop_line)
     # the map table's PNG exists and loads through the devkit
     log = nusc.get("log", nusc.scene[0]["log_token"])
     prior = nusc.get("map", log["map_token"])["mask"]

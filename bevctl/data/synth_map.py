@@ -450,13 +450,39 @@ def build_map_expansion(world: World) -> dict:
                 )
             if am["stop"] is not None:
                 l0, l1 = (0.0, hw) if am["incoming_sign"] > 0 else (-hw, 0.0)
+                tls = []
+                if pc is None:
+                    # a traffic light on the kerb beside the stop line, facing the incoming lanes
+                    lat = am["incoming_sign"] * (hw + 0.5)
+                    a = am["edge"] + am["sgn"] * (mk.cw_gap + 0.5)
+                    p_a = street_to_local(world, seg.kind, seg.k, a, lat)
+                    p_b = street_to_local(world, seg.kind, seg.k, a + am["sgn"] * 0.5, lat)
+                    lt, _ = b.line(b.g(LineString([p_a, p_b])).coords)
+                    gx, gy = world.to_global(np.array(p_a[0]), np.array(p_a[1]))
+                    along_yaw = (0.0 if seg.kind == "row" else math.pi / 2) + (0.0 if am["sgn"] > 0 else math.pi)
+                    tl = b.tok("traffic_light")
+                    tls.append(tl)
+                    b.layers["traffic_light"].append(
+                        {
+                            "token": tl,
+                            "line_token": lt,
+                            "traffic_light_type": "VERTICAL",
+                            "from_road_block_token": block_tok[-am["sgn"]],
+                            "items": [
+                                {"color": c, "shape": "CIRCLE", "rel_pos": {"tx": 0.0, "ty": 0.0, "tz": z, "rx": 0.0, "ry": 0.0, "rz": 0.0}, "to_road_block_tokens": []}
+                                for c, z in (("RED", 0.6), ("YELLOW", 0.3), ("GREEN", 0.0))
+                            ],
+                            "pose": {"tx": round(float(gx), 6), "ty": round(float(gy), 6), "tz": 2.5, "rx": 0.0, "ry": 0.0,
+                                     "rz": round(along_yaw + world.theta, 9)},
+                        }
+                    )
                 b.layers["stop_line"].append(
                     {
                         "token": b.tok("stop_line"),
                         "polygon_token": b.polygon(b.g(_rect(world, seg, *am["stop"], l0, l1))),
-                        "stop_line_type": "PED_CROSSING" if pc else "STOP_SIGN",
+                        "stop_line_type": "PED_CROSSING" if pc else "TRAFFIC_LIGHT",
                         "ped_crossing_tokens": [pc] if pc else [],
-                        "traffic_light_tokens": [],
+                        "traffic_light_tokens": tls,
                         "road_block_token": block_tok[-am["sgn"]],
                     }
                 )
