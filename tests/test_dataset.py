@@ -55,3 +55,127 @@ def test_load_image_resizes_and_errors(tmp_path) -> None:
     assert out[:, :, :35].mean() < 20 and out[:, :, 45:].mean() > 180
     with pytest.raises(BevctlError, match="b.jpg"):
         load_image(str(tmp_path / "b.jpg"), (45, 80))
+
+
+# ---- on the synthetic world -------------------------------------------------------------------
+
+import json  # noqa: E402
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from bevctl.config import class_set_from_name, grid_from_name  # noqa: E402
+from bevctl.data.synth import SYNTH_CLASSES  # noqa: E402
+from bevctl.pseudolabel.label_maps import resolve_label_map  # noqa: E402
+from bevctl.train.config import TrainConfig  # noqa: E402
+from bevctl.train.dataset import build_train_dataset  # noqa: E402
+from bevctl.train.loop import RunSpec  # noqa: E402
+
+
+def make_label_store(dataroot: Path, version: str, out: Path, resolution=None) -> Path:
+    """Perfect pseudo-labels: the synthetic image GT through the synth-gt stand-in labeler."""
+    from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
+
+    if not out.exists():
+        run_pseudolabel(PseudolabelConfig(dataroot=str(dataroot), version=version, out=str(out), model="synth-gt",
+                                          workers=0, resolution=resolution, progress=False))
+    return out
+
+
+def make_gt_store(dataroot: Path, version: str, out: Path) -> Path:
+    from bevctl.storage.gt_store import prepare_gt
+
+    if not out.exists():
+        prepare_gt(dataroot, version, grid_from_name("demo"), class_set_from_name("hdmapnet"), out, workers=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_stores(tiny_synth, tmp_path_factory):
+    root, version = tiny_synth
+    d = tmp_path_factory.mktemp("tiny_stores")
+    return (make_label_store(root, version, d / "labels.zarr", resolution=(45, 80)),
+            make_gt_store(root, version, d / "gt.zarr"))
+
+
+def test_pretrain_items_images_labels_prev_frame(tiny_synth, tiny_stores, tmp_path) -> None:
+    from bevctl.data.nuscenes import load_index
+
+    root, version = tiny_synth
+    labels, _ = tiny_stores
+    cfg = TrainConfig(model="demo", temporal_weight=0.1, label_hw=(30, 40))
+    spec = RunSpec(mode="pretrain", cfg=cfg, run_dir=tmp_path / "run", dataroot=str(root), version=version,
+                   labels=str(labels))
+    ds = build_train_dataset(spec)
+    index = load_index(root, version)
+    train = index.samples_in("train")
+    assert ds.tokens == [s.token for s in train]
+    rec = json.loads((tmp_path / "run" / "scenes.json").read_text())
+    assert rec["scenes"] == index.split_scenes["train"] and rec["num_samples"] == len(train)
+    lut = resolve_label_map(dict(enumerate(SYNTH_CLASSES)), class_set_from_name("hdmapnet"))
+    for i in (0, 1):
+        item = ds[i]
+        s = train[i]
+        assert item["images"].shape == (6, 3, 96, 176) and item["images"].dtype == torch.uint8
+        assert item["labels"].shape == (6, 30, 40)
+        # labels = the image GT PNG through the synth label map, nearest-resampled
+        cam = s.cameras[1]
+        png = np.asarray(Image.open(Path(root) / "semantic" / (cam.filename.rsplit(".", 1)[0] + ".png")))
+        want = resize_nearest(resize_nearest(lut[png], (45, 80)), (30, 40))
+        assert np.array_equal(item["labels"][1].numpy(), want)
+        assert set(np.unique(item["labels"].numpy())) <= {0, 1, 2, 3, 255}
+        # intrinsics scaled to the model input, extrinsics in the sample's ego frame
+        k = scale_intrinsics(cam.pix_T_cam, (cam.height, cam.width), (96, 176))
+        assert np.allclose(item["pix_T_cam"][1].numpy(), k, atol=1e-4)
+        eff = np.linalg.inv(s.global_T_ego) @ cam.global_T_ego @ cam.ego_T_cam
+        assert np.allclose(item["ego_T_cam"][1].numpy(), eff, atol=1e-4)
+        # previous frame of the same scene
+        assert item["has_prev"] == (s.prev_token is not None)
+        if s.prev_token:
+            assert np.allclose(item["prev_global_T_ego"].numpy(), index.samples[s.prev_token].global_T_ego)
+            assert not torch.equal(item["prev_images"], item["images"])
+        else:
+            assert torch.equal(item["prev_images"], item["images"])
+    assert ds[0]["has_prev"] is False and ds[1]["has_prev"] is True
+
+
+def test_failed_pseudolabel_samples_are_skipped(tiny_synth, tiny_stores, tmp_path) -> None:
+    from bevctl.storage.base import FAILED, SampleStore
+    from bevctl.storage.labels import KIND
+
+    root, version = tiny_synth
+    labels = tmp_path / "labels.zarr"
+    shutil.copytree(tiny_stores[0], labels)
+    store = SampleStore.open(labels, KIND, mode="r+")
+    bad = store.tokens[1]
+    store.mark([1], FAILED)
+    spec = RunSpec(mode="pretrain", cfg=TrainConfig(model="demo", temporal_weight=0.0), run_dir=tmp_path / "run",
+                   dataroot=str(root), version=version, labels=str(labels))
+    ds = build_train_dataset(spec)
+    assert bad not in ds.tokens and len(ds) >= 1 and "prev_images" not in ds[0]
+    assert json.loads((tmp_path / "run" / "scenes.json").read_text())["skipped"]["failed_or_todo"] == 1
+
+
+def test_finetune_fraction_is_scene_level_deterministic_and_disjoint_from_val(small_synth, tmp_path) -> None:
+    from bevctl.data.nuscenes import load_index
+    from bevctl.storage.gt_store import GTStore
+
+    root, version = small_synth
+    gt = make_gt_store(root, version, tmp_path / "gt.zarr")
+    index = load_index(root, version)
+    chosen = []
+    for run in ("a", "b"):
+        spec = RunSpec(mode="finetune", cfg=TrainConfig(model="demo", fraction=0.5, seed=4), run_dir=tmp_path / run,
+                       dataroot=str(root), version=version, gt=str(gt))
+        ds = build_train_dataset(spec)
+        chosen.append(json.loads((tmp_path / run / "scenes.json").read_text())["scenes"])
+        scenes = {index.samples[t].scene_name for t in ds.tokens}
+        assert scenes == set(chosen[-1])
+        # whole scenes: every sample of a chosen scene is there
+        assert sorted(ds.tokens) == sorted(t for sc in chosen[-1] for t in index.scenes[sc])
+        assert not scenes & set(index.split_scenes["val"])
+    assert chosen[0] == chosen[1]
+    n_train = len(index.split_scenes["train"])
+    assert len(chosen[0]) == max(1, round(0.5 * n_train))
+    item = ds[0]
+    assert np.array_equal(item["bev_gt"].numpy(), GTStore.open(gt).get(item["token"]))
+    assert "labels" not in item and "prev_images" not in item
