@@ -327,7 +327,12 @@ def visualize(
 
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        # typer turns Ctrl-C into Exit(130) and, with standalone_mode=False, *returns* exit codes
+        rv = app(standalone_mode=False)
+        if isinstance(rv, int) and not isinstance(rv, bool) and rv != 0:
+            if rv == 130:
+                print("interrupted: rerun the same command to resume", file=sys.stderr)
+            sys.exit(rv)
     except BevctlError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
