@@ -254,6 +254,9 @@ def _lidar_bytes() -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
+_JOB_CACHE: dict = {}
+
+
 def _render_job(cfg_dict: dict, scene: int, samples: list[int], root: str) -> int:
     """Render ``samples`` of ``scene`` into ``root`` (runs in a worker process)."""
     from PIL import Image
@@ -261,12 +264,17 @@ def _render_job(cfg_dict: dict, scene: int, samples: list[int], root: str) -> in
     from bevctl.data.synth_render import camera_rays, noise_tiles, render
 
     cfg = SynthConfig(**{**cfg_dict, "image_hw": tuple(cfg_dict["image_hw"]), "grid": tuple(cfg_dict["grid"])})
-    world = make_world(cfg.seed, *cfg.grid)
-    plan = plan_scene(world, cfg.seed, scene, cfg.samples_per_scene, cfg.image_hw)
-    tiles = noise_tiles(cfg.seed)
     h, w = cfg.image_hw
-    rays = [camera_rays(cam, h, w) for cam in plan.cameras]
-    noise = np.random.default_rng([cfg.seed, 6006, scene, samples[0]]).standard_normal(h * w * 3 + 65536, np.float32)
+    key = (cfg, scene)
+    if key not in _JOB_CACHE:  # chunks of one scene often land in the same worker: reuse its setup
+        world = make_world(cfg.seed, *cfg.grid)
+        plan = plan_scene(world, cfg.seed, scene, cfg.samples_per_scene, cfg.image_hw)
+        tiles = noise_tiles(cfg.seed)
+        rays = [camera_rays(cam, h, w) for cam in plan.cameras]
+        noise = np.random.default_rng([cfg.seed, 6006, scene]).standard_normal(h * w * 3 + 65536, np.float32)
+        _JOB_CACHE.clear()
+        _JOB_CACHE[key] = (world, plan, tiles, rays, noise)
+    world, plan, tiles, rays, noise = _JOB_CACHE[key]
     out = Path(root)
     for k in samples:
         for ci, cam in enumerate(plan.cameras):
@@ -352,6 +360,7 @@ def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False
             if workers <= 1:
                 for s, ks in jobs:
                     bar.advance(task, _render_job(cfg_dict, s, ks, str(tmp)))
+                _JOB_CACHE.clear()
             else:
                 import multiprocessing as mp
 
