@@ -161,6 +161,15 @@ def test_store_for_other_grid_classes_or_samples_is_refused(world: tuple[Path, D
         GTStore.open(out, expected_version="v1.0-trainval")
     with pytest.raises(BevctlError, match="no ground truth for sample 'nope'"):
         GTStore.open(out).get("nope")
+    # the same class set from a YAML file is the same store
+    yaml_cs = root / "hdmapnet.yaml"
+    yaml_cs.write_text("name: hdmapnet\nclasses: [boundary, ped_crossing, divider]\nline_width_m: 0.3\nlayers:\n"
+                       "  divider: {lines: [road_divider, lane_divider]}\n  ped_crossing: {polygons: [ped_crossing]}\n"
+                       "  boundary: {outline: [road_segment, lane]}\n")
+    assert run(root, index, out, splits=["train"], class_set=gt_store.resolve_class_set(str(yaml_cs))).already_done == 6
+    yaml_cs.write_text(yaml_cs.read_text().replace("0.3", "0.2"))
+    with pytest.raises(BevctlError, match=r"class_set\.line_width_m=0\.3, expected 0\.2"):
+        run(root, index, out, splits=["train"], class_set=gt_store.resolve_class_set(str(yaml_cs)))
     # --overwrite rebuilds it for the new settings
     summary = run(root, index, out, splits=["train"], class_set=CLASS_SETS["markings"], overwrite=True)
     assert summary.done_now == 6
