@@ -51,6 +51,7 @@ def main() -> None:
         "samples_per_s": round(summary["samples"] / wall, 2),
         "dataset_mb": round(size / 1e6, 1),
         "target_s": 120,
+        "load_avg_1m_after": round(os.getloadavg()[0], 2),  # other processes sharing the CPUs
         "python": platform.python_version(),
     }
     out = Path(args.out)
@@ -62,7 +63,8 @@ def main() -> None:
         f"| {res['scenes']} x {res['samples_per_scene']} | {cfg.image_hw[0]}x{cfg.image_hw[1]} | {res['workers']} / {res['cpus']} "
         f"| {res['images']} | {res['wall_s']} | {res['images_per_s']} | {res['dataset_mb']} | {res['target_s']} |",
     ]
-    (out / "synth.md").write_text("# bevctl synth\n\n" + "\n".join(md) + "\n")
+    note = f"\n1-minute load average after the run: {res['load_avg_1m_after']} on {res['cpus']} CPUs (shared machine).\n"
+    (out / "synth.md").write_text("# bevctl synth\n\n" + "\n".join(md) + "\n" + note)
     print("\n".join(md))
 
 

@@ -364,10 +364,15 @@ def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False
             else:
                 import multiprocessing as mp
 
-                with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+                pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+                try:
                     futs = [pool.submit(_render_job, cfg_dict, s, ks, str(tmp)) for s, ks in jobs]
                     for f in futs:
                         bar.advance(task, f.result())
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)  # running chunks finish (~1 s)
+                    raise
+                pool.shutdown()
         # atomic publish
         if out.exists():
             trash = out.parent / f".{out.name}.synth-old-{os.getpid()}"
