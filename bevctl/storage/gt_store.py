@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -363,7 +364,14 @@ def prepare_gt(
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     for fut in finished:
                         n = running.pop(fut)
-                        record(fut.result())
+                        try:
+                            results = fut.result()
+                        except BrokenProcessPool:
+                            raise BevctlError(
+                                f"prepare-gt: a worker process died (out of memory? killed?); the "
+                                f"{summary.done_now} samples finished in this run are kept in {out}: rerun to resume"
+                            ) from None
+                        record(results)
                         advance(n)
                         nxt = next(queue, None)
                         if nxt is not None:
