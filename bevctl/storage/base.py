@@ -76,6 +76,8 @@ class ArraySpec:
     fill_value: Any = 0
     compressed: bool = True
     dimension_names: tuple[str, ...] | None = None
+    # zarr bytes->bytes codecs; None = default_compressors() (ignored when compressed=False)
+    compressors: tuple[Any, ...] | None = None
 
 
 def _jsonable(value: Any) -> Any:
@@ -176,7 +178,7 @@ class SampleStore:
                     chunks=spec.chunks,
                     shards=spec.shards,
                     fill_value=spec.fill_value,
-                    compressors=default_compressors() if spec.compressed else None,
+                    compressors=(spec.compressors or default_compressors()) if spec.compressed else None,
                     dimension_names=spec.dimension_names,
                 )
             from bevctl import __version__
