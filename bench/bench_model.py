@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-RIG = ROOT.parent / "shared" / "nuscenes_rig.json"
+RIG = ROOT / "bevctl" / "assets" / "nuscenes_rig.json"
 # (preset, grid): the CPU set and the extra GPU set
 CPU_RUNS = [("demo", "demo", {}), ("demo", "hdmapnet", {}), ("demo", "hdmapnet", {"sca_gather": False}),
             ("tiny", "hdmapnet", {})]  # fmt: skip
@@ -52,7 +52,7 @@ def _rig(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     from bevctl import geometry
     from bevctl.data.records import CAMERAS
 
-    path = RIG if RIG.is_file() else Path("/work/shared/nuscenes_rig.json")
+    path = RIG
     data = json.loads(path.read_text())
     w0, h0 = data["image_size"]["width"], data["image_size"]["height"]
     sx, sy = w / w0, h / h0
@@ -72,9 +72,13 @@ def _rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _sync(device: torch.device) -> None:
+def _clock(device: torch.device) -> float:
+    """CPU: this process's CPU time (other load on a shared machine barely moves it; with one
+    thread it equals the compute time). CUDA: wall time after a synchronize."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        return time.perf_counter()
+    return time.process_time()
 
 
 def run_one(preset: str, grid_name: str, overrides: dict, device_name: str, reps: int) -> dict:
@@ -93,18 +97,16 @@ def run_one(preset: str, grid_name: str, overrides: dict, device_name: str, reps
     k, t = k.to(device), t.to(device)
     target = torch.randint(0, NUM_CLASSES, (1, *grid.shape), device=device)
 
-    # forward cost split via hooks (eval, no grad)
+    # forward cost split via hooks (eval, no grad); timed with _clock
     split: dict[str, float] = {}
     starts: dict[int, float] = {}
 
     def pre(mod, _inp):
-        _sync(device)
-        starts[id(mod)] = time.perf_counter()
+        starts[id(mod)] = _clock(device)
 
     def post_for(part):
         def post(mod, _inp, _out):
-            _sync(device)
-            split[part] = split.get(part, 0.0) + time.perf_counter() - starts[id(mod)]
+            split[part] = split.get(part, 0.0) + _clock(device) - starts[id(mod)]
 
         return post
 
@@ -118,16 +120,16 @@ def run_one(preset: str, grid_name: str, overrides: dict, device_name: str, reps
             handles.append(mod.register_forward_hook(post_for(part)))
 
     model.eval()
-    fwd_times, split_runs = [], []
+    fwd_times, fwd_wall, split_runs = [], [], []
     with torch.no_grad():
         for i in range(reps + 1):
             split.clear()
-            _sync(device)
-            t0 = time.perf_counter()
+            t0, w0 = _clock(device), time.perf_counter()
             out = model(images, k, t)
-            _sync(device)
+            t1, w1 = _clock(device), time.perf_counter()
             if i:
-                fwd_times.append(time.perf_counter() - t0)
+                fwd_times.append(t1 - t0)
+                fwd_wall.append(w1 - w0)
                 split_runs.append({**split, "total": fwd_times[-1]})
         prev = out.bev
     for hnd in handles:
@@ -139,17 +141,17 @@ def run_one(preset: str, grid_name: str, overrides: dict, device_name: str, reps
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss_before = _rss_mb()
-    step_times = []
+    step_times, step_wall = [], []
     for i in range(reps + 1):
-        _sync(device)
-        t0 = time.perf_counter()
+        t0, w0 = _clock(device), time.perf_counter()
         out = model(images, k, t, prev_bev=prev, cur_T_prev=cur_T_prev)
         loss = torch.nn.functional.cross_entropy(out.logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _sync(device)
+        t1, w1 = _clock(device), time.perf_counter()
         if i:
-            step_times.append(time.perf_counter() - t0)
+            step_times.append(t1 - t0)
+            step_wall.append(w1 - w0)
         opt.step()
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -165,6 +167,9 @@ def run_one(preset: str, grid_name: str, overrides: dict, device_name: str, reps
         "params": count_parameters(model),
         "forward_s": statistics.median(fwd_times),
         "fwd_bwd_s": statistics.median(step_times),
+        "forward_wall_s": statistics.median(fwd_wall),
+        "fwd_bwd_wall_s": statistics.median(step_wall),
+        "clock": "cuda wall" if device.type == "cuda" else "process CPU time",
         "forward_split_s": {p: med[p] for p in [*parts, "rest"]},
         "device": device_name,
         "threads": torch.get_num_threads(),
@@ -203,14 +208,14 @@ def bench_deform_attn() -> dict:
     loc = torch.rand(b, q, m, len(shapes), p, 2, generator=g)
     wts = torch.softmax(torch.randn(b, q, m, len(shapes) * p, generator=g), -1).view(b, q, m, len(shapes), p)
     ms_deform_attn(values, loc, wts)
-    t0 = time.perf_counter()
+    t0 = time.process_time()
     n_fast = 200
     for _ in range(n_fast):
         fast = ms_deform_attn(values, loc, wts)
-    t_fast = (time.perf_counter() - t0) / n_fast
-    t0 = time.perf_counter()
+    t_fast = (time.process_time() - t0) / n_fast
+    t0 = time.process_time()
     slow = ms_deform_attn_reference(values, loc, wts)
-    t_slow = time.perf_counter() - t0
+    t_slow = time.process_time() - t0
     err = float((fast.double() - slow).abs().max())
     return {
         "problem": {"batch": b, "queries": q, "heads": m, "head_dim": dh, "levels": shapes, "points": p},
@@ -230,8 +235,12 @@ def _fmt_params(n: int) -> str:
 def write_markdown(results: dict) -> str:
     lines = [
         f"BEVFormer model, batch 1 x 6 cameras; device {results['device']}, {results['threads']} thread(s); "
-        f"{results['machine']}. Times are medians of {results['reps']} runs after a warm-up; fwd+bwd is a "
-        "training step with history (prev_bev) and cross-entropy, without the optimizer update.",
+        f"{results['machine']}. Times are medians of {results['reps']} runs (10 for demo) after a warm-up; fwd+bwd is a "
+        "training step with history (prev_bev) and cross-entropy, without the optimizer update. "
+        "On CPU, times are the process's CPU time (robust to other load on a shared machine; "
+        "wall-clock medians are in model.json); on CUDA, synchronized wall time. "
+        f"Machine load average (1 min) at start/end: {results['load_average_1m_start_end'][0]:.1f} / "
+        f"{results['load_average_1m_start_end'][1]:.1f} (a shared machine inflates times).",
         "",
         "| preset @ grid | image | queries -> target | params | forward | fwd+bwd | peak memory |",
         "|---|---|---|---|---|---|---|",
@@ -295,11 +304,13 @@ def main() -> int:
         return 0
 
     runs_cfg = CPU_RUNS + (GPU_ONLY if args.device.startswith("cuda") else [])
+    load_start = os.getloadavg()[0]
     runs = []
     for preset, grid, overrides in runs_cfg:
         print(f"-- {preset} @ {grid} {overrides or ''}", flush=True)
         cmd = [sys.executable, __file__, "--device", args.device, "--threads", str(args.threads),
-               "--reps", str(args.reps), "--one", preset, grid, json.dumps(overrides)]  # fmt: skip
+               "--reps", str(args.reps if preset != "demo" else max(args.reps, 10)),
+               "--one", preset, grid, json.dumps(overrides)]  # fmt: skip
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -309,6 +320,7 @@ def main() -> int:
     if not args.device.startswith("cuda"):
         runs += [count_on_meta(p, g, o) for p, g, o in GPU_ONLY if not o]
     results = {
+        "load_average_1m_start_end": [load_start, os.getloadavg()[0]],
         "device": args.device,
         "threads": args.threads,
         "reps": args.reps,

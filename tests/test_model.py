@@ -27,7 +27,7 @@ from bevctl.train.model import (
 )
 from bevctl.train.model.attention import ms_deform_attn, ms_deform_attn_reference
 
-RIG = Path("/work/shared/nuscenes_rig.json")
+RIG = Path(__file__).resolve().parents[1] / "bevctl" / "assets" / "nuscenes_rig.json"
 DEMO_GRID = GRID_PRESETS["demo"]
 
 
