@@ -15,7 +15,7 @@ from bevctl.data.bev_gt import bev_gt_for_sample
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
 from bevctl.storage import gt_store
-from bevctl.storage.base import DONE, FAILED, TODO, SampleStore
+from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, SampleStore
 from bevctl.storage.gt_store import GTStore, prepare_gt
 
 DEMO = GRID_PRESETS["demo"]
@@ -204,3 +204,27 @@ def test_cli_prepare_gt_on_synthetic_world(tiny_synth: tuple[Path, str], tmp_pat
     assert "store was made for grid." in refused.stderr and "--overwrite" in refused.stderr
     bad = cli("--grid", "demo", "--classes", "nope")
     assert bad.returncode == 2 and "error: unknown class set 'nope'" in bad.stderr
+
+
+def test_base_store_creation_is_atomic_and_guarded(tmp_path: Path) -> None:
+    spec = [ArraySpec("x", (2, 4, 4), "uint8", (1, 4, 4))]
+    path = tmp_path / "s.zarr"
+    store = SampleStore.create(path, "t", {"a": (1, 2)}, ["p", "q"], spec)
+    codec = store.array("x").compressors[0]
+    assert (codec.cname.value, codec.clevel, codec.shuffle.value) == ("zstd", 5, "bitshuffle")
+    assert store.metadata == {"a": [1, 2]} and store.counts() == {"todo": 2, "done": 0, "failed": 0}
+    with pytest.raises(BevctlError, match="already exists"):
+        SampleStore.create(path, "t", {}, ["p", "q"], spec)
+    other = tmp_path / "not_a_store"
+    other.mkdir()
+    with pytest.raises(BevctlError, match="exists and is not a Zarr store"):
+        SampleStore.open_or_create(other, "t", {}, ["p"], [])
+    with pytest.raises(BevctlError, match="is a 't' store, expected a 'bev_gt' store"):
+        GTStore.open(path)
+    store.mark([1], DONE)
+    again, created = SampleStore.open_or_create(path, "t", {"a": [1, 2]}, ["p", "q"], spec)
+    assert not created and list(again.todo_indices()) == [0]
+    fresh, created = SampleStore.open_or_create(path, "t", {"a": 3}, ["r"], [ArraySpec("x", (1, 4, 4), "uint8", (1, 4, 4))],
+                                                overwrite=True)
+    assert created and fresh.tokens == ["r"] and fresh.counts()["todo"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_store", "s.zarr"]  # no temp dirs left
