@@ -131,6 +131,19 @@ def test_reprojection_loss_ignores_hits_outside_a_small_grid() -> None:
     assert bool(geometry.inside_grid(small, tiny.xy[tiny.valid]).all())
 
 
+def test_cached_calibration_moved_by_ego_motion_equals_the_composed_rig() -> None:
+    pix, ego = _rig()
+    motion = geometry.yaw_transform(torch.full((6,), 0.02, dtype=torch.float64),
+                                    torch.full((6,), 0.4, dtype=torch.float64), torch.full((6,), -0.1, dtype=torch.float64))
+    direct = losses.compute_ray_grid(pix, motion @ ego, (45, 80), IMAGE_HW, GRID)
+    cache = losses.RayGridCache(GRID)
+    moved = cache.batch(pix[None], ego[None], (45, 80), IMAGE_HW, sample_T_camego=motion[None])
+    assert torch.equal(moved.valid[0], direct.valid)
+    assert torch.allclose(moved.xy[0][direct.valid], direct.xy[direct.valid], atol=1e-3)
+    cache.batch(pix[None], ego[None], (45, 80), IMAGE_HW, sample_T_camego=(motion @ motion)[None])
+    assert cache.hits == 1  # another ego motion, same calibration: cached
+
+
 def test_loss_normalisation_is_per_sample() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 16, 8)

@@ -151,18 +151,23 @@ class TrainDataset(Dataset):
         return self._gt
 
     def _cameras(self, s: SampleRecord) -> dict[str, Any]:
-        imgs, pix, ego = [], [], []
+        imgs, pix, ego, calib, motion = [], [], [], [], []
         ego_T_global = np.linalg.inv(np.asarray(s.global_T_ego, dtype=np.float64))
         for cam in s.cameras:
             imgs.append(load_image(cam.image_path, self.image_hw))
             pix.append(scale_intrinsics(cam.pix_T_cam, (cam.height, cam.width), self.image_hw))
             # the camera in the *sample's* ego frame: cameras fire at their own timestamps, so
             # compose with the ego motion between the sample's pose and the camera's pose
-            ego.append(ego_T_global @ np.asarray(cam.global_T_ego) @ np.asarray(cam.ego_T_cam))
+            m = ego_T_global @ np.asarray(cam.global_T_ego)
+            motion.append(m)
+            calib.append(np.asarray(cam.ego_T_cam))
+            ego.append(m @ np.asarray(cam.ego_T_cam))
         return {
             "images": torch.from_numpy(np.stack(imgs)),  # (N, 3, H, W) uint8
             "pix_T_cam": torch.from_numpy(np.stack(pix)).float(),  # (N, 3, 3)
-            "ego_T_cam": torch.from_numpy(np.stack(ego)).float(),  # (N, 4, 4)
+            "ego_T_cam": torch.from_numpy(np.stack(ego)).float(),  # (N, 4, 4) in the sample's ego frame
+            "calib_ego_T_cam": torch.from_numpy(np.stack(calib)).float(),  # (N, 4, 4) static calibration
+            "sample_T_camego": torch.from_numpy(np.stack(motion)).float(),  # (N, 4, 4) camera's ego -> sample's
             "global_T_ego": torch.from_numpy(np.asarray(s.global_T_ego, dtype=np.float64)),  # (4, 4)
         }
 
@@ -188,9 +193,9 @@ class TrainDataset(Dataset):
         if self.load_prev:
             prev = self.all_samples.get(s.prev_token) if s.prev_token else None
             item["has_prev"] = prev is not None
-            cams = self._cameras(prev) if prev is not None else {k: item[k] for k in
-                                                                   ("images", "pix_T_cam", "ego_T_cam", "global_T_ego")}
-            item.update({f"prev_{k}": v for k, v in cams.items()})
+            keys = ("images", "pix_T_cam", "ego_T_cam", "global_T_ego")
+            cams = self._cameras(prev) if prev is not None else item
+            item.update({f"prev_{k}": cams[k] for k in keys})
         return item
 
 

@@ -303,7 +303,6 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
         if int(ckpt["run"]["total_steps"]) != total_steps:
             raise BevctlError(f"--resume: schedule length changed ({ckpt['run']['total_steps']} -> {total_steps} "
                               f"steps); the dataset or its fraction differs from the original run")
-        set_rng_state(ckpt["rng"])
     run_info = {"mode": spec.mode, "dataroot": spec.dataroot, "version": spec.version, "labels": spec.labels,
                 "gt": spec.gt, "init": spec.init, "world": info.world, "total_steps": total_steps,
                 "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": num_classes,
@@ -340,7 +339,9 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
     tb = _tensorboard(run_dir) if info.is_main else None
     progress = _progress(spec.progress and info.is_main, spec.mode, total_steps, start)
-    it = iter(loader)
+    it = iter(loader)  # draws the workers' base seed from the RNG, in both fresh and resumed runs
+    if ckpt is not None:
+        set_rng_state(ckpt["rng"])  # after that draw: the RNG continues exactly where it stopped
     t_run = time.perf_counter()
     try:
         with progress:

@@ -10,6 +10,8 @@ Reprojection loss
     (sky, vehicles, ... per the label map) and, optionally, pixels below a confidence threshold.
     The ray hits depend only on the rig (intrinsics, extrinsics, label resolution) so they are
     computed once per rig and cached (:class:`RayGridCache`); rigs repeat across a dataset.
+    Cameras fire at their own timestamps: the hits are computed on the ground of the camera's
+    own ego pose (static calibration: cacheable) and then moved into the sample's ego frame.
 
     Normalisation: the loss is the mean over valid pixels **per sample**, then the mean over
     the samples of the batch (a sample without any valid pixel adds 0). Per-sample
@@ -57,11 +59,13 @@ class RayGrid:
     """Where every label pixel of every camera lands on the ground.
 
     xy: ``(N, P, 2)`` ego points (``P = h * w`` label pixels in row-major order);
-    valid: ``(N, P)`` bool: the ray hits the ground inside the BEV grid.
+    valid: ``(N, P)`` bool: the ray hits the ground inside the BEV grid;
+    hit: ``(N, P)`` bool: the ray hits the ground (anywhere); None when not kept.
     """
 
     xy: Tensor
     valid: Tensor
+    hit: Tensor | None = None
 
 
 def compute_ray_grid(
@@ -84,7 +88,16 @@ def compute_ray_grid(
     pts, hit = geometry.rays_to_ground(pix, ego, uv, max_range=max_range)
     xy = pts[..., :2]
     valid = hit & geometry.inside_grid(grid, xy)
-    return RayGrid(xy=xy.to(torch.float32), valid=valid)
+    return RayGrid(xy=xy.to(torch.float32), valid=valid, hit=hit)
+
+
+def move_ray_grid(rays: RayGrid, dst_T_src: Tensor, grid: BEVGrid) -> RayGrid:
+    """Ground hits computed in one ego frame (a camera's own, at its timestamp) expressed in
+    another (the sample's): ``dst_T_src (N, 4, 4)``. Exact for motion on the ground plane."""
+    pts = torch.cat([rays.xy, torch.zeros_like(rays.xy[..., :1])], dim=-1)
+    xy = geometry.transform_points(dst_T_src.to(pts), pts)[..., :2]
+    hit = rays.hit if rays.hit is not None else rays.valid
+    return RayGrid(xy=xy, valid=hit & geometry.inside_grid(grid, xy), hit=hit)
 
 
 def rig_key(pix_T_cam: Tensor, ego_T_cam: Tensor, label_hw: tuple[int, int],
@@ -124,9 +137,17 @@ class RayGridCache:
         return rg
 
     def batch(self, pix_T_cam: Tensor, ego_T_cam: Tensor, label_hw: tuple[int, int],
-              image_hw: tuple[int, int]) -> RayGrid:
-        """Batched rigs ``(B, N, 3, 3)``, ``(B, N, 4, 4)`` -> RayGrid with ``(B, N, P, ...)``."""
-        parts = [self.get(pix_T_cam[b], ego_T_cam[b], label_hw, image_hw) for b in range(pix_T_cam.shape[0])]
+              image_hw: tuple[int, int], sample_T_camego: Tensor | None = None) -> RayGrid:
+        """Batched rigs ``(B, N, 3, 3)``, ``(B, N, 4, 4)`` -> RayGrid with ``(B, N, P, ...)``.
+
+        With ``sample_T_camego (B, N, 4, 4)``, ``ego_T_cam`` is the static calibration (cached)
+        and each camera's hits are moved from its own ego frame into the sample's."""
+        parts = []
+        for b in range(pix_T_cam.shape[0]):
+            rg = self.get(pix_T_cam[b], ego_T_cam[b], label_hw, image_hw)
+            if sample_T_camego is not None:
+                rg = move_ray_grid(rg, sample_T_camego[b], self.grid)
+            parts.append(rg)
         return RayGrid(xy=torch.stack([p.xy for p in parts]), valid=torch.stack([p.valid for p in parts]))
 
 

@@ -73,7 +73,11 @@ class PretrainTask:
         t1 = time.perf_counter()
         labels = batch["labels"]
         image_hw = tuple(batch["images"].shape[-2:])
-        rays = self.rays.batch(batch["pix_T_cam"], batch["ego_T_cam"], tuple(labels.shape[-2:]), image_hw)
+        if "calib_ego_T_cam" in batch:  # cache on the static calibration, then move by ego motion
+            rays = self.rays.batch(batch["pix_T_cam"], batch["calib_ego_T_cam"], tuple(labels.shape[-2:]), image_hw,
+                                   sample_T_camego=batch["sample_T_camego"])
+        else:
+            rays = self.rays.batch(batch["pix_T_cam"], batch["ego_T_cam"], tuple(labels.shape[-2:]), image_hw)
         cw = self.class_weights.to(device) if self.class_weights is not None else None
         l_rep, st = losses.reprojection_loss(
             out.logits, labels, rays, self.grid, confidence=batch.get("confidence"),

@@ -28,8 +28,10 @@ class ToyOutput:
 
 
 class ToyBEVModel(nn.Module):
-    def __init__(self, grid: BEVGrid, num_classes: int, image_hw: tuple[int, int], dim: int = 16) -> None:
+    def __init__(self, grid: BEVGrid, num_classes: int, image_hw: tuple[int, int], dim: int = 16,
+                 dropout: float = 0.0) -> None:
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.grid = grid
         self.image_hw = tuple(image_hw)
         self.img = nn.Sequential(
@@ -52,7 +54,7 @@ class ToyBEVModel(nn.Module):
         sampled = F.grid_sample(feats, g.reshape(b * n, 1, -1, 2).to(feats.dtype), align_corners=False)
         sampled = sampled.reshape(b, n, -1, g.shape[2]) * vis.unsqueeze(2)  # (B, N, D, XY)
         bev = sampled.sum(1) / vis.sum(1).clamp(min=1).unsqueeze(1)  # (B, D, XY)
-        bev = self.bev(bev.reshape(b, -1, self.grid.nx, self.grid.ny))
+        bev = self.drop(self.bev(bev.reshape(b, -1, self.grid.nx, self.grid.ny)))
         if prev_bev is not None:
             bev = bev + 0.1 * self.prev_gate(prev_bev)
         return ToyOutput(logits=self.head(bev), bev=bev)
@@ -132,3 +134,11 @@ def toy_dataset_factory(spec) -> ToyDataset:
     return ToyDataset(spec.extra.get("n", 16), grid, c, image_hw=model_image_hw(spec.cfg),
                       label_hw=tuple(spec.extra.get("label_hw", (16, 28))), seed=spec.extra.get("data_seed", 0),
                       nan_at=spec.extra.get("nan_at"))
+
+
+def toy_model_with_dropout(spec) -> ToyBEVModel:
+    """``RunSpec.model_factory``: the toy model with dropout 0.2 (RNG-dependent training)."""
+    from bevctl.train.loop import grid_and_classes, model_image_hw
+
+    grid, c = grid_and_classes(spec.cfg)
+    return ToyBEVModel(grid, c, model_image_hw(spec.cfg), dropout=0.2)
