@@ -107,6 +107,33 @@ def _palette(st: dict):
     return pal, tex, paint, np.array(st["sky_horizon"], np.float32), np.array(st["sky_top"], np.float32)
 
 
+BODY_LOWER, BODY_CABIN, TRUCK_CAB, TRUCK_CARGO = range(4)
+
+
+def vehicle_parts(xy: np.ndarray, yaw: float, size, category: str) -> list[tuple]:
+    """Boxes ``(centre (3,), yaw, half extents (3,), part)`` of one vehicle in the ego frame.
+
+    A car is a lower body plus a narrower cabin; a truck is a cab plus a cargo box. All parts
+    lie inside the annotated box ``size = (width, length, height)`` centred at ``xy``.
+    """
+    wid, length, height = size
+    fwd = np.array([math.cos(yaw), math.sin(yaw)])
+
+    def part(along0: float, along1: float, z0: float, z1: float, half_w: float, kind: int):
+        c = xy + fwd * (along0 + along1) / 2
+        return (np.array([c[0], c[1], (z0 + z1) / 2]), yaw, np.array([(along1 - along0) / 2, half_w, (z1 - z0) / 2]), kind)
+
+    if category.startswith("vehicle.truck"):
+        return [
+            part(length / 2 - 2.0, length / 2, 0.0, 0.8 * height, wid / 2, TRUCK_CAB),
+            part(-length / 2, length / 2 - 2.2, 0.0, height, wid / 2, TRUCK_CARGO),
+        ]
+    return [
+        part(-length / 2, length / 2, 0.0, 0.55 * height, wid / 2, BODY_LOWER),
+        part(-0.33 * length, 0.17 * length, 0.55 * height, height, 0.44 * wid, BODY_CABIN),
+    ]
+
+
 def _box_hits(rays: CameraRays, cam: Camera, boxes):
     """Nearest box hit per ray: (t (N,), box id (N,), face normal in ego (N, 3), relative height
     (N,), [(box id, pixel indices of its projected window)])."""
@@ -118,11 +145,9 @@ def _box_hits(rays: CameraRays, cam: Camera, boxes):
     windows = []
     cam_T_ego = np.linalg.inv(cam.ego_T_cam)
     o = rays.origin
-    for b, (centre, yaw, size) in enumerate(boxes):
-        wid, length, height = size
+    for b, (ctr, yaw, ext, _part) in enumerate(boxes):
+        height = 2 * ext[2]
         c, s = math.cos(yaw), math.sin(yaw)
-        ext = np.array([length / 2, wid / 2, height / 2])
-        ctr = np.array([centre[0], centre[1], height / 2])
         # pixel window from the projected corners
         corners = np.array([[sx * ext[0], sy * ext[1], sz * ext[2]] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)])
         rot = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
@@ -168,7 +193,7 @@ def _box_hits(rays: CameraRays, cam: Camera, boxes):
         nb = np.zeros((hs.size, 3))
         nb[np.arange(hs.size), axis] = sign
         normal[hs] = (nb @ rot.T).astype(np.float32)
-        zrel[hs] = ((o[2] + tnear[hit] * d[hit, 2]) / height).astype(np.float32)
+        zrel[hs] = ((o[2] + tnear[hit] * d[hit, 2] - (ctr[2] - ext[2])) / height).astype(np.float32)
     return t_best, bid, normal, zrel, windows
 
 
@@ -203,15 +228,17 @@ def render(
 
     # vehicles at this camera time, in the ego frame
     t_s = (t_us - plan.t0_us) * 1e-6
-    boxes, colors = [], []
+    boxes, colors, footprints = [], [], []
     for v in plan.vehicles:
         p, yaw = v.local_pose(t_s)
         d = p - exy
         if d @ d > 150.0**2:
             continue
         ex = np.array([c * d[0] + s * d[1], -s * d[0] + c * d[1]])
-        boxes.append((ex, yaw - eyaw, v.size))
-        colors.append(v.color)
+        for part in vehicle_parts(ex, yaw - eyaw, v.size, v.category):
+            boxes.append(part)
+            colors.append(v.color)
+            footprints.append((ex, yaw - eyaw, v.size))
     tb, bid, bnormal, bz, windows = _box_hits(rays, cam, boxes)
     veh = tb < rays.t_ground
     cls[veh] = VEHICLE
@@ -236,7 +263,9 @@ def render(
             tex[sw[seam]] *= 0.8
         # soft contact shadows under the vehicles (texture only; the label stays the ground's)
         for b, sel in windows:
-            centre, yaw_b, (wid, length, _h) = boxes[b]
+            if boxes[b][3] in (BODY_CABIN, TRUCK_CARGO):
+                continue  # one shadow per vehicle (from its lower / main part)
+            centre, yaw_b, (wid, length, _h) = footprints[b]
             sel = sel[g[sel] & ~veh[sel]]
             if not sel.size:
                 continue
@@ -257,13 +286,18 @@ def render(
     vi = np.flatnonzero(veh)
     if vi.size:
         vcol = np.array(colors, np.float32)[bid[vi]]
+        part = np.array([b[3] for b in boxes])[bid[vi]]
         sun = np.array(st["sun"], np.float32)
         nv = bnormal[vi]
+        z = bz[vi]
         lam = 0.45 + 0.55 * np.clip(nv @ sun, 0.0, 1.0)
         side = np.abs(nv[:, 2]) < 0.5
-        window = side & (bz[vi] > 0.55) & (bz[vi] < 0.9)
-        vcol[window] = vcol[window] * 0.25 + 15
-        vcol[side & (bz[vi] < 0.2)] = 25.0  # wheels / shadowed skirt
+        glass = side & (
+            ((part == BODY_CABIN) & (z > 0.08) & (z < 0.92)) | ((part == TRUCK_CAB) & (z > 0.55) & (z < 0.9))
+        )
+        dark = side & (((part == BODY_LOWER) & (z < 0.3)) | ((part != BODY_CABIN) & (z < 0.12)))
+        vcol[glass] = np.array((40, 48, 58), np.float32) + 0.15 * vcol[glass]
+        vcol[dark] = 22.0  # wheels / shadowed skirt
         out[vi] = vcol * lam[:, None]
     # haze with distance
     hi = np.flatnonzero(g | veh)
