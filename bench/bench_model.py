@@ -42,7 +42,8 @@ import torch  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 RIG = ROOT / "bevctl" / "assets" / "nuscenes_rig.json"
 # (preset, grid): the CPU set and the extra GPU set
-CPU_RUNS = [("demo", "demo", {}), ("demo", "hdmapnet", {}), ("demo", "hdmapnet", {"sca_gather": False}),
+CPU_RUNS = [("demo", "demo", {}), ("demo", "demo", {"embed_dim": 64, "ffn_dim": 128, "num_layers": 2}),
+            ("demo", "hdmapnet", {}), ("demo", "hdmapnet", {"sca_gather": False}),
             ("tiny", "hdmapnet", {})]  # fmt: skip
 GPU_ONLY = [("small", "hdmapnet", {}), ("base", "hdmapnet", {}), ("base", "hdmapnet", {"sca_gather": False})]
 NUM_CLASSES = 4  # hdmapnet class set + background
