@@ -33,9 +33,15 @@ def main() -> None:
     cfg = SynthConfig(scenes=args.scenes, samples_per_scene=args.samples, image_hw=parse_hw(args.hw), workers=args.workers)
     tmp = Path(tempfile.mkdtemp(prefix="bench-synth-"))
     try:
-        t0 = time.perf_counter()
+        import resource
+
+        def cpu() -> float:
+            r = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+            return sum(x.ru_utime + x.ru_stime for x in r)
+
+        t0, c0 = time.perf_counter(), cpu()
         summary = write_synthetic_dataset(cfg, tmp / "data", progress=True)
-        wall = time.perf_counter() - t0
+        wall, cpu_s = time.perf_counter() - t0, cpu() - c0
         size = sum(p.stat().st_size for p in (tmp / "data").rglob("*") if p.is_file())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -48,6 +54,8 @@ def main() -> None:
         "images": summary["images"],
         "wall_s": round(wall, 2),
         "images_per_s": round(summary["images"] / wall, 1),
+        "cpu_s": round(cpu_s, 1),  # all processes: what an idle machine would need in total
+        "cpu_ms_per_image": round(1000 * cpu_s / summary["images"], 1),
         "samples_per_s": round(summary["samples"] / wall, 2),
         "dataset_mb": round(size / 1e6, 1),
         "target_s": 120,
@@ -58,10 +66,11 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "synth.json").write_text(json.dumps(res, indent=1))
     md = [
-        "| scenes x samples | image | workers / cpus | images | wall (s) | images/s | dataset (MB) | target (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| scenes x samples | image | workers / cpus | images | wall (s) | CPU (s) | CPU ms/image | images/s | dataset (MB) | target (s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| {res['scenes']} x {res['samples_per_scene']} | {cfg.image_hw[0]}x{cfg.image_hw[1]} | {res['workers']} / {res['cpus']} "
-        f"| {res['images']} | {res['wall_s']} | {res['images_per_s']} | {res['dataset_mb']} | {res['target_s']} |",
+        f"| {res['images']} | {res['wall_s']} | {res['cpu_s']} | {res['cpu_ms_per_image']} | {res['images_per_s']} "
+        f"| {res['dataset_mb']} | {res['target_s']} |",
     ]
     note = f"\n1-minute load average after the run: {res['load_avg_1m_after']} on {res['cpus']} CPUs (shared machine).\n"
     (out / "synth.md").write_text("# bevctl synth\n\n" + "\n".join(md) + "\n" + note)
