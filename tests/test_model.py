@@ -273,6 +273,18 @@ def test_gradients_reach_every_parameter():
     assert (model.cams_embeds.grad.abs().sum(1) > 0).all()  # every camera contributes
 
 
+def test_extra_fpn_level_runs_and_learns():
+    """Like base (C3-C5 + an extra level): levels beyond the backbone's come from stride-2 convs."""
+    model = demo_model(num_levels=3).train()
+    images, k, t = demo_inputs(model)
+    feats = model.image_encoder(images.flatten(0, 1))
+    assert [f.shape[-2:] for f in feats] == [(12, 22), (6, 11), (3, 6)]
+    model(images, k, t).logits.square().mean().backward()
+    extra = model.image_encoder.neck.extra[0].weight.grad
+    assert extra is not None and float(extra.abs().sum()) > 0
+    assert float(model.level_embeds.grad[2].abs().sum()) > 0
+
+
 def test_grad_checkpoint_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
