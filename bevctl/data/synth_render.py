@@ -224,7 +224,7 @@ def render(
     ly[g] = s * rays.gxy[g, 0] + c * rays.gxy[g, 1] + exy[1]
     cls = np.full(n, SKY, np.uint8)
     paint = np.zeros(n, np.uint8)
-    cls[g], paint[g], _ = world.classify_local(lx[g], ly[g])
+    cls[g], paint[g] = world.classify_local(lx[g], ly[g])
 
     # vehicles at this camera time, in the ego frame
     t_s = (t_us - plan.t0_us) * 1e-6

@@ -248,8 +248,6 @@ def _vehicles(world: World, rng: np.random.Generator, segs, ego_fn, times: np.nd
         n = int(st.n[k])
         d = p1 - p0
         length = float(np.linalg.norm(d))
-        along0 = float(np.dot(p0, d / length))  # unused reference, keeps intent clear
-        del along0
         for _ in range(int(rng.poisson(6.0))):
             sig = float(rng.choice([-1.0, 1.0]))
             parked = rng.random() < 0.35

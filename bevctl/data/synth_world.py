@@ -112,15 +112,15 @@ class World:
 
     # ---- analytic classification ------------------------------------------------------------
 
-    def classify(self, gx: np.ndarray, gy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Ground class, paint code and texture key of global points (any equal shapes).
+    def classify(self, gx: np.ndarray, gy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Ground class id and paint code (PAINT_*) of global points (any equal shapes).
 
-        Returns ``(cls uint8, paint uint8, zebra bool)``; ``zebra`` marks painted crosswalk stripes.
+        Crosswalks are labelled as a whole (the ped_crossing polygon); only their stripes are painted.
         """
         x, y = self.to_local(np.asarray(gx, np.float64), np.asarray(gy, np.float64))
         return self.classify_local(x, y)
 
-    def classify_local(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def classify_local(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`classify` for points already in the local world frame."""
         shape = x.shape
         x, y = x.ravel(), y.ravel()
@@ -136,7 +136,6 @@ class World:
 
         cls = np.full(x.shape, OTHER, np.uint8)
         paint = np.zeros(x.shape, np.uint8)
-        zebra = np.zeros(x.shape, bool)
 
         # sidewalks and curbs (outside both roads)
         off = inside & ~in_col & ~in_row
@@ -149,18 +148,17 @@ class World:
         m = in_col & ~in_row
         if m.any():
             s = np.where(dy[m] >= 0, 1, 0)
-            self._street(cols, j[m], i[m], s, y[m], -dx[m], d_row[m], cls, paint, zebra, m)
+            self._street(cols, j[m], i[m], s, y[m], -dx[m], d_row[m], cls, paint, m)
         m = in_row & ~in_col
         if m.any():
             s = np.where(dx[m] >= 0, 1, 0)
-            self._street(rows, i[m], j[m], s, x[m], dy[m], d_col[m], cls, paint, zebra, m)
-        return cls.reshape(shape), paint.reshape(shape), zebra.reshape(shape)
+            self._street(rows, i[m], j[m], s, x[m], dy[m], d_col[m], cls, paint, m)
+        return cls.reshape(shape), paint.reshape(shape)
 
-    def _street(self, st: Streets, k, cross, s, along, lat, e, cls, paint, zebra, m) -> None:
+    def _street(self, st: Streets, k, cross, s, along, lat, e, cls, paint, m) -> None:
         mk = self.mk
         out_cls = cls[m]
         out_paint = paint[m]
-        out_zebra = zebra[m]
         w, n = st.w[k], st.n[k]
         alat = np.abs(lat)
         mark = e >= mk.mark_start
@@ -185,12 +183,10 @@ class World:
         out_cls[cw] = CROSSWALK
         stripe = cw & (np.mod(lat + 1000.0, 2 * mk.zebra_w) < mk.zebra_w)
         out_paint[stripe] = PAINT_WHITE
-        out_zebra[stripe] = True
         out_cls[stop] = STOP
         out_paint[stop] = PAINT_WHITE
         cls[m] = out_cls
         paint[m] = out_paint
-        zebra[m] = out_zebra
 
     # ---- helpers for routes -------------------------------------------------------------------
 
