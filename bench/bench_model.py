@@ -184,6 +184,24 @@ def run_one(preset: str, grid_name: str, overrides: dict, device_name: str, reps
     return res
 
 
+def forward_gflop(preset: str, grid_name: str, overrides: dict) -> float:
+    """Forward GFLOP (matmuls and convolutions, torch.utils.flop_counter) on the meta device.
+    grid_sample is not counted, and on meta every camera counts every query (dense cross-attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bevctl.config import grid_from_name
+    from bevctl.train.model import BEVFormer, model_preset
+
+    cfg = model_preset(preset, **overrides)
+    with torch.device("meta"):
+        model = BEVFormer(cfg, grid_from_name(grid_name), NUM_CLASSES)
+        h, w = cfg.image_hw
+        counter = FlopCounterMode(display=False)
+        with counter:
+            model(torch.empty(1, 6, 3, h, w), torch.empty(1, 6, 3, 3), torch.empty(1, 6, 4, 4))
+    return counter.get_total_flops() / 1e9
+
+
 def count_on_meta(preset: str, grid_name: str, overrides: dict) -> dict:
     from bevctl.config import grid_from_name
     from bevctl.train.model import BEVFormer, count_parameters, model_preset
@@ -243,8 +261,8 @@ def write_markdown(results: dict) -> str:
         f"Machine load average (1 min) at start/end: {results['load_average_1m_start_end'][0]:.1f} / "
         f"{results['load_average_1m_start_end'][1]:.1f} (a shared machine inflates times).",
         "",
-        "| preset @ grid | image | queries -> target | params | forward | fwd+bwd | peak memory |",
-        "|---|---|---|---|---|---|---|",
+        "| preset @ grid | image | queries -> target | params | fwd GFLOP* | forward | fwd+bwd | peak memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["runs"]:
         img = "x".join(map(str, r["image_hw"]))
@@ -259,9 +277,11 @@ def write_markdown(results: dict) -> str:
         else:
             mem, fwd, step = "-", "not run (needs a GPU)", "-"
         lines.append(
-            f"| {_label(r)} | {img} | {shp} | {_fmt_params(r['params']['total'])} | {fwd} | {step} | {mem} |"
+            f"| {_label(r)} | {img} | {shp} | {_fmt_params(r['params']['total'])} | {r['forward_gflop']:.1f} | {fwd} | {step} | {mem} |"
         )
-    lines += ["", "Forward cost split (eval):", "", "| preset @ grid | backbone+FPN | temporal self-attn | spatial cross-attn | head | rest |", "|---|---|---|---|---|---|"]
+    lines += ["", "*matmuls and convolutions counted by torch.utils.flop_counter on the meta device (grid_sample "
+              "not counted; every camera counted for every query, i.e. an upper bound for the cross-attention).",
+              "", "Forward cost split (eval):", "", "| preset @ grid | backbone+FPN | temporal self-attn | spatial cross-attn | head | rest |", "|---|---|---|---|---|---|"]
     for r in results["runs"]:
         if "forward_split_s" not in r:
             continue
@@ -320,6 +340,8 @@ def main() -> int:
         print(f"   fwd {runs[-1]['forward_s']:.3f} s, fwd+bwd {runs[-1]['fwd_bwd_s']:.3f} s", flush=True)
     if not args.device.startswith("cuda"):
         runs += [count_on_meta(p, g, o) for p, g, o in GPU_ONLY if not o]
+    for r in runs:
+        r["forward_gflop"] = forward_gflop(r["preset"], r["grid"], r.get("overrides", {}))
     results = {
         "load_average_1m_start_end": [load_start, os.getloadavg()[0]],
         "device": args.device,
