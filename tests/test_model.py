@@ -380,17 +380,24 @@ def test_pretrained_backbone_from_local_dir_and_checkpoint_without_it(tmp_path):
         BEVFormer(model_preset("demo", backbone_pretrained=str(tmp_path / "missing")), DEMO_GRID, 3)
 
 
-@torch.no_grad()
-def test_autocast_bf16_forward_is_finite_and_close():
+def test_autocast_bf16_is_finite_and_close():
     model = demo_model().eval()
     images, k, t = demo_inputs(model)
-    ref = model(images, k, t).logits
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(images, k, t)
+    with torch.no_grad():
+        ref = model(images, k, t).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images, k, t)
     assert torch.isfinite(out.logits.float()).all()
     # bf16 keeps ~3 significant digits; the map must stay essentially the same
     agree = (out.logits.float().argmax(1) == ref.argmax(1)).float().mean()
     assert agree > 0.9
+    # a training step under autocast: finite gradients everywhere
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(images, k, t, prev_bev=out.bev.float(), cur_T_prev=yaw_T(0.1, 0.5))
+        loss = out.logits.float().logsumexp(1).mean()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_config_overrides_and_errors():

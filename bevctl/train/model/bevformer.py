@@ -79,11 +79,6 @@ class BEVFormer(nn.Module):
         self.register_buffer("tsa_ref", tsa_ref, persistent=False)
 
     # ------------------------------------------------------------------------------------------
-    def train(self, mode: bool = True) -> "BEVFormer":
-        super().train(mode)
-        self.image_encoder.train(mode)  # keeps frozen BN in eval when configured
-        return self
-
     def pillar_visibility(self, pix_T_cam: Tensor, ego_T_cam: Tensor, hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Project every pillar point into every camera.
 
