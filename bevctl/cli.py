@@ -192,7 +192,7 @@ def train_labeler_cmd(
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default: the shipped recipe)."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step."),
     seed: int = typer.Option(0, "--seed", help="Training seed."),
-    threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
+    threads: int = typer.Option(1, "--threads", help="CPU threads for torch (1 is fastest on a busy machine)."),
 ) -> None:
     """Train the small Mask2Former shipped as `bevctl-synth` on the synthetic world's image GT."""
     import dataclasses

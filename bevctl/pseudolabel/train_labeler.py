@@ -41,26 +41,28 @@ class LabelerModelConfig:
     """A small Mask2Former: Swin backbone (embed 32), thin pixel decoder, few queries."""
 
     embed_dim: int = 32
+    patch_size: int = 2  # stride-2 stem: masks at 1/2 input resolution, so 2-3 px markings survive
     depths: tuple[int, ...] = (1, 1, 2, 1)
     num_heads: tuple[int, ...] = (1, 2, 4, 8)
     window_size: int = 7
     hidden_dim: int = 64
-    encoder_layers: int = 2
-    decoder_layers: int = 3
+    encoder_layers: int = 1
+    decoder_layers: int = 2
     num_queries: int = 16
     shortest_edge: int = 224  # model input: images are resized so that their short side is this
 
 
 @dataclass(frozen=True)
 class TrainLabelerConfig:
-    steps: int = 1500
+    steps: int = 2500
     batch_size: int = 4
     lr: float = 1e-3
     weight_decay: float = 0.05
     warmup: int = 50
     seed: int = 0
-    threads: int = 2
-    train_points: int = 12544
+    threads: int = 1  # on a shared CPU, 2 OpenMP threads ran >10x slower than 1 (spinning)
+    train_points: int = 2048  # points per mask for the loss (transformers default 12544; crops are small)
+    crop_hw: tuple[int, int] | None = (96, 160)  # training crops of the processed image (None: whole)
     model: LabelerModelConfig = field(default_factory=LabelerModelConfig)
 
 
@@ -116,7 +118,7 @@ def _read_pair(image: Path, gt: Path) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
-def build_model(class_names: list[str], cfg: LabelerModelConfig) -> tuple[Any, Any]:
+def build_model(class_names: list[str], cfg: LabelerModelConfig, train_points: int = 12544) -> tuple[Any, Any]:
     """A fresh Mask2Former and its image processor (PIL backend)."""
     from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
     from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
@@ -126,6 +128,7 @@ def build_model(class_names: list[str], cfg: LabelerModelConfig) -> tuple[Any, A
         depths=list(cfg.depths),
         num_heads=list(cfg.num_heads),
         window_size=cfg.window_size,
+        patch_size=cfg.patch_size,
         drop_path_rate=0.0,
         out_features=["stage1", "stage2", "stage3", "stage4"],
     )
@@ -140,6 +143,7 @@ def build_model(class_names: list[str], cfg: LabelerModelConfig) -> tuple[Any, A
         num_attention_heads=4,
         dim_feedforward=cfg.hidden_dim * 4,
         num_queries=cfg.num_queries,
+        train_num_points=train_points,  # read once, when the loss module is built
         num_labels=len(class_names),
         id2label=dict(enumerate(class_names)),
         label2id={n: i for i, n in enumerate(class_names)},
@@ -151,10 +155,31 @@ def build_model(class_names: list[str], cfg: LabelerModelConfig) -> tuple[Any, A
     return model, processor
 
 
+def _crop_origin(lab: np.ndarray, crop_hw: tuple[int, int], rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left of a crop: centred on a pixel of a class drawn uniformly among those present
+    (class-balanced: thin markings are seen as often as the sky), else uniform."""
+    h, w = lab.shape
+    ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
+    if rng.random() < 0.75:
+        present = np.unique(lab)
+        ys, xs = np.nonzero(lab == rng.choice(present))
+        k = int(rng.integers(len(ys)))
+        y0 = int(ys[k]) - ch // 2 + int(rng.integers(-ch // 4, ch // 4 + 1))
+        x0 = int(xs[k]) - cw // 2 + int(rng.integers(-cw // 4, cw // 4 + 1))
+    else:
+        y0, x0 = int(rng.integers(h - ch + 1)), int(rng.integers(w - cw + 1))
+    return int(np.clip(y0, 0, h - ch)), int(np.clip(x0, 0, w - cw))
+
+
 def _make_batch(
-    pairs: list[tuple[Path, Path]], processor: Any, rng: np.random.Generator, num_classes: int
+    pairs: list[tuple[Path, Path]],
+    processor: Any,
+    rng: np.random.Generator,
+    num_classes: int,
+    crop_hw: tuple[int, int] | None,
 ) -> dict[str, Any]:
-    """Pixel values plus per-image binary masks/classes (one mask per class present: semantic)."""
+    """Pixel values plus per-image binary masks/classes (one mask per class present: semantic).
+    Images go through the model's own image processor (exactly as at inference), then a crop."""
     import torch
     from PIL import Image
 
@@ -169,8 +194,12 @@ def _make_batch(
         pv = processor(images=[np.ascontiguousarray(rgb)], return_tensors="np")["pixel_values"][0]
         h, w = pv.shape[-2:]
         lab_r = np.asarray(Image.fromarray(np.ascontiguousarray(lab)).resize((w, h), Image.NEAREST))
+        if crop_hw is not None:
+            y0, x0 = _crop_origin(lab_r, crop_hw, rng)
+            ch, cw = min(crop_hw[0], h), min(crop_hw[1], w)
+            pv, lab_r = pv[:, y0 : y0 + ch, x0 : x0 + cw], lab_r[y0 : y0 + ch, x0 : x0 + cw]
         present = [c for c in np.unique(lab_r).tolist() if c < num_classes]
-        pix.append(torch.from_numpy(pv))
+        pix.append(torch.from_numpy(np.ascontiguousarray(pv)))
         masks.append(torch.from_numpy(np.stack([lab_r == c for c in present]).astype(np.float32)))
         classes.append(torch.tensor(present, dtype=torch.int64))
     return {"pixel_values": torch.stack(pix), "mask_labels": masks, "class_labels": classes}
@@ -244,8 +273,7 @@ def train_labeler(
 
     torch.set_num_threads(max(1, cfg.threads))
     _seed_everything(cfg.seed)
-    model, processor = build_model(class_names, cfg.model)
-    model.config.train_num_points = cfg.train_points
+    model, processor = build_model(class_names, cfg.model, cfg.train_points)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
@@ -271,7 +299,7 @@ def train_labeler(
             if len(order) < cfg.batch_size:
                 order.extend(rng.permutation(len(train_pairs)).tolist())
             idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            batch = _make_batch([train_pairs[i] for i in idx], processor, rng, len(class_names))
+            batch = _make_batch([train_pairs[i] for i in idx], processor, rng, len(class_names), cfg.crop_hw)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             loss = model(**batch).loss
@@ -279,10 +307,12 @@ def train_labeler(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            ema = float(loss) if ema is None else 0.95 * ema + 0.05 * float(loss)
+            value = float(loss.detach())
+            ema = value if ema is None else 0.95 * ema + 0.05 * value
             bar.update(task, advance=1, loss=ema)
-            if step % 100 == 0:
-                log.debug("step %d loss %.4f lr %.2e", step, float(loss), lr_at(step))
+            if step % 50 == 0 or step == cfg.steps - 1:
+                log.info("step %d/%d loss %.3f (ema %.3f) lr %.2e, %.2f s/step", step, cfg.steps, value,
+                         ema, lr_at(step), (time.perf_counter() - t0) / (step + 1))
     log.info("trained %d steps in %.0f s (final loss ~%.3f)", cfg.steps, time.perf_counter() - t0, ema or 0.0)
 
     model.eval()
@@ -319,7 +349,7 @@ def run_train_labeler(
     data: Path | None = None,
     eval_data: Path | None = None,
     cfg: TrainLabelerConfig = TrainLabelerConfig(),
-    train_scenes: int = 8,
+    train_scenes: int = 12,
     eval_scenes: int = 3,
     samples_per_scene: int = 10,
 ) -> dict[str, Any]:
