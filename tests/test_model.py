@@ -285,6 +285,17 @@ def test_extra_fpn_level_runs_and_learns():
     assert float(model.level_embeds.grad[2].abs().sum()) > 0
 
 
+def test_backbone_norm_eval_freezes_batchnorm():
+    model = demo_model(backbone_norm_eval=True).train()
+    bns = [m for m in model.image_encoder.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(bn.training for bn in bns) and model.head.training
+    assert not any(p.requires_grad for bn in bns for p in bn.parameters())
+    before = [bn.running_mean.clone() for bn in bns]
+    images, k, t = demo_inputs(model)
+    model(images, k, t).logits.mean().backward()
+    assert all(torch.equal(a, bn.running_mean) for a, bn in zip(before, bns))
+
+
 def test_grad_checkpoint_gives_the_same_gradients():
     grads = []
     for ckpt in (False, True):
