@@ -18,6 +18,9 @@ from bevctl.errors import BevctlError
 from bevctl.pseudolabel.labeler import load_labeler, load_preprocessor, semantic_from_logits
 
 NAMES = ["road", "lane_marking", "crosswalk", "curb", "sky"]
+# Modest floors for the shipped labeler on a tiny unseen world (docs/labeler.md has the real numbers).
+SHIPPED_MIN_MIOU = 0.4
+SHIPPED_MIN_MARKING_IOU = 0.3
 
 
 def _tiny_model_dir(root: Path) -> Path:
@@ -153,3 +156,38 @@ def test_remote_code_and_bad_dirs_are_refused(tiny_dir: Path, tmp_path: Path) ->
         load_labeler(str(tmp_path / "missing" / "dir"), device="cpu")
     with pytest.raises(BevctlError, match="float32"):
         load_labeler(str(tiny_dir), device="cpu", dtype="float16")
+
+
+def test_torch_bin_checkpoint_loads_with_weights_only(tiny_dir: Path, tmp_path: Path) -> None:
+    """Old hub checkpoints ship pytorch_model.bin only: same predictions, hash of the .bin."""
+    from safetensors.torch import load_file
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        (old / name).write_bytes((tiny_dir / name).read_bytes())
+    torch.save(load_file(str(tiny_dir / "model.safetensors")), old / "pytorch_model.bin")
+    a, b = load_labeler(str(tiny_dir), device="cpu"), load_labeler(str(old), device="cpu")
+    assert a.weights_hash != b.weights_hash
+    x = [a.preprocess(_images(1)[0])]
+    np.testing.assert_array_equal(a.predict(x, (50, 70), False)[0], b.predict(x, (50, 70), False)[0])
+
+
+def test_shipped_labeler_labels_a_held_out_synthetic_world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``bevctl-synth`` loads offline from the package and segments a world it never saw."""
+    from bevctl.data.synth import SYNTH_CLASSES, SynthConfig, write_synthetic_dataset
+    from bevctl.pseudolabel.train_labeler import evaluate_labeler, find_pairs
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    root = tmp_path / "synth"
+    write_synthetic_dataset(SynthConfig(scenes=1, samples_per_scene=2, seed=7, workers=1), root, progress=False)
+    labeler = load_labeler("bevctl-synth", device="cpu")
+    assert labeler.model_id == "bevctl-synth"
+    assert [labeler.id2label[i] for i in range(len(SYNTH_CLASSES))] == list(SYNTH_CLASSES)
+    metrics = evaluate_labeler(labeler, find_pairs(root), list(SYNTH_CLASSES))
+    iou = metrics["iou"]
+    assert iou["sky"] > 0.9 and iou["road"] > 0.8, iou
+    assert metrics["miou"] > SHIPPED_MIN_MIOU, iou
+    for name in ("lane_marking", "road_divider_marking", "crosswalk"):
+        if metrics["gt_pixels"][name] > 200:
+            assert iou[name] > SHIPPED_MIN_MARKING_IOU, (name, iou)

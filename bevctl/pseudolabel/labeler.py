@@ -106,6 +106,9 @@ def _resolve_hub(model: str) -> Path:
     patterns = ["config.json", "preprocessor_config.json", "*.safetensors", "*.safetensors.index.json"]
     try:
         path = snapshot_download(model, allow_patterns=patterns, local_files_only=local_only)
+        if not any(Path(path).glob("*.safetensors")):  # older checkpoints: torch weights only
+            patterns = patterns + ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+            path = snapshot_download(model, allow_patterns=patterns, local_files_only=local_only)
     except Exception as e:  # network errors, missing repo, not cached while offline
         why = "not in the local Hugging Face cache and the hub is unreachable" if not isinstance(
             cached, str
@@ -150,11 +153,17 @@ def _read_config(model_dir: Path) -> dict[str, Any]:
     return cfg
 
 
-def weights_hash(model_dir: Path) -> str:
-    """sha256 over the model's safetensors file(s), in name order (names included)."""
+def _weight_files(model_dir: Path) -> list[Path]:
     files = sorted(model_dir.glob("*.safetensors"))
+    return files or sorted(model_dir.glob("pytorch_model*.bin"))
+
+
+def weights_hash(model_dir: Path) -> str:
+    """sha256 over the model's weight file(s) in name order (names included): the safetensors
+    files, or for old checkpoints without them the torch ``pytorch_model*.bin`` files."""
+    files = _weight_files(model_dir)
     if not files:
-        raise BevctlError(f"{model_dir}: no *.safetensors weights (bevctl loads safetensors only)")
+        raise BevctlError(f"{model_dir}: no model weights (*.safetensors or pytorch_model.bin)")
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -282,17 +291,21 @@ class HFMask2FormerLabeler:
             self.id2label = {int(k): str(v) for k, v in raw.items()}
         except (TypeError, ValueError):
             raise BevctlError(f"{model_dir}/config.json: id2label keys must be integers") from None
-        if not self.id2label or max(self.id2label) > 254:
+        if sorted(self.id2label) != list(range(len(self.id2label))) or not 0 < len(self.id2label) < 255:
             raise BevctlError(
-                f"{model_dir}/config.json: need 1..255 classes with ids < 255 for uint8 masks, "
-                f"got {len(self.id2label)}"
+                f"{model_dir}/config.json: id2label must number 1..254 classes as 0..N-1 "
+                f"(uint8 masks, 255 reserved), got {len(self.id2label)} ids"
             )
         from transformers import Mask2FormerForUniversalSegmentation
 
         try:
             with quiet_transformers():
                 model = Mask2FormerForUniversalSegmentation.from_pretrained(
-                    str(model_dir), local_files_only=True, trust_remote_code=False, use_safetensors=True
+                    str(model_dir),
+                    local_files_only=True,
+                    trust_remote_code=False,
+                    # torch .bin weights are read by transformers with torch.load(weights_only=True)
+                    use_safetensors=_weight_files(model_dir)[0].suffix == ".safetensors",
                 )
         except Exception as e:
             raise BevctlError(f"{model_dir}: cannot load Mask2Former weights ({e})") from None
