@@ -143,8 +143,10 @@ def main() -> None:
             raise SystemExit(f"bench for {model} failed")
         steps.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"{model}: step {steps[-1]['t_step'] * 1000:.0f} ms, losses {100 * steps[-1]['losses_frac']:.1f}%")
+    load = os.getloadavg()[0]
     result = {"machine": f"{os.cpu_count()} CPU cores, torch {torch.__version__}, device {device}, "
-                         f"{args.threads} threads", "steps": steps}
+                         f"{args.threads} threads; load average {load:.1f} when done (shared machine: "
+                         f"wall times inflate with load)", "steps": steps}
     if args.dataroot and args.labels:
         L = loader_throughput(args.dataroot, args.version, args.labels, args.workers, args.loader_samples, "demo")
         demo = next((s for s in steps if s["model"] == "demo"), steps[0])
