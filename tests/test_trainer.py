@@ -172,6 +172,11 @@ def test_cli_pretrain_finetune_evaluate_visualize(tiny_synth, tmp_path: Path, ca
     cells = sum(c["tp"] + c["fn"] for c in res["classes"].values())
     assert cells == res["num_samples"] * 128 * 64 and "argmax" in res["rules"]
     assert "mIoU" in out.with_suffix(".md").read_text() and "mIoU" in capsys.readouterr().out
+    assert res["temporal"] is False  # fine-tuned frame by frame
+    from bevctl.train.evaluate import evaluate
+
+    res_pre = evaluate(pre, str(root), version, "val", str(gt), device="cpu", num_workers=0, progress=False)
+    assert res_pre["temporal"] is True and res_pre["num_samples"] == res["num_samples"]
     token = ck["run"] and json.loads((pre / "scenes.json").read_text())["scenes"][0]
     from bevctl.data.nuscenes import load_index
 

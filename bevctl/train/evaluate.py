@@ -100,16 +100,25 @@ def evaluate(
     batch_size: int = 2,
     num_workers: int = 2,
     progress: bool = True,
+    temporal: bool | None = None,
 ) -> dict[str, Any]:
-    """Per-class IoU + mIoU of ``checkpoint`` on ``split``; writes ``out`` (JSON) and ``.md``."""
+    """Per-class IoU + mIoU of ``checkpoint`` on ``split``; writes ``out`` (JSON) and ``.md``.
+
+    ``temporal``: feed each frame the previous frame's BEV features (``prev_bev``), as the
+    model saw in training. Default: on for pretraining runs with a temporal loss (they train
+    with ``prev_bev``), off for fine-tuned ones (trained frame by frame)."""
     from bevctl.data.nuscenes import load_index
     from bevctl.train.dataset import eval_dataset
     from bevctl.train.distributed import resolve_device
     from bevctl.train.loop import _collate, model_image_hw
-    from bevctl.train.tasks import normalize_images, to_device
+    from bevctl.train.tasks import cur_T_prev, normalize_images, to_device
 
     dev = resolve_device(device)
-    model, cfg, _ = load_trained_model(checkpoint, dev)
+    model, cfg, ckpt = load_trained_model(checkpoint, dev)
+    if temporal is None:
+        temporal = ckpt.get("run", {}).get("mode") == "pretrain" and cfg.temporal_weight > 0
+    if temporal:
+        batch_size = 1  # frames in scene order, each with its predecessor's BEV
     grid, class_set = grid_from_name(cfg.grid), class_set_from_name(cfg.class_set)
     index = load_index(dataroot, version)
     ds = eval_dataset(index, split, model_image_hw(cfg), grid, class_set, gt)
@@ -122,14 +131,21 @@ def evaluate(
     with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as bar:
         task = bar.add_task("eval", total=len(ds))
-        for batch in loader:
+        prev: tuple[str, torch.Tensor, torch.Tensor] | None = None  # (token, bev, global_T_ego)
+        for i, batch in enumerate(loader):
             b = to_device(batch, dev)
+            kwargs = {}
+            if temporal and prev is not None and ds.samples[i].prev_token == prev[0]:
+                kwargs = {"prev_bev": prev[1], "cur_T_prev": cur_T_prev(b["global_T_ego"], prev[2])}
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                logits = model(normalize_images(b["images"]), b["pix_T_cam"], b["ego_T_cam"]).logits
+                o = model(normalize_images(b["images"]), b["pix_T_cam"], b["ego_T_cam"], **kwargs)
+            logits = o.logits
+            if temporal:
+                prev = (batch["token"][0], o.bev, b["global_T_ego"])
             update_confusion(conf, logits.float().argmax(1).cpu(), batch["bev_gt"])
             bar.advance(task, len(batch["token"]))
     result = {"checkpoint": str(checkpoint), "dataroot": str(dataroot), "version": version, "split": split,
-              "num_samples": len(ds), "grid": cfg.grid, "class_set": cfg.class_set, "rules": RULES,
+              "num_samples": len(ds), "temporal": bool(temporal), "grid": cfg.grid, "class_set": cfg.class_set, "rules": RULES,
               **iou_from_confusion(conf.numpy(), class_set.names_with_background),
               "confusion": conf.tolist()}
     if out is not None:
