@@ -67,6 +67,7 @@ class PseudolabelConfig:
     overwrite: bool = False
     inflight: int = 3  # batches outstanding per actor
     device: str = "auto"
+    threads: int | None = None  # torch threads per CPU actor; None: cores // actors
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -97,6 +98,10 @@ class JobSummary:
     bytes_on_disk: int
     compression_ratio: float  # raw mask bytes / mask bytes on disk
     actor_restarts: int = 0
+    model_s: float = 0.0  # summed over actors: time inside labeler.predict
+    decode_s: float = 0.0  # summed: read + preprocess (overlaps the model in other threads)
+    write_s: float = 0.0  # summed: Zarr chunk writes
+    model_busy: float = 0.0  # model_s / (actors x seconds): 1.0 = the model never waited
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -188,16 +193,19 @@ class LabelWorker:
             except ImageError as e:
                 errors.append((int(i), int(c), path, str(e)))
         t1 = time.perf_counter()
+        model_s = 0.0
         if inputs:
-            with self._model_lock:
+            with self._model_lock:  # one predict at a time; the time waiting here is not model time
+                t_in = time.perf_counter()
                 labels, conf = lab.predict(inputs, tuple(out_hw), confidence)
+                model_s = time.perf_counter() - t_in
         t2 = time.perf_counter()
         for k, (i, c) in enumerate(good):
             masks[i, c] = labels[k]  # one whole (sample, camera) chunk
             if conf_arr is not None:
                 conf_arr[i, c] = conf[k]
         t3 = time.perf_counter()
-        return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": t2 - t1, "write_s": t3 - t2}
+        return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2}
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,9 +239,8 @@ class _RayPool:
             if cfg.address:
                 ray.init(address=cfg.address, ignore_reinit_error=True, logging_level=logging.WARNING)
             else:
-                ray.init(
+                ray.init(  # GPUs: as Ray detects them (asking for more than exist is an error below)
                     num_cpus=os.cpu_count() or 1,
-                    num_gpus=cfg.gpus or None,
                     include_dashboard=False,
                     _temp_dir=_ray_temp_dir(),
                     ignore_reinit_error=True,
@@ -255,7 +262,7 @@ class _RayPool:
             # Fractional CPUs: N whole-CPU actors on N CPUs starve everything else (STACK.md).
             opts = {"num_cpus": min(1.0, round(0.95 * cpus / n, 3))}
             device = "cpu" if cfg.device == "auto" else cfg.device
-            threads = max(1, int(cpus // n))  # the CPU's cores shared among the actors
+            threads = cfg.threads or max(1, int(cpus // n))  # the CPU's cores shared among the actors
         actor_cls = ray.remote(LabelWorker)
         self.actors = [
             actor_cls.options(max_restarts=-1, max_task_retries=0, max_concurrency=cfg.inflight + 1, **opts).remote(
@@ -306,7 +313,7 @@ class _InlinePool:
     """workers=0: one LabelWorker in this process, calls run synchronously."""
 
     def __init__(self, cfg: PseudolabelConfig) -> None:
-        self.worker = LabelWorker(cfg.model, cfg.device)
+        self.worker = LabelWorker(cfg.model, cfg.device, cfg.threads)
         self.actors = [self.worker]
 
     def info(self) -> dict[str, Any]:
@@ -439,6 +446,7 @@ def _drive(
     to_failed: list[int] = []
     failures: list[str] = []
     labeled = images_failed = restarts = 0
+    times = {"model_s": 0.0, "decode_s": 0.0, "write_s": 0.0}
     last_mark = time.monotonic()
 
     def flush() -> None:
@@ -493,6 +501,8 @@ def _drive(
                     retry.append(batch)
                     continue
                 down[a] = False
+                for key in times:
+                    times[key] += float(result.get(key, 0.0))
                 for i, c in result["ok"]:
                     cams_ok[i] += 1
                     if cams_ok[i] == n_cams and not failed[i]:
@@ -537,6 +547,10 @@ def _drive(
         bytes_on_disk=dir_bytes(store_path),
         compression_ratio=round(raw / masks_disk, 1) if masks_disk else 0.0,
         actor_restarts=restarts,
+        model_s=round(times["model_s"], 3),
+        decode_s=round(times["decode_s"], 3),
+        write_s=round(times["write_s"], 3),
+        model_busy=round(times["model_s"] / (len(pool.actors) * seconds), 3) if seconds > 0 else 0.0,
         failures=failures[:100],
     )
     run = store.run_info
@@ -580,6 +594,11 @@ def format_summary(s: JobSummary) -> str:
         f"({s.images_per_s:.1f} img/s)",
         f"on disk      {s.bytes_on_disk / 1e6:.2f} MB, masks compressed {s.compression_ratio:.0f}x",
     ]
+    if s.images_labeled:
+        lines.append(
+            f"pipeline     model busy {100 * s.model_busy:.0f}% of the time (predict {s.model_s:.1f} s, "
+            f"decode {s.decode_s:.1f} s, write {s.write_s:.1f} s, summed over actors)"
+        )
     if s.actor_restarts:
         lines.append(f"restarts     {s.actor_restarts} actor crash(es) recovered")
     for f in s.failures[:10]:
