@@ -67,11 +67,14 @@ def synth(
 def demo(
     out: Path = typer.Option(Path("demo-run"), "--out", help="Directory for everything the demo writes."),
     quick: bool = typer.Option(False, "--quick", help="A smaller world and shorter training (a few minutes)."),
+    labeler: Optional[str] = typer.Option(
+        None, "--labeler", help="Pseudo-labeler: bevctl-synth (default, the shipped Mask2Former) or synth-gt (perfect labels)."
+    ),
 ) -> None:
     """Run the method end to end on the embedded synthetic world (offline, CPU); resumable."""
     from bevctl.demo import run_demo
 
-    run_demo(out, quick=quick)
+    run_demo(out, quick=quick, labeler=labeler)
 
 
 # ---- prepare-gt -------------------------------------------------------------------------------
@@ -226,8 +229,15 @@ def _train_command(mode: str, dataroot: Path, version: str, out: Path, config: O
     from bevctl.train.config import load_train_config
     from bevctl.train.loop import RunSpec, train
 
-    cfg = load_train_config(config, epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every,
-                            batch_size=batch_size, lr=lr, seed=seed, fraction=fraction, num_workers=workers)
+    arch: dict = {}
+    if init is not None and config is None:  # same architecture as the pretrained checkpoint
+        from bevctl.train.checkpoint import load_checkpoint
+
+        saved = load_checkpoint(init)["config"]
+        arch = {k: saved[k] for k in ("model", "grid", "class_set", "image_hw") if k in saved}
+    cfg = load_train_config(config or "demo", epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                            batch_size=batch_size, lr=lr, seed=seed, fraction=fraction, num_workers=workers,
+                            **arch)
     if gpus < 1:
         raise BevctlError(f"--gpus must be >= 1, got {gpus}")
     spec = RunSpec(mode=mode, cfg=cfg, run_dir=out, dataroot=str(dataroot), version=version,
@@ -268,7 +278,8 @@ def finetune(
     init: Optional[Path] = typer.Option(None, "--init", help="Pretrained checkpoint (omit: supervised baseline from scratch)."),
     fraction: float = typer.Option(1.0, "--fraction", help="Fraction of labelled training scenes (seeded, scene-level)."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
-    config: Optional[str] = typer.Option("demo", "--config", help=_TRAIN_HELP["config"]),
+    config: Optional[str] = typer.Option(None, "--config", help=_TRAIN_HELP["config"]
+                                         + " Default: demo; with --init, the init checkpoint's model/grid/classes."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"]),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"]),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
