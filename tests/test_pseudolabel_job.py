@@ -225,7 +225,7 @@ def test_cli_stats_show_and_errors(tiny_synth, tmp_path) -> None:
     res = runner.invoke(app, ["labels", "show", str(out), "--sample", token, "--out", str(png)])
     assert res.exit_code == 0, res.output
     with Image.open(png) as im:
-        assert im.size == (3 * 72, 2 * 40)
+        assert im.size[0] == 3 * 72 and im.size[1] > 2 * 40  # 2x3 cameras + a legend strip
         pixels = np.asarray(im.convert("RGB"))
     assert pixels.std() > 10  # images with coloured masks, not a blank canvas
 

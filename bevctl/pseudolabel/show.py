@@ -18,8 +18,8 @@ def palette(n: int = 256) -> np.ndarray:
     import colorsys
 
     out = np.zeros((n, 3), dtype=np.uint8)
-    for i in range(1, n):
-        r, g, b = colorsys.hsv_to_rgb((i * 0.618033988749895) % 1.0, 0.85, 0.95)
+    for i in range(n):
+        r, g, b = colorsys.hsv_to_rgb((0.1 + i * 0.618033988749895) % 1.0, 0.85 if i % 2 else 0.6, 0.95)
         out[i] = (int(r * 255), int(g * 255), int(b * 255))
     return out
 
@@ -34,22 +34,35 @@ def _find_sample(store: LabelStore, dataroot: Path, token: str):  # -> SampleRec
 
 
 def render_sample(
-    images: list[np.ndarray], masks: np.ndarray, cameras: tuple[str, ...], alpha: float = 0.5
+    images: list[np.ndarray],
+    masks: np.ndarray,
+    cameras: tuple[str, ...],
+    alpha: float = 0.5,
+    id2label: dict[int, str] | None = None,
 ) -> Image.Image:
-    """A 2x3 mosaic: each camera image (resized to the mask size) with its mask blended in."""
+    """A 2x3 mosaic: each camera image (resized to the mask size) with its mask blended in,
+    and a legend of the classes present below it."""
     n, h, w = masks.shape
     pal = palette()
     cols = 3
     rows = (n + cols - 1) // cols
-    canvas = Image.new("RGB", (cols * w, rows * h), (0, 0, 0))
+    present = [int(c) for c in np.unique(masks)]
+    per_line = max(1, (cols * w) // 180)
+    legend_h = 18 * ((len(present) + per_line - 1) // per_line) + 4
+    canvas = Image.new("RGB", (cols * w, rows * h + legend_h), (0, 0, 0))
     for k in range(n):
         img = Image.fromarray(images[k]).convert("RGB").resize((w, h), Image.Resampling.BILINEAR)
         base = np.asarray(img, dtype=np.float32)
-        over = pal[masks[k]].astype(np.float32)
-        blended = np.where(masks[k][..., None] > 0, (1 - alpha) * base + alpha * over, base)
+        blended = (1 - alpha) * base + alpha * pal[masks[k]].astype(np.float32)
         tile = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
         ImageDraw.Draw(tile).text((4, 4), cameras[k], fill=(255, 255, 255))
         canvas.paste(tile, ((k % cols) * w, (k // cols) * h))
+    draw = ImageDraw.Draw(canvas)
+    for j, cid in enumerate(present):
+        x, y = 4 + (j % per_line) * 180, rows * h + 4 + 18 * (j // per_line)
+        draw.rectangle([x, y, x + 12, y + 12], fill=tuple(int(v) for v in pal[cid]))
+        name = (id2label or {}).get(cid, f"id {cid}")
+        draw.text((x + 16, y), f"{cid} {name}"[:26], fill=(255, 255, 255))
     return canvas
 
 
@@ -79,7 +92,7 @@ def show_sample(
                 images.append(np.asarray(im.convert("RGB")))
         except OSError as e:
             raise BevctlError(f"{cam.image_path}: cannot read image ({e})") from None
-    canvas = render_sample(images, masks, store.cameras, alpha)
+    canvas = render_sample(images, masks, store.cameras, alpha, store.id2label)
     out = Path(out)
 
     def write(f: Any) -> None:
