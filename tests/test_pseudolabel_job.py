@@ -233,3 +233,15 @@ def test_cli_stats_show_and_errors(tiny_synth, tmp_path) -> None:
                                str(out), "--workers", "0", "--model", "synth-gt", "--resolution", "12"),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip() == "error: --resolution '12': expected HxW, e.g. 225x400"
+
+
+def test_labeler_breaking_its_contract_is_one_clear_error(tiny_synth, tmp_path, monkeypatch) -> None:
+    from bevctl.pseudolabel.standins import SynthGTLabeler
+
+    root, version = tiny_synth
+    real = SynthGTLabeler.predict
+    monkeypatch.setattr(SynthGTLabeler, "predict",
+                        lambda self, b, hw, c: (real(self, b, hw, c)[0].astype(np.int64), None))
+    with pytest.raises(BevctlError, match=r"labeler synth-gt: predict returned labels int64\(4, 45, 80\), "
+                                          r"expected uint8\(4, 45, 80\)"):
+        run_pseudolabel(_cfg(root, version, tmp_path / "l.zarr", resolution=(45, 80)))

@@ -199,6 +199,7 @@ class LabelWorker:
                 t_in = time.perf_counter()
                 labels, conf = lab.predict(inputs, tuple(out_hw), confidence)
                 model_s = time.perf_counter() - t_in
+            _check_output(lab, labels, conf, (len(inputs), *out_hw), confidence)
         t2 = time.perf_counter()
         for k, (i, c) in enumerate(good):
             masks[i, c] = labels[k]  # one whole (sample, camera) chunk
@@ -206,6 +207,14 @@ class LabelWorker:
                 conf_arr[i, c] = conf[k]
         t3 = time.perf_counter()
         return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2}
+
+
+def _check_output(lab: Any, labels: Any, conf: Any, shape: tuple[int, ...], confidence: bool) -> None:
+    """The labeler kept its contract: uint8 (B, H, W) labels (and confidence when asked)."""
+    for name, arr in (("labels", labels), ("confidence", conf if confidence else labels)):
+        if not (isinstance(arr, np.ndarray) and arr.dtype == np.uint8 and arr.shape == shape):
+            got = f"{getattr(arr, 'dtype', type(arr).__name__)}{tuple(getattr(arr, 'shape', ()))}"
+            raise BevctlError(f"labeler {lab.model_id}: predict returned {name} {got}, expected uint8{shape}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,6 +227,13 @@ def _ray_temp_dir() -> str:
     path = Path(tempfile.gettempdir()) / f"bevray-{os.getuid()}"
     path.mkdir(parents=True, exist_ok=True)
     return str(path)
+
+
+def _usable_cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _unwrap_ray_error(e: Exception) -> Exception:
@@ -240,7 +256,7 @@ class _RayPool:
                 ray.init(address=cfg.address, ignore_reinit_error=True, logging_level=logging.WARNING)
             else:
                 ray.init(  # GPUs: as Ray detects them (asking for more than exist is an error below)
-                    num_cpus=os.cpu_count() or 1,
+                    num_cpus=_usable_cpus(),
                     include_dashboard=False,
                     _temp_dir=_ray_temp_dir(),
                     ignore_reinit_error=True,
