@@ -1,83 +1,355 @@
-"""``bevctl demo``: the whole method on the embedded synthetic world, offline, on a CPU.
+"""``bevctl demo``: the paper's experiment end to end on the embedded synthetic world.
 
-Phases run in order; each one records its completion and wall time in ``OUT/phases.json``
-(written atomically), so rerunning after an interruption skips finished phases and the long
-phases resume from their own checkpoints/stores.
+Offline, on a CPU, with no arguments: build the synthetic world (train/val by scene),
+pseudo-label every camera image with the shipped Mask2Former (``bevctl-synth``) as a Ray job,
+rasterise the BEV ground truth, pretrain without BEV labels (reprojection + temporal loss),
+fine-tune on 50% of the BEV-labelled training scenes, train the supervised baseline on 100%,
+evaluate both on val, and write ``report.json``, ``report.md`` and PNGs.
+
+Every phase records its completion and wall time in ``OUT/phases.json`` (atomically), so a
+rerun after an interruption skips finished phases; the phases themselves resume from their own
+stores and checkpoints (pseudolabel, prepare-gt and training are resumable).
+
+The same phases serve ``bench/paper.py`` (label-efficiency table, ablations) through
+:func:`run_phases` and :class:`DemoPlan`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bevctl.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class DemoSize:
-    scenes: int
-    samples_per_scene: int
-    image_hw: tuple[int, int]
-
-
-DEMO_SIZES = {
-    "default": DemoSize(scenes=10, samples_per_scene=20, image_hw=(225, 400)),
-    "quick": DemoSize(scenes=4, samples_per_scene=10, image_hw=(112, 200)),
-}
-
 VERSION = "v1.0-synth"
 
 
+@dataclass(frozen=True)
+class DemoPlan:
+    """Sizes and budgets of one experiment. Step counts are optimiser steps."""
+
+    scenes: int
+    samples_per_scene: int
+    image_hw: tuple[int, int]
+    label_hw: tuple[int, int]  # stored pseudo-label resolution
+    pretrain_steps: int
+    finetune_steps: int
+    baseline_steps: int
+    fraction: float = 0.5  # BEV-labelled fraction of the training scenes for fine-tuning
+    labeler: str = "bevctl-synth"  # or "synth-gt" (perfect pseudo-labels, an ablation)
+    train_config: str = "demo"
+    temporal_weight: float | None = None  # None = the training preset's
+    seed: int = 0  # training seed (world seed is fixed: the demo shows one world)
+    world_seed: int = 0
+    batch_size: int = 2
+    lr: float | None = None
+    num_workers: int = 1
+
+
+PLANS: dict[str, DemoPlan] = {
+    # ~10 minutes on 2 cores.
+    "default": DemoPlan(
+        scenes=10, samples_per_scene=20, image_hw=(225, 400), label_hw=(112, 200),
+        pretrain_steps=300, finetune_steps=150, baseline_steps=900,
+    ),
+    # ~2-3 minutes on 2 cores: a smaller world, fewer steps.
+    "quick": DemoPlan(
+        scenes=5, samples_per_scene=10, image_hw=(112, 200), label_hw=(56, 100),
+        pretrain_steps=80, finetune_steps=40, baseline_steps=240,
+    ),
+}  # fmt: skip
+
+
 class PhaseLog:
-    """Completion and wall time of each phase, persisted in ``OUT/phases.json``."""
+    """Completion and wall time of each phase, persisted in ``phases.json``."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.data: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+        self.data: dict[str, dict[str, Any]] = json.loads(path.read_text()) if path.exists() else {}
 
-    def run(self, name: str, fn: Callable[[], None]) -> float:
-        if self.data.get(name, {}).get("done"):
-            log.info("demo: phase %s already done (%.1f s), skipping", name, self.data[name]["wall_seconds"])
-            return float(self.data[name]["wall_seconds"])
-        log.info("demo: phase %s ...", name)
+    def seconds(self, name: str) -> float:
+        return float(self.data.get(name, {}).get("wall_seconds", 0.0))
+
+    def run(self, name: str, fn: Callable[[], Any]) -> float:
+        entry = self.data.get(name, {})
+        if entry.get("done"):
+            log.info("phase %s: done before (%.1f s), skipped", name, entry["wall_seconds"])
+            return float(entry["wall_seconds"])
+        print(f"== {name}", flush=True)
         start = time.perf_counter()
         fn()
-        elapsed = time.perf_counter() - start + self.data.get(name, {}).get("partial_seconds", 0.0)
+        # an interrupted earlier attempt's time counts too (its work is reused by the resume)
+        elapsed = time.perf_counter() - start + float(entry.get("partial_seconds", 0.0))
         self.data[name] = {"done": True, "wall_seconds": elapsed}
-        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+        self._save()
         return elapsed
 
+    def add_partial(self, name: str, seconds: float) -> None:
+        entry = self.data.setdefault(name, {})
+        if not entry.get("done"):
+            entry["partial_seconds"] = float(entry.get("partial_seconds", 0.0)) + seconds
+            self._save()
 
-def run_demo(out: Path, quick: bool = False) -> None:
-    from bevctl.data.nuscenes import load_index
+    def _save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps(self.data, indent=2))
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def dataroot(self) -> Path:
+        return self.root / "synth"
+
+    def labels(self, labeler: str) -> Path:
+        return self.root / ("labels.zarr" if labeler == "bevctl-synth" else f"labels-{labeler.replace(':', '_')}.zarr")
+
+    @property
+    def gt(self) -> Path:
+        return self.root / "gt.zarr"
+
+    def run(self, name: str) -> Path:
+        return self.root / "runs" / name
+
+
+def _timed(phases: PhaseLog, name: str, fn: Callable[[], Any]) -> float:
+    """Run a phase; on Ctrl-C or a crash keep the elapsed time as partial time, then re-raise."""
+    start = time.perf_counter()
+    try:
+        return phases.run(name, fn)
+    except BaseException:
+        phases.add_partial(name, time.perf_counter() - start)
+        raise
+
+
+def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog) -> None:
+    """synth -> pseudolabel -> prepare-gt (each skipped when done, resumed when interrupted)."""
+    from bevctl.config import class_set_from_name, grid_from_name
     from bevctl.data.synth import SynthConfig, write_synthetic_dataset
-
-    size = DEMO_SIZES["quick" if quick else "default"]
-    out.mkdir(parents=True, exist_ok=True)
-    phases = PhaseLog(out / "phases.json")
-    dataroot = out / "synth"
+    from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
+    from bevctl.storage.gt_store import prepare_gt
+    from bevctl.train.config import load_train_config
 
     def synth() -> None:
         cfg = SynthConfig(
-            scenes=size.scenes,
-            samples_per_scene=size.samples_per_scene,
-            image_hw=size.image_hw,
-            seed=0,
-            version=VERSION,
-        )
-        write_synthetic_dataset(cfg, dataroot, overwrite=True)
+            scenes=plan.scenes, samples_per_scene=plan.samples_per_scene,
+            image_hw=plan.image_hw, seed=plan.world_seed, version=VERSION,
+        )  # fmt: skip
+        write_synthetic_dataset(cfg, paths.dataroot, overwrite=True)
 
-    phases.run("synth", synth)
-    index = load_index(dataroot, VERSION)
-    print(f"synthetic nuScenes-format dataset: {dataroot} (version {VERSION})")
-    for split, scenes in index.split_scenes.items():
-        n = len(index.samples_in(split))
-        print(f"  {split}: {len(scenes)} scenes, {n} keyframes, {6 * n} camera images")
-    print(f"  image ground truth: {dataroot / 'semantic'}")
-    print(f"  map expansion: {dataroot / 'maps' / 'expansion'}")
+    def pseudolabel() -> None:
+        run_pseudolabel(
+            PseudolabelConfig(
+                dataroot=str(paths.dataroot), version=VERSION, out=str(paths.labels(plan.labeler)),
+                model=plan.labeler, workers=1, batch_size=6, resolution=plan.label_hw,
+                confidence=True,
+            )  # fmt: skip
+        )
+
+    def gt() -> None:
+        cfg = load_train_config(plan.train_config)
+        prepare_gt(
+            paths.dataroot, VERSION, grid_from_name(cfg.grid), class_set_from_name(cfg.class_set),
+            paths.gt, workers=1,
+        )
+
+    _timed(phases, "synth", synth)
+    _timed(phases, f"pseudolabel:{plan.labeler}", pseudolabel)
+    _timed(phases, "prepare-gt", gt)
+
+
+def train_phase(
+    plan: DemoPlan, paths: Paths, phases: PhaseLog, name: str, *, mode: str, steps: int,
+    fraction: float = 1.0, init: Path | None = None, labeler: str | None = None,
+    temporal_weight: float | None = None,
+) -> Path:
+    """One training run into ``runs/<name>`` (resumed if interrupted). Returns its last.pt."""
+    from bevctl.train.config import load_train_config
+    from bevctl.train.loop import RunSpec, train
+
+    run_dir = paths.run(name)
+
+    def fn() -> None:
+        overrides: dict[str, Any] = dict(
+            max_steps=steps, epochs=100_000, seed=plan.seed, batch_size=plan.batch_size,
+            num_workers=plan.num_workers, checkpoint_every=max(10, steps // 4),
+            lr=plan.lr, warmup_steps=max(1, steps // 20),
+        )  # fmt: skip
+        if mode == "finetune":
+            overrides["fraction"] = fraction
+        tw = temporal_weight if temporal_weight is not None else plan.temporal_weight
+        if mode == "pretrain" and tw is not None:
+            overrides["temporal_weight"] = tw
+        cfg = load_train_config(plan.train_config, **overrides)
+        spec = RunSpec(
+            mode=mode, cfg=cfg, run_dir=run_dir, dataroot=str(paths.dataroot), version=VERSION,
+            labels=str(paths.labels(labeler or plan.labeler)) if mode == "pretrain" else None,
+            gt=str(paths.gt) if mode == "finetune" else None,
+            init=str(init) if init else None, resume=(run_dir / "last.pt").exists(), device="cpu",
+        )  # fmt: skip
+        train(spec)
+
+    _timed(phases, f"train:{name}", fn)
+    return run_dir / "last.pt"
+
+
+def evaluate_phase(paths: Paths, phases: PhaseLog, name: str, checkpoint: Path) -> dict[str, Any]:
+    from bevctl.train.evaluate import evaluate
+
+    out = paths.root / "eval" / f"{name}.json"
+
+    def fn() -> None:
+        evaluate(checkpoint, str(paths.dataroot), VERSION, "val", str(paths.gt), out,
+                 device="cpu", num_workers=1, progress=False)
+
+    _timed(phases, f"eval:{name}", fn)
+    return json.loads(out.read_text())
+
+
+def model_entry(
+    name: str, result: dict[str, Any], fraction: float, pretrained: bool, wall: dict[str, float]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "bev_label_fraction": fraction,
+        "pretrained": pretrained,
+        "miou": result["miou"],
+        "iou_per_class": {k: v["iou"] for k, v in result["classes"].items() if k != "background"},
+        "wall_seconds": {**wall, "total": sum(wall.values())},
+    }
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def format_table(entries: list[dict[str, Any]]) -> str:
+    classes = list(entries[0]["iou_per_class"])
+    phase_names = sorted({p for e in entries for p in e["wall_seconds"] if p != "total"})
+    head = ["model", "BEV labels", "pretrained", *classes, "mIoU", *[f"{p} s" for p in phase_names], "total s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for e in entries:
+        cells = [
+            e["name"], f"{100 * e['bev_label_fraction']:.0f}%", "yes" if e["pretrained"] else "no",
+            *[_pct(e["iou_per_class"][c]) for c in classes], f"**{_pct(e['miou'])}**",
+            *[f"{e['wall_seconds'].get(p, 0.0):.0f}" for p in phase_names],
+            f"{e['wall_seconds']['total']:.0f}",
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict[str, Any]:
+    from bevctl.data.nuscenes import load_index
+
+    plan = PLANS["quick" if quick else "default"]
+    if labeler:
+        plan = dataclasses.replace(plan, labeler=labeler)
+    out.mkdir(parents=True, exist_ok=True)
+    plan_file = out / "plan.json"
+    plan_json = json.dumps(dataclasses.asdict(plan), indent=2)
+    if plan_file.exists() and plan_file.read_text() != plan_json:
+        from bevctl.errors import BevctlError
+
+        raise BevctlError(
+            f"{out} holds a demo run with another plan ({'--quick' if not quick else 'default'}?); "
+            "pick another --out or delete it"
+        )
+    atomic_write_text(plan_file, plan_json)
+    paths = Paths(out)
+    phases = PhaseLog(out / "phases.json")
+    prepare_data(plan, paths, phases)
+    index = load_index(paths.dataroot, VERSION)
+    pre = train_phase(plan, paths, phases, "pretrain", mode="pretrain", steps=plan.pretrain_steps)
+    ft = train_phase(plan, paths, phases, f"finetune{int(plan.fraction * 100)}", mode="finetune",
+                     steps=plan.finetune_steps, fraction=plan.fraction, init=pre)
+    base = train_phase(plan, paths, phases, "baseline100", mode="finetune", steps=plan.baseline_steps,
+                       fraction=1.0)
+    res_ft = evaluate_phase(paths, phases, "pretrain+finetune", ft)
+    res_base = evaluate_phase(paths, phases, "baseline", base)
+    res_pre = evaluate_phase(paths, phases, "pretrain-only", pre)
+
+    pl = f"pseudolabel:{plan.labeler}"
+    ft_name = f"finetune{int(plan.fraction * 100)}"
+    entries = [
+        model_entry(f"pretrain + finetune {int(plan.fraction * 100)}%", res_ft, plan.fraction, True,
+                    {"pseudolabel": phases.seconds(pl), "pretrain": phases.seconds("train:pretrain"),
+                     "finetune": phases.seconds(f"train:{ft_name}")}),
+        model_entry("supervised baseline 100%", res_base, 1.0, False,
+                    {"finetune": phases.seconds("train:baseline100")}),
+        model_entry("pretrain only (no BEV labels)", res_pre, 0.0, True,
+                    {"pseudolabel": phases.seconds(pl), "pretrain": phases.seconds("train:pretrain")}),
+    ]  # fmt: skip
+
+    pngs = _pictures(paths, index, {"pretrain+finetune": ft, "baseline": base}, paths.labels(plan.labeler))
+    shared = {p: phases.seconds(p) for p in ("synth", "prepare-gt")}
+    report = {
+        "plan": dataclasses.asdict(plan),
+        "dataset": {
+            "dataroot": str(paths.dataroot), "version": VERSION,
+            "splits": {s: len(index.samples_in(s)) for s in index.split_scenes},
+        },
+        "models": entries,
+        "shared_wall_seconds": shared,
+        "demo_wall_seconds": sum(phases.seconds(p) for p in phases.data),
+        "images": [str(p.relative_to(out)) for p in pngs],
+        "rules": res_ft["rules"],
+    }  # fmt: skip
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", _report_md(report, entries, plan, out))
+    print()
+    print(format_table(entries))
+    ours, base_e = entries[0], entries[1]
+    train_ours = ours["wall_seconds"]["pretrain"] + ours["wall_seconds"]["finetune"]
+    print(
+        f"pretrain + {int(plan.fraction * 100)}% labels: mIoU {_pct(ours['miou'])} vs baseline 100%: "
+        f"{_pct(base_e['miou'])}; training time {train_ours:.0f} s vs {base_e['wall_seconds']['total']:.0f} s "
+        f"({train_ours / max(base_e['wall_seconds']['total'], 1e-9):.2f}x)"
+    )
+    print(f"report: {out / 'report.md'}")
+    return report
+
+
+def _pictures(paths: Paths, index: Any, models: dict[str, Path], labels: Path) -> list[Path]:
+    """BEV prediction vs GT for a few val samples (both models) and one reprojection overlay."""
+    from bevctl.train.visualize import visualize
+
+    val = index.samples_in("val")
+    picks = [val[i] for i in sorted({0, len(val) // 2, len(val) - 1})]
+    written: list[Path] = []
+    for name, ckpt in models.items():
+        for s in picks:
+            out = paths.root / "pictures" / name / s.token[:8]
+            written += [p for p in visualize(ckpt, s.token, out, dataroot=str(paths.dataroot), version=VERSION,
+                                             labels=str(labels), gt=str(paths.gt),
+                                             device="cpu")]
+    return written
+
+
+def _report_md(report: dict[str, Any], entries: list[dict[str, Any]], plan: DemoPlan, out: Path) -> str:
+    lines = [
+        "# bevctl demo report", "",
+        f"Synthetic world: {plan.scenes} scenes x {plan.samples_per_scene} keyframes, images "
+        f"{plan.image_hw[0]}x{plan.image_hw[1]}, pseudo-labels from `{plan.labeler}` at "
+        f"{plan.label_hw[0]}x{plan.label_hw[1]}; model preset `{plan.train_config}`; steps: pretrain "
+        f"{plan.pretrain_steps}, fine-tune {plan.finetune_steps} on {int(plan.fraction * 100)}% of the "
+        f"labelled training scenes, baseline {plan.baseline_steps} on 100%.", "",
+        "Per-class IoU % on val, mIoU without background, wall seconds per phase (2-core CPU):", "",
+        format_table(entries),
+        f"Shared phases (same for every model): " + ", ".join(
+            f"{k} {v:.0f} s" for k, v in report["shared_wall_seconds"].items()),
+        "", f"Evaluation rules: {report['rules']}.", "", "## Pictures", "",
+    ]  # fmt: skip
+    for rel in report["images"]:
+        lines.append(f"![{rel}]({rel})")
+    return "\n".join(lines) + "\n"
