@@ -117,6 +117,7 @@ class LabelStore:
             self.has_confidence: bool = bool(meta["confidence"])
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise BevctlError(f"{self.path}: bad pseudo-label metadata ({type(e).__name__}: {e})") from None
+        self._done_cache: np.ndarray | None = None
         self._masks = store.array("masks")
         self._conf = store.array("confidence") if self.has_confidence else None
         expected = (len(store.tokens), len(self.cameras), *self.resolution)
@@ -209,7 +210,11 @@ class LabelStore:
         return np.asarray(self._conf[i])
 
     def _require_done(self, i: int) -> None:
-        status = int(self._store.array("done")[i])
+        # A cached snapshot of the done record (readers call this per sample); re-read once on a
+        # miss, in case the job is still running.
+        if self._done_cache is None or self._done_cache[i] != DONE:
+            self._done_cache = self._store.status()
+        status = int(self._done_cache[i])
         if status != DONE:
             raise BevctlError(f"{self.path}: sample '{self.tokens[i]}' is {STATUS_NAMES[status]}, not done")
 
