@@ -20,7 +20,6 @@ from bevctl.data.synth_world import (
     Segment,
     World,
     approach_marks,
-    blocks,
     marking_range,
     segments,
     street_rect,
@@ -87,18 +86,24 @@ def local_class_geometry(world: World) -> dict[str, list[Polygon]]:
     """Polygons per ground class in the *local* frame (see :data:`PAINT_ORDER`)."""
     mk = world.mk
     out: dict[str, list[Polygon]] = {name: [] for name in PAINT_ORDER}
-    # sidewalks and curbs: per block, rings along road-facing sides
-    for x0, x1, y0, y1, (swl, swr, swb, swt) in blocks(world):
-        if x1 <= x0 or y1 <= y0:
-            continue
-        rect = box(x0, y0, x1, y1)
-
-        def inset(extra: float, sides=(swl, swr, swb, swt)) -> Polygon:
-            d = [0.0 if sw is None else mk.curb_w + (sw if extra else 0.0) for sw in sides]
-            return box(x0 + d[0], y0 + d[2], x1 - d[1], y1 - d[3])
-
-        out["sidewalk"].append(rect.difference(inset(1.0)))
-        out["curb"].append(rect.difference(inset(0.0)))
+    # sidewalks and curbs: lateral bands along every built segment, outside all roads
+    kerb, walk = [], []
+    for seg in segments(world):
+        st = world.street(seg.kind)
+        other = world.rows if seg.kind == "col" else world.cols
+        hw, sw = float(st.hw[seg.k]), float(st.sw[seg.k])
+        # bands run to the crossing centres: beside a T-junction's missing arm they continue
+        lo = seg.a0 if seg.cross0 is None else float(other.c[seg.cross0])
+        hi = seg.a1 if seg.cross1 is None else float(other.c[seg.cross1])
+        kerb.append(_rect(world, seg, lo, hi, -hw - mk.curb_w, hw + mk.curb_w))
+        walk.append(_rect(world, seg, lo, hi, -hw - mk.curb_w - sw, hw + mk.curb_w + sw))
+    roads = [_rect(world, seg, seg.a0, seg.a1, -float(world.street(seg.kind).hw[seg.k]), float(world.street(seg.kind).hw[seg.k]))
+             for seg in segments(world)]
+    roads += [_intersection(world, i, j) for i in range(len(world.rows.c)) for j in range(len(world.cols.c))]
+    road_u = unary_union(roads)
+    kerb_u = unary_union(kerb).difference(road_u)
+    out["curb"] = _polys(kerb_u)
+    out["sidewalk"] = _polys(unary_union(walk).difference(road_u).difference(kerb_u))
     world_rect = box(0, 0, world.size[0], world.size[1])
     for seg in segments(world):
         st = world.street(seg.kind)
@@ -203,9 +208,11 @@ def edge_point(world: World, i: int, j: int, h: int, q: int, entering: bool) -> 
 def neighbour(world: World, i: int, j: int, h: int) -> tuple[int, int] | None:
     di, dj = {0: (0, 1), 1: (1, 0), 2: (0, -1), 3: (-1, 0)}[h]
     i2, j2 = i + di, j + dj
-    if 0 <= i2 < len(world.rows.c) and 0 <= j2 < len(world.cols.c):
-        return i2, j2
-    return None
+    if not (0 <= i2 < len(world.rows.c) and 0 <= j2 < len(world.cols.c)):
+        return None
+    # segment m of a street lies between crossings m-1 and m
+    built = world.rows.seg_exists[i, max(j, j2)] if h in (0, 2) else world.cols.seg_exists[j, max(i, i2)]
+    return (i2, j2) if built else None
 
 
 def connector_path(p0: np.ndarray, h0: int, p1: np.ndarray, h1: int, step: float = 0.25):
@@ -535,7 +542,7 @@ def map_mask(world: World, resolution: float = 0.1) -> np.ndarray:
     h = int(math.ceil(world.canvas[1] / resolution))
     img = np.zeros((h, w), np.uint8)
     geo = local_class_geometry(world)
-    for poly in geo["road"] + geo["sidewalk"]:
+    for poly in geo["road"] + geo["curb"] + geo["sidewalk"]:
         for p in (list(poly.geoms) if hasattr(poly, "geoms") else [poly]):
             if p.is_empty:
                 continue

@@ -82,6 +82,7 @@ class Streets:
     wear: np.ndarray  # (K,) paint wear in [0, 1)
     has_cw: np.ndarray  # (K, M, 2) bool: crosswalk at crossing m on side (0: s=-1, 1: s=+1)
     has_stop: np.ndarray  # (K, M, 2) bool: stop line on that approach
+    seg_exists: np.ndarray  # (K, M + 1) bool: segment m (between crossings m-1 and m) is built
 
     @property
     def hw(self) -> np.ndarray:
@@ -129,10 +130,16 @@ class World:
         i = _nearest(rows.c, y)
         dx = x - cols.c[j]
         dy = y - rows.c[i]
-        d_col = np.abs(dx) - cols.hw[j]  # < 0: inside the column road
-        d_row = np.abs(dy) - rows.hw[i]
+        # streets may have missing segments (T-junctions): a missing one is not there at all
+        col_ok = cols.seg_exists[j, np.searchsorted(rows.c, y)]
+        row_ok = rows.seg_exists[i, np.searchsorted(cols.c, x)]
+        d_col = np.where(col_ok, np.abs(dx) - cols.hw[j], np.inf)  # < 0: inside the column road
+        d_row = np.where(row_ok, np.abs(dy) - rows.hw[i], np.inf)
         inside = (x >= 0) & (x <= self.size[0]) & (y >= 0) & (y <= self.size[1])
         in_col, in_row = (d_col < 0) & inside, (d_row < 0) & inside
+        # intersection boxes are road even where the crossing arm is missing
+        box = (np.abs(dx) < cols.hw[j]) & (np.abs(dy) < rows.hw[i]) & inside
+        in_row |= box
 
         cls = np.full(x.shape, OTHER, np.uint8)
         paint = np.zeros(x.shape, np.uint8)
@@ -145,14 +152,16 @@ class World:
         cls[in_col | in_row] = ROAD
 
         # column street segments: along = y, lateral = -dx, crossing = row i
+        e_row = np.abs(dy) - rows.hw[i]  # along-distance from the crossing's edge
+        e_col = np.abs(dx) - cols.hw[j]
         m = in_col & ~in_row
         if m.any():
             s = np.where(dy[m] >= 0, 1, 0)
-            self._street(cols, j[m], i[m], s, y[m], -dx[m], d_row[m], cls, paint, m)
-        m = in_row & ~in_col
+            self._street(cols, j[m], i[m], s, y[m], -dx[m], e_row[m], cls, paint, m)
+        m = in_row & ~in_col & ~box
         if m.any():
             s = np.where(dx[m] >= 0, 1, 0)
-            self._street(rows, i[m], j[m], s, x[m], dy[m], d_col[m], cls, paint, m)
+            self._street(rows, i[m], j[m], s, x[m], dy[m], e_col[m], cls, paint, m)
         return cls.reshape(shape), paint.reshape(shape)
 
     def _street(self, st: Streets, k, cross, s, along, lat, e, cls, paint, m) -> None:
@@ -227,10 +236,21 @@ def make_world(seed: int, n_cols: int = 5, n_rows: int = 5) -> World:
         wear = rng.uniform(0.0, 0.5, size=k)
         has_cw = rng.random((k, m, 2)) < 0.7
         has_stop = rng.random((k, m, 2)) < 0.85
-        return Streets(c, n, w, sw, phase, full_solid, wear, has_cw, has_stop), extent
+        seg_exists = np.ones((k, m + 1), bool)
+        return Streets(c, n, w, sw, phase, full_solid, wear, has_cw, has_stop, seg_exists), extent
 
     cols, wx = streets(n_cols, n_rows)
     rows, wy = streets(n_rows, n_cols)
+    # T-junctions: drop a few segments between interior intersections, at most one arm each
+    arms_removed: set[tuple[int, int]] = set()  # (row i, col j) intersections that lost an arm
+    cands = [("col", j, m) for j in range(1, n_cols - 1) for m in range(2, n_rows - 1)]
+    cands += [("row", i, m) for i in range(1, n_rows - 1) for m in range(2, n_cols - 1)]
+    for idx in rng.permutation(len(cands)):
+        kind, k, m = cands[idx]
+        ends = [(m - 1, k), (m, k)] if kind == "col" else [(k, m - 1), (k, m)]
+        if rng.random() < 0.4 and not any(e in arms_removed for e in ends):
+            (cols if kind == "col" else rows).seg_exists[k, m] = False
+            arms_removed.update(ends)
     theta = float(rng.uniform(math.radians(8), math.radians(40)))
     # rotate the local rectangle, then shift so the canvas starts at 0 with a margin
     corners = np.array([[0, 0], [wx, 0], [0, wy], [wx, wy]], np.float64)
@@ -273,7 +293,8 @@ def segments(world: World) -> list[Segment]:
             edges.append((length, None))
             for p in range(0, len(edges), 2):
                 (a0, c0), (a1, c1) = edges[p], edges[p + 1]
-                out.append(Segment(kind, k, a0, a1, c0, c1))
+                if st.seg_exists[k, p // 2]:
+                    out.append(Segment(kind, k, a0, a1, c0, c1))
     return out
 
 
@@ -337,23 +358,3 @@ def marking_range(world: World, seg: Segment) -> tuple[float, float]:
     a0 = seg.a0 + (mk.mark_start if seg.cross0 is not None else 0.0)
     a1 = seg.a1 - (mk.mark_start if seg.cross1 is not None else 0.0)
     return a0, a1
-
-
-def blocks(world: World) -> list[tuple[float, float, float, float, tuple[float, float, float, float]]]:
-    """Local block rectangles (x0, x1, y0, y1) between roads with per-side sidewalk widths
-    (left, right, bottom, top; 0 where the side is the world edge)."""
-
-    def intervals(st: Streets, length: float):
-        out = []
-        lo, lo_sw = 0.0, None
-        for k in range(len(st.c)):
-            out.append((lo, float(st.c[k] - st.hw[k]), lo_sw, float(st.sw[k])))
-            lo, lo_sw = float(st.c[k] + st.hw[k]), float(st.sw[k])
-        out.append((lo, length, lo_sw, None))
-        return out
-
-    res = []
-    for x0, x1, swl, swr in intervals(world.cols, world.size[0]):
-        for y0, y1, swb, swt in intervals(world.rows, world.size[1]):
-            res.append((x0, x1, y0, y1, (swl, swr, swb, swt)))
-    return res
