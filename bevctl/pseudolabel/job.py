@@ -415,6 +415,14 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
     image_paths = [[cam.image_path for cam in s.cameras] for s in samples]
     tokens = tuple(s.token for s in samples)
 
+    if not cfg.overwrite:  # fail fast, before Ray starts and the model loads
+        probe = LabelStoreSpec(model_id="", weights_hash="", id2label={}, resolution=out_hw,
+                               dataset_version=cfg.version, splits=tuple(splits), tokens=tokens,
+                               confidence=cfg.confidence, cameras=cameras).metadata()
+        for key in ("model_id", "weights_hash", "id2label"):
+            del probe[key]
+        LabelStore.precheck(cfg.out, probe, tokens)
+
     pool: _RayPool | _InlinePool = _InlinePool(cfg) if (cfg.workers == 0 and not cfg.gpus) else _RayPool(cfg)
     try:
         info = pool.info()

@@ -163,6 +163,19 @@ class LabelStore:
         self.set_run_info(run)
         return self, created
 
+    @classmethod
+    def precheck(cls, path: str | Path, metadata: Mapping[str, Any], tokens: Sequence[str]) -> None:
+        """Before any model is loaded: refuse an existing store whose ``metadata`` keys (a
+        subset) or token list differ. Nothing happens when there is no store at ``path``."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file():
+            return
+        existing = SampleStore.open(path, KIND, mode="r")
+        for key in _CHECK_ORDER:
+            if key in metadata:
+                existing.check_metadata({key: metadata[key]})
+        existing.check_tokens(tokens)
+
     # ---- reading --------------------------------------------------------------------------
 
     @property
