@@ -403,7 +403,7 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
     if index is None:
         index = load_index(cfg.dataroot, cfg.version, check_images=False)
     splits = list(cfg.splits) if cfg.splits else index.split_names()
-    splits = parse_splits(",".join(splits), index)
+    splits = list(dict.fromkeys(parse_splits(",".join(splits), index)))  # "train,train" once
     samples = [s for split in splits for s in index.samples_in(split)]
     if not samples:
         raise BevctlError(f"{cfg.dataroot}/{cfg.version}: no samples in split(s) {', '.join(splits)}")
