@@ -386,3 +386,36 @@ def test_each_camera_has_its_own_ego_pose(nusc):
         assert np.linalg.norm(p - p0) <= 13.0 * abs(dt) + 1e-6  # never faster than 13 m/s
         spread.append(dt)
     assert max(spread) - min(spread) > 0.03
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_classifier_matches_world_polygons(seed):
+    """The renderer's analytic ground classifier and the exported polygons are the same world:
+    random points everywhere plus a dense 5 cm grid around every T-junction."""
+    from bevctl.data.synth_map import PAINT_ORDER, world_polygons
+    from bevctl.data.synth_world import make_world
+
+    world = make_world(seed)
+    polys = world_polygons(world)
+    rng = np.random.default_rng(seed)
+    gx = rng.uniform(0, world.canvas[0], 150_000)
+    gy = rng.uniform(0, world.canvas[1], 150_000)
+    centres = [
+        (world.cols.c[k], world.rows.c[c]) if kind == "col" else (world.cols.c[c], world.rows.c[k])
+        for kind, st in (("col", world.cols), ("row", world.rows))
+        for k, m in zip(*np.nonzero(~st.seg_exists))
+        for c in (m - 1, m)
+    ]
+    assert centres, "expected at least one T-junction"
+    g = np.arange(-14.0, 14.0, 0.05)
+    for cx, cy in centres[:2]:
+        lx, ly = np.meshgrid(cx + g, cy + g)
+        tx, ty = world.to_global(lx.ravel(), ly.ravel())
+        gx, gy = np.concatenate([gx, tx]), np.concatenate([gy, ty])
+    cls, _ = world.classify(gx, gy)
+    exp = np.full(gx.shape, SYNTH_CLASSES.index("other_ground"), np.uint8)
+    for name in PAINT_ORDER:
+        geom = shapely.union_all(polys[name])
+        exp[shapely.contains_xy(geom, gx, gy)] = SYNTH_CLASSES.index(name)
+    assert np.array_equal(cls, exp)
+    assert set(np.unique(cls).tolist()) == set(range(1, 9))  # every ground class occurs, no sky/vehicle
