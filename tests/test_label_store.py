@@ -36,6 +36,8 @@ def test_create_write_read_and_stats(tmp_path) -> None:
     assert created and store.tokens == ["t0", "t1", "t2"] and store.resolution == (H, W)
     assert store.cameras == CAMERAS and store.id2label == {0: "road", 1: "lane", 2: "sky"}
     assert [store.status(t) for t in store.tokens] == ["todo"] * 3
+    codecs = [c.to_dict()["name"] for c in store._masks.metadata.codecs]
+    assert codecs == ["bytes", "bevctl_rle", "zstd"]  # masks: run-length then zstd
     rng = np.random.default_rng(0)
     m0 = _fill(path, 0, lambda c: rng.integers(0, 3, (H, W)))
     m2 = _fill(path, 2, lambda c: np.full((H, W), 1))

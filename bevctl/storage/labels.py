@@ -6,7 +6,8 @@ Layout (a :class:`~bevctl.storage.base.SampleStore` of kind ``pseudolabels``)::
       tokens      str   (N,)              sample tokens in store order
       done        uint8 (N,)              TODO 0 / DONE 1 / FAILED 2, written by the driver only
       cameras     str   (6,)              camera order of axis 1
-      masks       uint8 (N, 6, H, W)      the labeler's OWN class ids, one chunk per (sample, camera)
+      masks       uint8 (N, 6, H, W)      the labeler's OWN class ids, one chunk per (sample, camera),
+                                          run-length + zstd (bevctl.storage.rle)
       confidence  uint8 (N, 6, H, W)      optional: max class probability * 255
 
 The group attributes hold, under ``bevctl.metadata``, everything that makes two stores
@@ -21,7 +22,6 @@ alone marks samples done (:meth:`SampleStore.mark`). Readers use :meth:`LabelSto
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -36,10 +36,6 @@ from bevctl.data.records import CAMERAS
 from bevctl.errors import BevctlError
 from bevctl.storage.base import DONE, FAILED, STATUS_NAMES, TODO, ArraySpec, SampleStore
 from bevctl.storage.rle import mask_compressors  # also registers the bevctl_rle codec with zarr
-
-# ArraySpec(compressors=...) lets the masks use run-length + zstd; without it they get the
-# store default (Blosc zstd bitshuffle).
-_SPEC_HAS_COMPRESSORS = "compressors" in {f.name for f in dataclasses.fields(ArraySpec)}
 
 KIND = "pseudolabels"
 RUN_KEY = "bevctl_run"
@@ -80,10 +76,9 @@ class LabelStoreSpec:
         n, c = len(self.tokens), len(self.cameras)
         h, w = self.resolution
         names = ("sample", "camera", "y", "x")
-        mask_codecs: dict[str, Any] = {}
-        if _SPEC_HAS_COMPRESSORS:  # run-length + zstd: ~0.45x PNG where Blosc alone is ~1x PNG
-            mask_codecs["compressors"] = mask_compressors()
-        specs = [ArraySpec("masks", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names, **mask_codecs)]
+        # masks: run-length + zstd (~0.45x PNG, where Blosc alone is ~1x PNG); confidence: default
+        specs = [ArraySpec("masks", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names,
+                           compressors=mask_compressors())]
         if self.confidence:
             specs.append(ArraySpec("confidence", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names))
         return specs
