@@ -9,6 +9,17 @@ Writes, under ``OUT``:
 * ``maps/expansion/singapore-onenorth.json`` (map expansion v1.3) and ``maps/<token>.png``;
 * ``semantic/<image path>.png`` exact per-pixel class ids, ``semantic/classes.json``.
 
+Image GT rules (class ids = :data:`SYNTH_CLASSES`): each pixel takes the class of what its
+centre ray hits first (nuScenes convention: pixel centres at integer coordinates). Ground
+classes come from the world's exact geometry: ``crosswalk`` is the whole ped_crossing
+polygon (stripes and the gaps between them), ``stop_line`` a 0.4 m bar over the incoming
+lanes, ``lane_marking`` the white dividers as painted (0.15 m, dashes 3 m / gaps 5 m, solid
+near intersections), ``road_divider_marking`` the double yellow centre line (2 x 0.12 m),
+``curb`` a 0.3 m strip outside the road edge, then ``sidewalk``; everything else on the
+ground is ``other_ground``. Vehicles (car = body + cabin, truck = cab + cargo, all inside the
+annotated box) occlude the ground; rays that miss everything are ``sky``. Texture, shadows,
+haze, noise and JPEG only change colours, never labels.
+
 Modules: :mod:`synth_world` (analytic world), :mod:`synth_map` (polygons, map expansion),
 :mod:`synth_scene` (routes, rig, vehicles), :mod:`synth_render` (ray casting).
 Deterministic for a seed; rendering runs in a process pool over (scene, sample-chunk) jobs;
