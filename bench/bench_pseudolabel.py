@@ -9,8 +9,8 @@ On a small synthetic world (written once into a temp dir):
   Target: end-to-end / model-only >= 0.95.
 - **scaling**: the ``sleep:<s>`` stand-in (an accelerator that costs no CPU) with 1, 2, 4, 8
   actors; efficiency = images/s with n actors / (n x images/s with 1). Target >= 0.9.
-- **store**: the ``synth-gt`` masks (the world's exact image GT) in the job's Zarr store, and
-  the same masks with the run-length + zstd codec (:mod:`bevctl.storage.rle`), vs the same
+- **store**: the ``synth-gt`` masks (the world's exact image GT) in the job's Zarr store
+  (run-length + zstd, :mod:`bevctl.storage.rle`), and the same masks with Blosc alone, vs the same
   masks as PNG files (target <= 0.5x) and raw (target >= 50x smaller); time to read one
   6-camera frame.
 
@@ -185,7 +185,7 @@ def _codec_name(arr) -> str:
 def bench_store(dataroot: Path, work: Path) -> dict:
     import zarr
 
-    from bevctl.storage.rle import mask_compressors
+    from bevctl.storage.base import default_compressors
 
     out = work / "gt.zarr"
     cfg = PseudolabelConfig(dataroot=str(dataroot), version=VERSION, out=str(out), model="synth-gt",
@@ -212,9 +212,9 @@ def bench_store(dataroot: Path, work: Path) -> dict:
         "read_frame_ms_median": round(1000 * statistics.median(reads), 2),
         "read_frame_ms_max": round(1000 * max(reads), 2),
     }]
-    # the same masks with run-length + zstd (what the store uses once ArraySpec takes compressors)
+    # the same masks with the store default alone (Blosc zstd bitshuffle), for comparison
     alt = zarr.create_array(str(work / "rle.zarr"), shape=(len(frames), 6, h, w), chunks=(1, 1, h, w),
-                            dtype="uint8", compressors=mask_compressors(), fill_value=0)
+                            dtype="uint8", compressors=default_compressors(), fill_value=0)
     for i, f in enumerate(frames):
         for c in range(6):
             alt[i, c] = f[c]
