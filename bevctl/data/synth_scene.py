@@ -36,14 +36,10 @@ CAM_OFFSET_US = {
 }
 LIDAR_T_EGO = (0.943713, 0.0, 1.84023)  # LIDAR_TOP position in the ego frame
 RIG_PATH = Path(__file__).resolve().parents[1] / "assets" / "nuscenes_rig.json"
-RIG_FALLBACK = Path("/work/shared/nuscenes_rig.json")
 
 
 def load_rig() -> dict:
-    for p in (RIG_PATH, RIG_FALLBACK):
-        if p.exists():
-            return json.loads(p.read_text())
-    raise FileNotFoundError(f"camera rig not found at {RIG_PATH}")
+    return json.loads(RIG_PATH.read_text())
 
 
 def quat_to_rot(q) -> np.ndarray:
