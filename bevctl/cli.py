@@ -196,6 +196,8 @@ def train_labeler_cmd(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step."),
     seed: int = typer.Option(0, "--seed", help="Training seed."),
     threads: int = typer.Option(1, "--threads", help="CPU threads for torch (1 is fastest on a busy machine)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from the weights of an earlier train-labeler run."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
 ) -> None:
     """Train the small Mask2Former shipped as `bevctl-synth` on the synthetic world's image GT."""
     import dataclasses
@@ -207,7 +209,9 @@ def train_labeler_cmd(
         cfg = dataclasses.replace(cfg, steps=steps)
     if batch_size is not None:
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
-    metrics = run_train_labeler(out, work, data=data, eval_data=eval_data, cfg=cfg)
+    if lr is not None:
+        cfg = dataclasses.replace(cfg, lr=lr)
+    metrics = run_train_labeler(out, work, data=data, eval_data=eval_data, cfg=cfg, init=init)
     ious = ", ".join(f"{k} {v:.3f}" for k, v in metrics["iou"].items() if v is not None)
     print(f"wrote {out}; held-out IoU: {ious}; mIoU {metrics['miou']:.3f}")
 
