@@ -198,6 +198,7 @@ def train_labeler_cmd(
     threads: int = typer.Option(1, "--threads", help="CPU threads for torch (1 is fastest on a busy machine)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from the weights of an earlier train-labeler run."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
+    input_short_side: Optional[int] = typer.Option(None, "--input-short-side", help="Model input short side (px)."),
 ) -> None:
     """Train the small Mask2Former shipped as `bevctl-synth` on the synthetic world's image GT."""
     import dataclasses
@@ -211,6 +212,8 @@ def train_labeler_cmd(
         cfg = dataclasses.replace(cfg, batch_size=batch_size)
     if lr is not None:
         cfg = dataclasses.replace(cfg, lr=lr)
+    if input_short_side is not None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, shortest_edge=input_short_side))
     metrics = run_train_labeler(out, work, data=data, eval_data=eval_data, cfg=cfg, init=init)
     ious = ", ".join(f"{k} {v:.3f}" for k, v in metrics["iou"].items() if v is not None)
     print(f"wrote {out}; held-out IoU: {ious}; mIoU {metrics['miou']:.3f}")
