@@ -94,7 +94,7 @@ def _offline() -> bool:
 
 def _resolve_hub(model: str) -> Path:
     """Download (or find in the cache) a hub model's config, weights and preprocessor."""
-    hint = f"pass a local directory with the model (save_pretrained layout) as --model"
+    hint = "pass a local directory with the model (save_pretrained layout) as --model"
     if not _HUB_ID.match(model) or ".." in model:
         raise BevctlError(f"model '{model}' is neither a local directory nor a valid hub id; {hint}")
     try:
@@ -110,9 +110,12 @@ def _resolve_hub(model: str) -> Path:
             patterns = patterns + ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
             path = snapshot_download(model, allow_patterns=patterns, local_files_only=local_only)
     except Exception as e:  # network errors, missing repo, not cached while offline
-        why = "not in the local Hugging Face cache and the hub is unreachable" if not isinstance(
-            cached, str
-        ) else f"cache incomplete ({type(e).__name__})"
+        if isinstance(cached, str):
+            why = f"its local cache is incomplete ({type(e).__name__})"
+        elif local_only:
+            why = "not in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+        else:
+            why = f"not in the local Hugging Face cache and could not be downloaded ({type(e).__name__})"
         raise BevctlError(f"cannot load hub model '{model}': {why}; {hint}") from None
     return Path(path)
 
