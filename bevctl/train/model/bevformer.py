@@ -68,13 +68,14 @@ class BEVFormer(nn.Module):
         )  # fmt: skip
         self.head = SegHead(d, num_classes, cfg.bev_downsample, cfg.head_channels)
         # Geometry constants (not saved: they follow from cfg and grid).
-        centres = geometry.bev_cell_centers(self.query_grid)  # (Xq, Yq, 2)
-        zs = torch.linspace(cfg.pillar_z[0], cfg.pillar_z[1], cfg.num_points_in_pillar)
+        dev = self.pos_row.device  # explicit, so building under `with torch.device("meta")` is consistent
+        centres = geometry.bev_cell_centers(self.query_grid, device=dev)  # (Xq, Yq, 2)
+        zs = torch.linspace(cfg.pillar_z[0], cfg.pillar_z[1], cfg.num_points_in_pillar, device=dev)
         pillars = torch.cat(
             [centres.reshape(-1, 1, 2).expand(-1, zs.numel(), 2), zs.view(1, -1, 1).expand(xq * yq, -1, 1)], -1
         )  # (Q, Z, 3) ego points
         self.register_buffer("pillars", pillars, persistent=False)
-        ii, jj = torch.meshgrid(torch.arange(xq) + 0.5, torch.arange(yq) + 0.5, indexing="ij")
+        ii, jj = torch.meshgrid(torch.arange(xq, device=dev) + 0.5, torch.arange(yq, device=dev) + 0.5, indexing="ij")
         tsa_ref = torch.stack([jj / yq, ii / xq], -1).reshape(-1, 2)  # (Q, 2) as (along Y, along X)
         self.register_buffer("tsa_ref", tsa_ref, persistent=False)
 
