@@ -19,6 +19,7 @@ class TrainConfig:
     grid: str = "demo"  # BEV grid preset
     class_set: str = "hdmapnet"  # BEV class set preset
     image_hw: Optional[tuple[int, ...]] = None  # model input (H, W); None = the model preset's
+    backbone_pretrained: Optional[str] = None  # hub id or local dir of ImageNet weights (None = random init)
     label_hw: Optional[tuple[int, ...]] = None  # reprojection-loss label resolution; None = store's
     # optimisation
     batch_size: int = 1  # per process, per micro-batch

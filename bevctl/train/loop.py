@@ -104,6 +104,10 @@ def model_config(cfg: TrainConfig):
         import dataclasses
 
         mc = dataclasses.replace(mc, image_hw=tuple(cfg.image_hw))
+    if cfg.backbone_pretrained is not None:
+        import dataclasses
+
+        mc = dataclasses.replace(mc, backbone_pretrained=cfg.backbone_pretrained, backbone_norm_eval=True)
     return mc
 
 
