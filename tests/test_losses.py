@@ -239,8 +239,10 @@ def test_bev_ground_truth_reprojected_reproduces_the_image_ground_truth(tiny_syn
                 total[c] += mc.sum()
     overall = agree.sum() / total.sum()
     per_class = dict(zip(class_set.names_with_background, (agree / np.maximum(total, 1)).round(3)))
-    assert total.sum() > 50_000 and overall >= 0.97, (overall, per_class)
-    # the markings themselves (not just the road) land where the map says
-    for name in ("ped_crossing", "divider"):
+    assert total.sum() > 50_000 and overall >= 0.99, (overall, per_class)
+    # the markings and the curb band (not just the road) land where the map says; the synthetic
+    # curb straddles the road edge like the BEV boundary band (measured: 1.000 boundary, 1.000
+    # ped_crossing, 1.000 divider, 0.996 background on this dataset)
+    for name, n_min in (("boundary", 200), ("ped_crossing", 1000), ("divider", 20)):
         c = class_set.names_with_background.index(name)
-        assert total[c] > 20 and agree[c] / total[c] >= 0.95, (name, per_class)
+        assert total[c] > n_min and agree[c] / total[c] >= 0.95, (name, per_class)

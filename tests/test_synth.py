@@ -213,13 +213,14 @@ def test_map_expansion_polygons_match_rendered_gt(nusc, nmap, tiny_synth):
     lines = shapely.union_all(
         [nmap.extract_line(r["line_token"]) for r in nmap.road_divider + nmap.lane_divider]
     ).buffer(0.35)
-    near_drive = drivable.boundary.buffer(0.5)  # curb strip lies between road and walkway
+    near_drive = drivable.boundary.buffer(0.5)  # curb band straddles the road edge
     shapely.prepare(drivable), shapely.prepare(walk), shapely.prepare(cross), shapely.prepare(stop)
     shapely.prepare(lines), shapely.prepare(near_drive)
 
     def classify(x, y):
         exp = np.full(x.shape, 255, np.uint8)  # 255: no claim
         on_road = shapely.contains_xy(drivable, x, y) & ~shapely.contains_xy(lines, x, y)
+        on_road &= ~shapely.contains_xy(near_drive, x, y)
         exp[on_road] = C["road"]
         exp[shapely.contains_xy(walk, x, y)] = C["sidewalk"]
         exp[shapely.contains_xy(cross, x, y)] = C["crosswalk"]
@@ -419,3 +420,39 @@ def test_classifier_matches_world_polygons(seed):
         exp[shapely.contains_xy(geom, gx, gy)] = SYNTH_CLASSES.index(name)
     assert np.array_equal(cls, exp)
     assert set(np.unique(cls).tolist()) == set(range(1, 9))  # every ground class occurs, no sky/vehicle
+
+
+def test_curb_band_is_centred_on_the_road_edge():
+    """The curb straddles the road edge (outline of the road polygons = the map's road_segment and
+    lane layers): 0.15 m on the road, 0.15 m outside, like the nuScenes / HDMapNet boundary band."""
+    from bevctl.data.synth_map import world_polygons
+    from bevctl.data.synth_world import make_world
+
+    world = make_world(0)
+    polys = world_polygons(world)
+    road = shapely.union_all(polys["road"])
+    curb = shapely.union_all(polys["curb"])
+    painted = shapely.union_all(polys["crosswalk"] + polys["stop_line"])
+    inner, outer = curb.intersection(road).area, curb.difference(road).area
+    assert inner > 100.0 and abs(inner - outer) / outer < 0.02, (inner, outer)
+    assert curb.difference(road.boundary.buffer(0.15 + 1e-6, join_style="mitre")).area < 1e-6
+    # points just either side of the edge, away from corners and the world's border
+    edge = road.boundary
+    s = np.arange(0.0, edge.length, 0.7)
+    p = shapely.get_coordinates(edge.interpolate(s))
+    t = shapely.get_coordinates(edge.interpolate(s + 0.05)) - shapely.get_coordinates(edge.interpolate(s - 0.05))
+    straight = np.isclose(np.hypot(t[:, 0], t[:, 1]), 0.1)
+    lx, ly = world.to_local(p[:, 0], p[:, 1])
+    away = (lx > 1) & (lx < world.size[0] - 1) & (ly > 1) & (ly < world.size[1] - 1)
+    corners = shapely.multipoints(shapely.get_coordinates(edge)).buffer(0.5)
+    keep = straight & away & ~shapely.contains_xy(corners, p[:, 0], p[:, 1])
+    p, t = p[keep], t[keep] / 0.1
+    n = np.stack([-t[:, 1], t[:, 0]], 1)
+    n *= np.where(shapely.contains_xy(road, *(p + 0.05 * n).T), -1.0, 1.0)[:, None]  # outward
+    C = {k: SYNTH_CLASSES.index(k) for k in ("road", "curb", "sidewalk")}
+    clear = ~shapely.contains_xy(painted.buffer(0.3), *p.T)
+    assert clear.sum() > 500
+    got = {d: world.classify(*(p + d * n).T)[0][clear] for d in (-0.3, -0.1, 0.1, 0.3)}
+    assert np.all(got[-0.1] == C["curb"]) and np.all(got[0.1] == C["curb"])
+    assert np.all(np.isin(got[-0.3], [C["road"], SYNTH_CLASSES.index("lane_marking")]))
+    assert np.all(got[0.3] == C["sidewalk"])

@@ -15,7 +15,9 @@ classes come from the world's exact geometry: ``crosswalk`` is the whole ped_cro
 polygon (stripes and the gaps between them), ``stop_line`` a 0.4 m bar over the incoming
 lanes, ``lane_marking`` the white dividers as painted (0.15 m, dashes 3 m / gaps 5 m, solid
 near intersections), ``road_divider_marking`` the double yellow centre line (2 x 0.12 m),
-``curb`` a 0.3 m strip outside the road edge, then ``sidewalk``; everything else on the
+``curb`` a 0.3 m strip centred on the road edge (0.15 m on the road, 0.15 m outside, the
+nuScenes / HDMapNet ``boundary`` band; crosswalks and stop lines are painted over it), then
+``sidewalk``; everything else on the
 ground is ``other_ground``. Vehicles (car = body + cabin, truck = cab + cargo, all inside the
 annotated box) occlude the ground; rays that miss everything are ``sky``. Texture, shadows,
 haze, noise and JPEG only change colours, never labels.

@@ -31,8 +31,8 @@ from bevctl.data.synth_world import (
 # points in none of them are other_ground.
 PAINT_ORDER: tuple[str, ...] = (
     "sidewalk",
-    "curb",
     "road",
+    "curb",  # centred on the road edge: its inner half lies on the road
     "lane_marking",
     "road_divider_marking",
     "crosswalk",
@@ -86,8 +86,8 @@ def local_class_geometry(world: World) -> dict[str, list[Polygon]]:
     """Polygons per ground class in the *local* frame (see :data:`PAINT_ORDER`)."""
     mk = world.mk
     out: dict[str, list[Polygon]] = {name: [] for name in PAINT_ORDER}
-    # sidewalks and curbs: lateral bands along every built segment, outside all roads
-    kerb, walk = [], []
+    # sidewalks: lateral bands along every built segment, outside all roads
+    walk = []
     for seg in segments(world):
         st = world.street(seg.kind)
         other = world.rows if seg.kind == "col" else world.cols
@@ -95,13 +95,12 @@ def local_class_geometry(world: World) -> dict[str, list[Polygon]]:
         # bands run to the crossing centres: beside a T-junction's missing arm they continue
         lo = seg.a0 if seg.cross0 is None else float(other.c[seg.cross0])
         hi = seg.a1 if seg.cross1 is None else float(other.c[seg.cross1])
-        kerb.append(_rect(world, seg, lo, hi, -hw - mk.curb_w, hw + mk.curb_w))
         walk.append(_rect(world, seg, lo, hi, -hw - mk.curb_w - sw, hw + mk.curb_w + sw))
     roads = [_rect(world, seg, seg.a0, seg.a1, -float(world.street(seg.kind).hw[seg.k]), float(world.street(seg.kind).hw[seg.k]))
              for seg in segments(world)]
     roads += [_intersection(world, i, j) for i in range(len(world.rows.c)) for j in range(len(world.cols.c))]
     road_u = unary_union(roads)
-    kerb_u = unary_union(kerb).difference(road_u)
+    kerb_u = _curb_band(world, roads)
     out["curb"] = _polys(kerb_u)
     out["sidewalk"] = _polys(unary_union(walk).difference(road_u).difference(kerb_u))
     world_rect = box(0, 0, world.size[0], world.size[1])
@@ -130,6 +129,26 @@ def local_class_geometry(world: World) -> dict[str, list[Polygon]]:
         for j in range(len(world.cols.c)):
             out["road"].append(_intersection(world, i, j))
     return {k: [p.intersection(world_rect) for p in v if not p.is_empty] for k, v in out.items()}
+
+
+def _curb_band(world: World, roads: list[Polygon]):
+    """The curb: the road (streets extended past the world's border, so it has no edge there)
+    dilated minus eroded by a cross of radius ``curb_w / 2`` along local x and y -- a band of
+    width ``curb_w`` centred on the road edge, as :meth:`World.classify` computes it."""
+    h = world.mk.curb_w / 2
+    ext = []
+    for seg in segments(world):
+        hw = float(world.street(seg.kind).hw[seg.k])
+        a0 = seg.a0 - 1.0 if seg.cross0 is None else seg.a0
+        a1 = seg.a1 + 1.0 if seg.cross1 is None else seg.a1
+        ext.append(_rect(world, seg, a0, a1, -hw, hw))
+    road = unary_union(ext + roads)
+    moved = [affinity.translate(road, ox, oy) for ox, oy in ((h, 0.0), (-h, 0.0), (0.0, h), (0.0, -h))]
+    grown = unary_union([road] + moved)
+    shrunk = road
+    for m in moved:
+        shrunk = shrunk.intersection(m)
+    return grown.difference(shrunk)
 
 
 def _intersection(world: World, i: int, j: int) -> Polygon:

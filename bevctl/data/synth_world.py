@@ -11,8 +11,10 @@ therefore agree exactly:
 
 Streets: ``cols`` run along local y at ``x = col_c[j]``; ``rows`` run along local x at
 ``y = row_c[i]``. Each street has ``n`` lanes per direction of width ``w``, a double yellow
-centre line, white lane dividers (dashed, solid near intersections, or fully solid), then a
-0.3 m curb strip and a sidewalk outside the road edge. Traffic keeps left (Singapore).
+centre line, white lane dividers (dashed, solid near intersections, or fully solid), a 0.3 m
+curb strip centred on the road edge (half on the road, half outside; like the nuScenes / HDMapNet
+boundary band), then a sidewalk.  The road itself (drivable area, map polygons) still ends at the
+road edge: the curb's inner half is painted over the road surface. Traffic keeps left (Singapore).
 Every intersection approach may have a zebra crossing and a stop line on its incoming lanes.
 """
 
@@ -49,7 +51,7 @@ SIDE = 1.0  # +1: traffic keeps left (lanes of heading d lie to the left of the 
 class MarkingSpec:
     """Sizes of markings along a street approach (metres)."""
 
-    curb_w: float = 0.3  # curb strip outside the road edge
+    curb_w: float = 0.3  # curb strip centred on the road edge (curb_w / 2 on either side)
     cw_gap: float = 1.0  # intersection edge -> crosswalk start
     cw_len: float = 4.0  # crosswalk length along the street
     stop_gap: float = 1.0  # crosswalk end -> stop line start
@@ -126,30 +128,21 @@ class World:
         shape = x.shape
         x, y = x.ravel(), y.ravel()
         cols, rows, mk = self.cols, self.rows, self.mk
-        j = _nearest(cols.c, x)
-        i = _nearest(rows.c, y)
-        dx = x - cols.c[j]
-        dy = y - rows.c[i]
-        # streets may have missing segments (T-junctions): a missing one is not there at all
-        col_ok = cols.seg_exists[j, np.searchsorted(rows.c, y)]
-        row_ok = rows.seg_exists[i, np.searchsorted(cols.c, x)]
-        d_col = np.where(col_ok, np.abs(dx) - cols.hw[j], np.inf)  # < 0: inside the column road
-        d_row = np.where(row_ok, np.abs(dy) - rows.hw[i], np.inf)
+        j, i, dx, dy, d_col, d_row, box = self._road_parts(x, y)
         inside = (x >= 0) & (x <= self.size[0]) & (y >= 0) & (y <= self.size[1])
-        in_col, in_row = (d_col < 0) & inside, (d_row < 0) & inside
-        # intersection boxes are road even where the crossing arm is missing
-        box = (np.abs(dx) < cols.hw[j]) & (np.abs(dy) < rows.hw[i]) & inside
-        in_row |= box
+        in_col, in_row = (d_col < 0) & inside, ((d_row < 0) | box) & inside
+        box &= inside
+        on_road = in_col | in_row
 
         cls = np.full(x.shape, OTHER, np.uint8)
         paint = np.zeros(x.shape, np.uint8)
 
-        # sidewalks and curbs (outside both roads)
-        off = inside & ~in_col & ~in_row
+        # sidewalks outside both roads, then the road, then the curb band across the road edge
         side_w = (d_col < mk.curb_w + cols.sw[j]) | (d_row < mk.curb_w + rows.sw[i])
-        cls[off & side_w] = SIDEWALK
-        cls[off & ((d_col < mk.curb_w) | (d_row < mk.curb_w))] = CURB
-        cls[in_col | in_row] = ROAD
+        cls[inside & ~on_road & side_w] = SIDEWALK
+        cls[on_road] = ROAD
+        road_ext = (d_col < 0) | (d_row < 0) | (np.abs(dx) < cols.hw[j]) & (np.abs(dy) < rows.hw[i])
+        cls[self._curb(x, y, road_ext, dx, dy, j, i) & inside] = CURB
 
         # column street segments: along = y, lateral = -dx, crossing = row i
         e_row = np.abs(dy) - rows.hw[i]  # along-distance from the crossing's edge
@@ -163,6 +156,45 @@ class World:
             s = np.where(dx[m] >= 0, 1, 0)
             self._street(rows, i[m], j[m], s, x[m], dy[m], e_col[m], cls, paint, m)
         return cls.reshape(shape), paint.reshape(shape)
+
+    def _road_parts(self, x: np.ndarray, y: np.ndarray):
+        """Nearest street indices, offsets, signed edge distances (< 0: inside; inf: missing
+        segment) and intersection-box membership, for roads extended past the world's border."""
+        cols, rows = self.cols, self.rows
+        j = _nearest(cols.c, x)
+        i = _nearest(rows.c, y)
+        dx = x - cols.c[j]
+        dy = y - rows.c[i]
+        # streets may have missing segments (T-junctions): a missing one is not there at all
+        col_ok = cols.seg_exists[j, np.searchsorted(rows.c, y)]
+        row_ok = rows.seg_exists[i, np.searchsorted(cols.c, x)]
+        d_col = np.where(col_ok, np.abs(dx) - cols.hw[j], np.inf)  # < 0: inside the column road
+        d_row = np.where(row_ok, np.abs(dy) - rows.hw[i], np.inf)
+        # intersection boxes are road even where the crossing arm is missing
+        box = (np.abs(dx) < cols.hw[j]) & (np.abs(dy) < rows.hw[i])
+        return j, i, dx, dy, d_col, d_row, box
+
+    def _on_road_ext(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Road membership with streets running on past the world's border (no edge there)."""
+        _, _, _, _, d_col, d_row, box = self._road_parts(x, y)
+        return (d_col < 0) | (d_row < 0) | box
+
+    def _curb(self, x, y, road, dx, dy, j, i) -> np.ndarray:
+        """The curb band: points whose road membership changes within ``curb_w / 2`` along
+        local x or y (dilation minus erosion of the road by a cross of that radius), i.e. a band
+        centred on the road edge.  ``road`` is the points' own (extended) road membership."""
+        h = self.mk.curb_w / 2
+        # every road edge lies on a street's edge line |dx| = hw or |dy| = hw (nearest street)
+        near = (np.abs(np.abs(dx) - self.cols.hw[j]) <= h + 0.05) | (np.abs(np.abs(dy) - self.rows.hw[i]) <= h + 0.05)
+        out = np.zeros(x.shape, bool)
+        k = np.nonzero(near)[0]
+        if k.size:
+            xk, yk, rk = x[k], y[k], road[k]
+            changed = np.zeros(k.size, bool)
+            for ox, oy in ((h, 0.0), (-h, 0.0), (0.0, h), (0.0, -h)):
+                changed |= self._on_road_ext(xk + ox, yk + oy) != rk
+            out[k] = changed
+        return out
 
     def _street(self, st: Streets, k, cross, s, along, lat, e, cls, paint, m) -> None:
         mk = self.mk
