@@ -40,7 +40,6 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
-RIG = ROOT / "bevctl" / "assets" / "nuscenes_rig.json"
 # (preset, grid): the CPU set and the extra GPU set
 CPU_RUNS = [("demo", "demo", {}), ("demo", "demo", {"embed_dim": 64, "ffn_dim": 128, "num_layers": 2}),
             ("demo", "hdmapnet", {}), ("demo", "hdmapnet", {"sca_gather": False}),
@@ -50,21 +49,10 @@ NUM_CLASSES = 4  # hdmapnet class set + background
 
 
 def _rig(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
-    from bevctl import geometry
-    from bevctl.data.records import CAMERAS
+    from bevctl.data.rig import reference_rig
 
-    path = RIG
-    data = json.loads(path.read_text())
-    w0, h0 = data["image_size"]["width"], data["image_size"]["height"]
-    sx, sy = w / w0, h / h0
-    scale = torch.tensor([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=torch.float64)
-    ks, ts = [], []
-    for name in CAMERAS:
-        cam = data["cameras"][name]
-        ks.append(scale @ torch.tensor(cam["camera_intrinsic"], dtype=torch.float64))
-        q = torch.tensor(cam["rotation"], dtype=torch.float64)
-        ts.append(geometry.transform_from_quat(q, torch.tensor(cam["translation"], dtype=torch.float64)))
-    return torch.stack(ks).float()[None], torch.stack(ts).float()[None]
+    ks, ts = reference_rig((h, w))
+    return torch.from_numpy(ks).float()[None], torch.from_numpy(ts).float()[None]
 
 
 def _rss_mb() -> float:

@@ -346,7 +346,7 @@ def _report_md(report: dict[str, Any], entries: list[dict[str, Any]], plan: Demo
         f"labelled training scenes, baseline {plan.baseline_steps} on 100%.", "",
         "Per-class IoU % on val, mIoU without background, wall seconds per phase (2-core CPU):", "",
         format_table(entries),
-        f"Shared phases (same for every model): " + ", ".join(
+        "Shared phases (same for every model): " + ", ".join(
             f"{k} {v:.0f} s" for k, v in report["shared_wall_seconds"].items()),
         "", f"Evaluation rules: {report['rules']}.", "", "## Pictures", "",
     ]  # fmt: skip

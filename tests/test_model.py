@@ -4,12 +4,12 @@ gradients, shapes per preset, save/load, AMP, and that it learns."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
+
+from bevctl.data.rig import reference_rig
 
 from bevctl import geometry
 from bevctl.config import GRID_PRESETS, BEVGrid
@@ -27,7 +27,6 @@ from bevctl.train.model import (
 )
 from bevctl.train.model.attention import ms_deform_attn, ms_deform_attn_reference
 
-RIG = Path(__file__).resolve().parents[1] / "bevctl" / "assets" / "nuscenes_rig.json"
 DEMO_GRID = GRID_PRESETS["demo"]
 
 
@@ -41,18 +40,8 @@ def _one_thread():
 
 def rig(h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The real nuScenes rig: ``pix_T_cam (1, 6, 3, 3)`` scaled to ``(h, w)`` and ``ego_T_cam (1, 6, 4, 4)``."""
-    data = json.loads(RIG.read_text())
-    w0, h0 = data["image_size"]["width"], data["image_size"]["height"]
-    sx, sy = w / w0, h / h0
-    # pixel centres at integers: u' = (u + 0.5) * sx - 0.5
-    scale = torch.tensor([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=torch.float64)
-    ks, ts = [], []
-    for name in CAMERAS:
-        cam = data["cameras"][name]
-        ks.append(scale @ torch.tensor(cam["camera_intrinsic"], dtype=torch.float64))
-        q = torch.tensor(cam["rotation"], dtype=torch.float64)
-        ts.append(geometry.transform_from_quat(q, torch.tensor(cam["translation"], dtype=torch.float64)))
-    return torch.stack(ks).float()[None], torch.stack(ts).float()[None]
+    ks, ts = reference_rig((h, w))
+    return torch.from_numpy(ks).float()[None], torch.from_numpy(ts).float()[None]
 
 
 def demo_model(seed: int = 0, **overrides) -> BEVFormer:

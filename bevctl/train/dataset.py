@@ -32,6 +32,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from bevctl.config import BEVClassSet, BEVGrid
+from bevctl.data.rig import scale_intrinsics  # noqa: F401  (re-exported)
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
 
@@ -41,14 +42,6 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------
-
-
-def scale_intrinsics(pix_T_cam: np.ndarray, from_hw: tuple[int, int], to_hw: tuple[int, int]) -> np.ndarray:
-    """Intrinsics ``(..., 3, 3)`` of an image of size ``from_hw`` -> of the resized ``to_hw``
-    image (pixel centres at integer coordinates: ``u' = (u + 0.5) * sx - 0.5``)."""
-    sy, sx = to_hw[0] / from_hw[0], to_hw[1] / from_hw[1]
-    s = np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], dtype=np.float64)
-    return s @ np.asarray(pix_T_cam, dtype=np.float64)
 
 
 def load_image(path: str, image_hw: tuple[int, int]) -> np.ndarray:
