@@ -22,7 +22,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow test-all demo bench clean
+.PHONY: install test test-slow test-all demo bench bench-paper clean
 
 install: $(STAMP)
 
@@ -48,6 +48,10 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run_all.py
+
+# The label-efficiency table (hours on 2 cores; resumable): bench/results/paper.{json,md}
+bench-paper: $(STAMP)
+	$(PY) bench/paper.py
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache

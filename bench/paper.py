@@ -1,0 +1,127 @@
+"""The label-efficiency table of the paper on the synthetic world (issue 7).
+
+For BEV-label fractions 10/25/50/100% it fine-tunes from the pretrained model and trains from
+scratch with the same step budget, over several seeds, and reports mean ± std val mIoU and the
+wall time of every phase. Ablations: pretraining without the temporal loss, pretraining on
+perfect pseudo-labels (the synthetic image GT, `synth-gt`) instead of the shipped Mask2Former's
+(separates labeler error from the method), and pretraining only (zero BEV labels).
+
+Budget rules: every fine-tuning / from-scratch run at every fraction gets the same number of
+optimiser steps (``--finetune-steps`` after pretraining, ``--scratch-steps`` from scratch); the
+pretraining budget is counted into the pretrained rows' total time.
+
+    .venv/bin/python bench/paper.py [--plan default|quick] [--seeds 3] [--out bench/results/paper-run]
+
+Everything is resumable (rerun the same command); results go to bench/results/paper.json and
+paper.md. On 2 CPU cores the default plan with 3 seeds takes several hours: run it as its own
+target (``make bench-paper``), not inside ``make bench``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bevctl.demo import PLANS, Paths, PhaseLog, evaluate_phase, prepare_data, train_phase  # noqa: E402
+from bevctl.io import atomic_write_text  # noqa: E402
+
+FRACTIONS = (0.1, 0.25, 0.5, 1.0)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan", default="default", choices=sorted(PLANS))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
+    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper-run")
+    args = ap.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")]
+
+    base_plan = PLANS[args.plan]
+    paths = Paths(args.out)
+    args.out.mkdir(parents=True, exist_ok=True)
+    phases = PhaseLog(args.out / "phases.json")
+    prepare_data(base_plan, paths, phases)
+    if not args.no_ablations:
+        prepare_data(dataclasses.replace(base_plan, labeler="synth-gt"), paths, phases)
+
+    rows: list[dict[str, Any]] = []
+
+    def record(name: str, fraction: float, pretrained: str, seed: int, ckpt: Path, wall: dict[str, float]) -> None:
+        res = evaluate_phase(paths, phases, ckpt.parent.name, ckpt)  # the run directory's name is unique
+        rows.append({"name": name, "fraction": fraction, "pretraining": pretrained, "seed": seed,
+                     "miou": res["miou"], "iou_per_class": {k: v["iou"] for k, v in res["classes"].items()},
+                     "wall_seconds": wall})
+
+    for seed in range(args.seeds):
+        plan = dataclasses.replace(base_plan, seed=seed)
+        pretrains = {"reprojection+temporal": ("pretrain", plan.labeler, None)}
+        if not args.no_ablations:
+            pretrains["no temporal loss"] = ("pretrain-notemporal", plan.labeler, 0.0)
+            pretrains["perfect pseudo-labels"] = ("pretrain-synthgt", "synth-gt", None)
+        pre_ckpt: dict[str, Path] = {}
+        for kind, (run, labeler, tw) in pretrains.items():
+            name = f"{run}-s{seed}"
+            pre_ckpt[kind] = train_phase(plan, paths, phases, name, mode="pretrain", steps=plan.pretrain_steps,
+                                         labeler=labeler, temporal_weight=tw)
+            record(f"{run} only", 0.0, kind, seed, pre_ckpt[kind], {"pretrain": phases.seconds(f"train:{name}")})
+        for fraction in fractions:
+            tag = f"{int(round(fraction * 100))}"
+            for kind, ckpt in pre_ckpt.items():
+                if kind != "reprojection+temporal" and fraction != 0.5:
+                    continue  # ablations at the headline fraction only
+                run = f"ft{tag}-{pretrains[kind][0]}-s{seed}"
+                last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.finetune_steps,
+                                   fraction=fraction, init=ckpt)
+                pre_name = f"{pretrains[kind][0]}-s{seed}"
+                record(f"pretrain + {tag}%", fraction, kind, seed, last,
+                       {"pretrain": phases.seconds(f"train:{pre_name}"), "finetune": phases.seconds(f"train:{run}")})
+            run = f"scratch{tag}-s{seed}"
+            last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.baseline_steps, fraction=fraction)
+            record(f"scratch {tag}%", fraction, "none", seed, last, {"finetune": phases.seconds(f"train:{run}")})
+
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["fraction"], r["pretraining"]), []).append(r)
+    table = []
+    for (name, fraction, kind), rs in groups.items():
+        m, s = _mean_std([r["miou"] for r in rs])
+        walls = [sum(r["wall_seconds"].values()) for r in rs]
+        table.append({"name": name, "fraction": fraction, "pretraining": kind, "seeds": len(rs),
+                      "miou_mean": m, "miou_std": s, "wall_seconds_mean": statistics.fmean(walls),
+                      "wall_seconds_per_phase": {p: statistics.fmean(r["wall_seconds"].get(p, 0.0) for r in rs)
+                                                 for p in {p for r in rs for p in r["wall_seconds"]}}})
+    table.sort(key=lambda t: (t["fraction"], t["pretraining"] == "none", t["pretraining"]))
+    result = {"plan": dataclasses.asdict(base_plan), "command": " ".join(["python", "bench/paper.py", *sys.argv[1:]]),
+              "shared_wall_seconds": {p: phases.seconds(p) for p in phases.data if not p.startswith(("train:", "eval:"))},
+              "rows": table, "runs": rows}
+    results_dir = ROOT / "bench" / "results"
+    atomic_write_text(results_dir / "paper.json", json.dumps(result, indent=2))
+    lines = ["# Label efficiency on the synthetic world", "",
+             f"`{result['command']}`; plan `{args.plan}`: {base_plan.scenes} scenes x {base_plan.samples_per_scene} "
+             f"keyframes, pretrain {base_plan.pretrain_steps} steps, fine-tune {base_plan.finetune_steps}, "
+             f"from scratch {base_plan.baseline_steps}; val mIoU % (mean ± std over seeds), wall seconds (2-core CPU).", "",
+             "| model | BEV labels | pretraining | seeds | mIoU % | total train s |", "|---|---|---|---|---|---|"]
+    for t in table:
+        lines.append(f"| {t['name']} | {100 * t['fraction']:.0f}% | {t['pretraining']} | {t['seeds']} | "
+                     f"{100 * t['miou_mean']:.1f} ± {100 * t['miou_std']:.1f} | {t['wall_seconds_mean']:.0f} |")
+    atomic_write_text(results_dir / "paper.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
