@@ -60,12 +60,13 @@ PLANS: dict[str, DemoPlan] = {
     # 500, 68-67% at 625-1000 of a 1000-step run; docs/demo_tuning.md); pretrain + fine-tune
     # together get about half of the baseline's steps. The demo preset's class_weights apply to
     # all three trainings alike.
-    # ~10 minutes on 2 cores (4x the quick world's samples, so a longer baseline).
+    # 4x the quick world's samples, so a longer baseline. Measured 16.3 min on a busy 2-core
+    # machine, 9 of them pseudo-labelling (docs/demo_tuning.md).
     "default": DemoPlan(
         scenes=10, samples_per_scene=20, image_hw=(225, 400), label_hw=(112, 200),
         pretrain_steps=400, finetune_steps=500, baseline_steps=1800,
     ),
-    # ~2-3 minutes on 2 cores: a smaller world, fewer steps.
+    # A smaller world, fewer steps. Measured 5.1 min on a busy 2-core machine.
     "quick": DemoPlan(
         scenes=5, samples_per_scene=10, image_hw=(112, 200), label_hw=(56, 100),
         pretrain_steps=150, finetune_steps=300, baseline_steps=1000,
