@@ -14,6 +14,8 @@ TORCH  ?= torch==2.13.0
 NUSCENES_DEVKIT := nuscenes-devkit==1.2.0
 
 export OMP_NUM_THREADS ?= 2
+# with other jobs on the cores, OpenMP busy-waiting made training steps ~40x slower (docs/demo_tuning.md)
+export OMP_WAIT_POLICY ?= PASSIVE
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
 export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/torchinductor
 export BEVCTL_CACHE_DIR ?= $(CURDIR)/.cache/bevctl
