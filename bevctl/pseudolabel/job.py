@@ -39,7 +39,8 @@ import numpy as np
 
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
-from bevctl.storage.labels import DONE, FAILED, LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
+from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
+from bevctl.storage.base import CompletionLog
 
 log = logging.getLogger(__name__)
 
@@ -466,22 +467,11 @@ def _drive(
     down = [False] * len(pool.actors)  # actor died and has not answered since
     cams_ok = np.zeros(n_total, dtype=np.int16)
     failed = np.zeros(n_total, dtype=bool)
-    to_done: list[int] = []
-    to_failed: list[int] = []
+    completions = CompletionLog(store, every_s=MARK_EVERY_S)
     failures: list[str] = []
     labeled = images_failed = restarts = 0
     times = {"model_s": 0.0, "decode_s": 0.0, "write_s": 0.0}
-    last_mark = time.monotonic()
-
-    def flush() -> None:
-        nonlocal last_mark
-        if to_failed:
-            store.mark(to_failed, FAILED)
-            to_failed.clear()
-        if to_done:
-            store.mark(to_done, DONE)
-            to_done.clear()
-        last_mark = time.monotonic()
+    flush = completions.flush
 
     def next_batch() -> _Batch | None:
         if retry:
@@ -530,7 +520,7 @@ def _drive(
                 for i, c in result["ok"]:
                     cams_ok[i] += 1
                     if cams_ok[i] == n_cams and not failed[i]:
-                        to_done.append(i)
+                        completions.done(i)
                 labeled += len(result["ok"])
                 for i, c, path, reason in result["errors"]:
                     images_failed += 1
@@ -540,11 +530,10 @@ def _drive(
                     failures.append(f"{path}: {reason}")
                     if not failed[i]:
                         failed[i] = True
-                        to_failed.append(i)
+                        completions.failed(i)
                 if progress:
                     progress.advance(task, len(result["ok"]) + len(result["errors"]))
-            if time.monotonic() - last_mark > MARK_EVERY_S:
-                flush()
+            completions.tick()
         flush()
     finally:
         # Completion records of finished samples are written even on Ctrl-C / errors.

@@ -336,3 +336,39 @@ class SampleStore:
         current = np.asarray(done[:], dtype=np.uint8)
         current[idx] = status
         done[:] = current
+
+
+class CompletionLog:
+    """The driver's buffer of completion records: ``done(i)`` / ``failed(i)`` collect sample
+    indices reported by workers; ``flush()`` writes them (driver only) and ``tick()`` flushes at
+    most every ``every_s`` seconds, so a crash loses at most that much bookkeeping (the work is
+    redone on the rerun, never double-counted)."""
+
+    def __init__(self, store: Any, every_s: float = 1.0) -> None:  # anything with ``mark(indices, status)``
+        import time
+
+        self._clock = time.monotonic
+        self.store = store
+        self.every_s = every_s
+        self._done: list[int] = []
+        self._failed: list[int] = []
+        self._last = self._clock()
+
+    def done(self, index: int) -> None:
+        self._done.append(index)
+
+    def failed(self, index: int) -> None:
+        self._failed.append(index)
+
+    def flush(self) -> None:
+        if self._failed:
+            self.store.mark(self._failed, FAILED)
+            self._failed.clear()
+        if self._done:
+            self.store.mark(self._done, DONE)
+            self._done.clear()
+        self._last = self._clock()
+
+    def tick(self) -> None:
+        if self._clock() - self._last > self.every_s:
+            self.flush()

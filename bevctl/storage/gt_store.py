@@ -41,7 +41,7 @@ from bevctl.config import (
 )
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
-from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, SampleStore
+from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, CompletionLog, SampleStore
 
 log = logging.getLogger(__name__)
 
@@ -296,19 +296,8 @@ def prepare_gt(
     n_workers = min(workers if workers is not None else (os.cpu_count() or 1), len(tasks))
     summary.workers = max(1, n_workers)
 
-    pending_done: list[int] = []
-    pending_failed: list[int] = []
-    last_flush = time.monotonic()
-
-    def flush() -> None:
-        nonlocal last_flush
-        if pending_done:
-            store.mark(pending_done, DONE)
-            pending_done.clear()
-        if pending_failed:
-            store.mark(pending_failed, FAILED)
-            pending_failed.clear()
-        last_flush = time.monotonic()
+    completions = CompletionLog(store, every_s=1.0)
+    flush = completions.flush
 
     def record(results: list[tuple[int, str | None]]) -> None:
         if not summary.startup_seconds:
@@ -316,15 +305,14 @@ def prepare_gt(
             summary.first_task_samples = len(results)
         for i, err in results:
             if err is None:
-                pending_done.append(i)
+                completions.done(i)
                 summary.done_now += 1
             else:
-                pending_failed.append(i)
+                completions.failed(i)
                 summary.failed += 1
                 if len(summary.errors) < 10:
                     summary.errors.append(err)
-        if time.monotonic() - last_flush > 1.0:
-            flush()
+        completions.tick()
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
