@@ -276,6 +276,11 @@ def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict
     phases = PhaseLog(out / "phases.json")
     prepare_data(plan, paths, phases)
     index = load_index(paths.dataroot, VERSION)
+    print(f"synthetic nuScenes-format dataset: {paths.dataroot} (version {VERSION}); image GT under "
+          f"{paths.dataroot / 'semantic'}, map expansion under {paths.dataroot / 'maps' / 'expansion'}")
+    for split, scenes in index.split_scenes.items():
+        n = len(index.samples_in(split))
+        print(f"  {split}: {len(scenes)} scenes, {n} keyframes, {6 * n} camera images")
     pre = train_phase(plan, paths, phases, "pretrain", mode="pretrain", steps=plan.pretrain_steps)
     ft = train_phase(plan, paths, phases, f"finetune{int(plan.fraction * 100)}", mode="finetune",
                      steps=plan.finetune_steps, fraction=plan.fraction, init=pre)
