@@ -22,6 +22,16 @@ def _xavier(linear: nn.Linear) -> None:
     nn.init.zeros_(linear.bias)
 
 
+def _init_deformable(module: nn.Module, heads: int, groups: int, points: int) -> None:
+    """BEVFormer's init of a deformable-attention block: directional sampling offsets, zero
+    attention weights (uniform at start), Xavier value/output projections."""
+    init_sampling_offsets(module.sampling_offsets, heads, groups, points)
+    nn.init.zeros_(module.attention_weights.weight)
+    nn.init.zeros_(module.attention_weights.bias)
+    _xavier(module.value_proj)
+    _xavier(module.output_proj)
+
+
 class TemporalSelfAttention(nn.Module):
     """Deformable attention of each BEV query over ``[aligned previous BEV, current queries]``.
 
@@ -40,11 +50,7 @@ class TemporalSelfAttention(nn.Module):
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
-        init_sampling_offsets(self.sampling_offsets, heads, self.queue, points)
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        _xavier(self.value_proj)
-        _xavier(self.output_proj)
+        _init_deformable(self, heads, self.queue, points)
 
     def forward(
         self,
@@ -100,11 +106,7 @@ class SpatialCrossAttention(nn.Module):
         self.value_proj = nn.Linear(dim, dim)
         self.output_proj = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
-        init_sampling_offsets(self.sampling_offsets, heads, levels, points)
-        nn.init.zeros_(self.attention_weights.weight)
-        nn.init.zeros_(self.attention_weights.bias)
-        _xavier(self.value_proj)
-        _xavier(self.output_proj)
+        _init_deformable(self, heads, levels, points)
 
     def forward(
         self,
