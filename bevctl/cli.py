@@ -15,7 +15,7 @@ from typing import Optional
 
 import typer
 
-from bevctl.errors import BevctlError
+from bevctl.errors import BevctlError, one_line
 
 app = typer.Typer(
     name="bevctl",
@@ -352,7 +352,7 @@ def main() -> None:
                 print("interrupted: rerun the same command to resume", file=sys.stderr)
             sys.exit(rv)
     except BevctlError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)

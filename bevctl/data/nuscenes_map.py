@@ -14,6 +14,7 @@ Loading a map JSON takes seconds on real nuScenes, so each process keeps its map
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -46,8 +47,34 @@ MapElements = dict[str, list[BaseGeometry]]
 _lock = threading.Lock()
 
 
+MAP_VERSION = "1.3"  # the map expansion version the devkit (and bevctl) reads
+_VERSION_RE = re.compile(rb'"version"\s*:\s*"([^"]*)"')
+
+
 def map_json_path(dataroot: str | Path, location: str) -> Path:
     return Path(dataroot) / "maps" / "expansion" / f"{location}.json"
+
+
+def check_map_file(path: Path) -> None:
+    """Refuse a missing map expansion file or one of an older version, cheaply: the version is
+    looked for in the first and last 64 KiB (where the top-level ``"version"`` key sits in the
+    published files) without parsing hundreds of MB of JSON; no version there = the devkit checks."""
+    if not path.is_file():
+        raise BevctlError(f"map expansion not found: {path} (download the nuScenes map expansion v{MAP_VERSION})")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+        f.seek(max(0, size - (1 << 16)))
+        tail = f.read()
+    found = _VERSION_RE.findall(head) + _VERSION_RE.findall(tail)
+    version = found[0].decode(errors="replace") if found else None
+    if version is not None and _version_tuple(version) < _version_tuple(MAP_VERSION):
+        raise BevctlError(f"{path}: map expansion version {version} is too old, bevctl needs v{MAP_VERSION} "
+                          "(download the current nuScenes map expansion)")
+
+
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(p) if p.isdigit() else 0 for p in text.split("."))
 
 
 @lru_cache(maxsize=8)
@@ -57,8 +84,7 @@ def _load_map(dataroot: str, location: str) -> "NuScenesMap":
     if location not in KNOWN_LOCATIONS:
         raise BevctlError(f"unknown map location '{location}' (known: {', '.join(KNOWN_LOCATIONS)})")
     path = map_json_path(dataroot, location)
-    if not path.is_file():
-        raise BevctlError(f"map expansion not found: {path} (download the nuScenes map expansion v1.3)")
+    check_map_file(path)
     try:
         nusc_map = NuScenesMap(dataroot=dataroot, map_name=location)
     except KeyError as e:

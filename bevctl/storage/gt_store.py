@@ -229,12 +229,14 @@ def _run_task(items: list[tuple[int, SampleRecord]]) -> list[tuple[int, str | No
 
 
 def _check_maps(dataroot: Path, samples: list[SampleRecord]) -> None:
-    from bevctl.data.nuscenes_map import map_json_path
+    """Every map the samples need is there and of the current version (before any store is made)."""
+    from bevctl.data.nuscenes_map import check_map_file, map_json_path
 
     for location in sorted({s.location for s in samples}):
-        path = map_json_path(dataroot, location)
-        if not path.is_file():
-            raise BevctlError(f"map expansion not found: {path} (needed by samples of location {location})")
+        try:
+            check_map_file(map_json_path(dataroot, location))
+        except BevctlError as e:
+            raise BevctlError(f"{e} (needed by samples of location {location})") from None
 
 
 def prepare_gt(
@@ -272,6 +274,7 @@ def prepare_gt(
                     samples.append(s)
     if not samples:
         raise BevctlError(f"{dataroot}/{version}: no samples in split(s) {', '.join(split_names)}")
+    _check_maps(dataroot, samples)
     tokens = [s.token for s in samples]
     metadata = {
         "grid": grid_metadata(grid),
@@ -289,7 +292,6 @@ def prepare_gt(
                  out, summary.already_done, summary.total, len(todo))
     if not todo:
         return summary
-    _check_maps(dataroot, [samples[i] for i in todo])
     # Group work by location so each worker touches few maps; keep scene order within.
     todo.sort(key=lambda i: (samples[i].location, i))
     tasks = [[(i, samples[i]) for i in todo[k:k + task_size]] for k in range(0, len(todo), task_size)]
