@@ -14,10 +14,17 @@ Actors (:class:`LabelWorker`)
     whole ``(sample, camera)`` chunks. So the next batches decode while the model runs and the
     model never waits on JPEG decoding. Nothing but small reports travels back to the driver.
 Faults
-    An actor that dies (``RayActorError``) is restarted by Ray (``max_restarts=-1``) and every
-    batch it had in flight is resubmitted; a batch that kills actors ``MAX_ATTEMPTS`` times stops
-    the job with its images named. A killed driver takes its actors with it; a rerun resumes
-    from the DONE record and rewrites everything else whole.
+    An actor that dies (``RayActorError``: its process crashed or its node was lost) is
+    restarted by Ray (``max_restarts=-1``) and every batch it had in flight is resubmitted to the
+    actors that are up; the dead one gets no work until a probe (``info()``) answers, so the job
+    also finishes when Ray cannot restart it (a lost node whose GPUs no other node has free). A
+    batch that kills actors ``MAX_ATTEMPTS`` times stops the job with its images named. A killed
+    driver takes its actors with it; a rerun resumes from the DONE record and rewrites
+    everything else whole.
+Multi-node
+    Actors are placed with Ray's ``SPREAD`` strategy, so ``--address`` of a cluster puts them on
+    as many nodes as fit; the summary counts the images each Ray node labeled. The dataroot and
+    the output store must be on storage that every node sees at the same path.
 
 ``workers=0`` runs the same worker in this process without Ray (debugging, fast tests).
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -39,7 +47,9 @@ import numpy as np
 
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
+from bevctl.io import disk_full_error, is_disk_full
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
+from bevctl.storage.location import join
 from bevctl.storage.base import CompletionLog
 
 log = logging.getLogger(__name__)
@@ -47,6 +57,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "facebook/mask2former-swin-large-mapillary-vistas-semantic"
 MAX_ATTEMPTS = 3  # actor deaths one batch may cause before the job gives up
 MARK_EVERY_S = 1.0  # how often the driver flushes completion records
+PROBE_EVERY_S = 1.0  # how often the driver asks a dead actor whether Ray has restarted it
 
 Item = tuple[int, int, str]  # (sample index in the store, camera index, image path)
 
@@ -99,6 +110,7 @@ class JobSummary:
     bytes_on_disk: int
     compression_ratio: float  # raw mask bytes / mask bytes on disk
     actor_restarts: int = 0
+    images_per_node: dict[str, int] = field(default_factory=dict)  # Ray node id -> images labeled there
     model_s: float = 0.0  # summed over actors: time inside labeler.predict
     decode_s: float = 0.0  # summed: read + preprocess (overlaps the model in other threads)
     write_s: float = 0.0  # summed: Zarr chunk writes
@@ -151,6 +163,7 @@ class LabelWorker:
         self._load_lock = threading.Lock()
         self._model_lock = threading.Lock()
         self._arrays: dict[tuple[str, bool], tuple[Any, Any]] = {}
+        self.node = _ray_node_id()
 
     def _get_labeler(self) -> Any:
         with self._load_lock:
@@ -167,6 +180,7 @@ class LabelWorker:
             "weights_hash": str(lab.weights_hash),
             "id2label": {int(k): str(v) for k, v in lab.id2label.items()},
             "pid": os.getpid(),
+            "node": self.node,
         }
 
     def _prepare(self, lab: Any, path: str) -> np.ndarray:
@@ -203,11 +217,25 @@ class LabelWorker:
             _check_output(lab, labels, conf, (len(inputs), *out_hw), confidence)
         t2 = time.perf_counter()
         for k, (i, c) in enumerate(good):
-            masks[i, c] = labels[k]  # one whole (sample, camera) chunk
-            if conf_arr is not None:
-                conf_arr[i, c] = conf[k]
+            try:
+                masks[i, c] = labels[k]  # one whole (sample, camera) chunk
+                if conf_arr is not None:
+                    conf_arr[i, c] = conf[k]
+            except OSError as e:
+                if is_disk_full(e):
+                    raise disk_full_error(f"{store_path} (sample #{i}, camera {c})") from None
+                raise
         t3 = time.perf_counter()
-        return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2}
+        return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2,
+                "node": self.node}
+
+
+def _ray_node_id() -> str:
+    """The Ray node this process runs on, or ``"local"`` outside Ray (``workers=0``)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        return str(ray.get_runtime_context().get_node_id())
+    return "local"
 
 
 def _check_output(lab: Any, labels: Any, conf: Any, shape: tuple[int, ...], confidence: bool) -> None:
@@ -281,10 +309,9 @@ class _RayPool:
             device = "cpu" if cfg.device == "auto" else cfg.device
             threads = cfg.threads or max(1, int(cpus // n))  # the CPU's cores shared among the actors
         actor_cls = ray.remote(LabelWorker)
-        self.actors = [
-            actor_cls.options(max_restarts=-1, max_task_retries=0, max_concurrency=cfg.inflight + 1, **opts).remote(
-                cfg.model, device, threads
-            )
+        self.actors = [  # SPREAD: over every node of a cluster that has room, not packed onto a few
+            actor_cls.options(max_restarts=-1, max_task_retries=0, max_concurrency=cfg.inflight + 1,
+                              scheduling_strategy="SPREAD", **opts).remote(cfg.model, device, threads)
             for _ in range(n)
         ]
 
@@ -309,6 +336,10 @@ class _RayPool:
 
     def submit(self, actor: int, args: tuple) -> Any:
         return self.actors[actor].label.remote(*args)
+
+    def probe(self, actor: int) -> Any:
+        """A call that answers once the actor is up again with its labeler loaded."""
+        return self.actors[actor].info.remote()
 
     def wait(self, refs: list[Any], timeout: float) -> list[Any]:
         ready, _ = self.ray.wait(refs, num_returns=1, timeout=timeout)
@@ -341,6 +372,9 @@ class _InlinePool:
             return _Done(self.worker.label(*args))
         except Exception as e:  # noqa: BLE001 - re-raised by get
             return _Done(error=e)
+
+    def probe(self, actor: int) -> _Done:
+        return _Done(self.worker.info())
 
     def wait(self, refs: list[Any], timeout: float) -> list[Any]:
         return refs[:1]
@@ -464,7 +498,11 @@ def _drive(
     retry: deque[_Batch] = deque()
     pending: dict[Any, tuple[int, _Batch]] = {}
     per_actor = [0] * len(pool.actors)
-    down = [False] * len(pool.actors)  # actor died and has not answered since
+    down = [False] * len(pool.actors)  # actor died and has not answered a probe since
+    probes: dict[Any, int] = {}  # outstanding probe of a down actor -> actor
+    probe_at = [0.0] * len(pool.actors)  # earliest time of a down actor's next probe
+    exhausted = False  # every batch of the work list has been handed out once
+    per_node: dict[str, int] = {}
     cams_ok = np.zeros(n_total, dtype=np.int16)
     failed = np.zeros(n_total, dtype=bool)
     completions = CompletionLog(store, every_s=MARK_EVERY_S)
@@ -474,9 +512,12 @@ def _drive(
     flush = completions.flush
 
     def next_batch() -> _Batch | None:
+        nonlocal exhausted
         if retry:
             return retry.popleft()
-        return next(source, None)
+        batch = next(source, None)
+        exhausted = batch is None
+        return batch
 
     progress = _make_progress(cfg.progress)
     task = progress.add_task("label", total=n_images) if progress else None
@@ -485,8 +526,14 @@ def _drive(
     start = time.perf_counter()
     try:
         while True:
-            # Keep every actor `inflight` batches deep (back-pressure: nothing more is queued).
+            # Keep every live actor `inflight` batches deep (back-pressure: nothing more is queued).
+            # A down actor gets no work, only a probe now and then: Ray may never restart it (its
+            # node is gone and no other node has room), and its batches go to the others.
             for a in range(len(pool.actors)):
+                if down[a]:
+                    if a not in probes.values() and time.monotonic() >= probe_at[a]:
+                        probes[pool.probe(a)] = a
+                    continue
                 while per_actor[a] < cfg.inflight:
                     batch = next_batch()
                     if batch is None:
@@ -494,9 +541,19 @@ def _drive(
                     ref = pool.submit(a, (store_path, cfg.confidence, out_hw, batch.items))
                     pending[ref] = (a, batch)
                     per_actor[a] += 1
-            if not pending:
+            if not pending and not retry and exhausted:
                 break
-            for ref in pool.wait(list(pending), timeout=0.5):
+            for ref in pool.wait([*pending, *probes], timeout=0.5):
+                if ref in probes:
+                    a = probes.pop(ref)
+                    try:
+                        _get(pool, ref)
+                    except _ActorDied:
+                        probe_at[a] = time.monotonic() + PROBE_EVERY_S
+                    else:
+                        down[a] = False
+                        log.warning("labeler actor %d is back", a)
+                    continue
                 a, batch = pending.pop(ref)
                 per_actor[a] -= 1
                 try:
@@ -505,7 +562,10 @@ def _drive(
                     if not down[a]:
                         down[a] = True
                         restarts += 1
-                        log.warning("labeler actor %d died (%s); restarting it and resubmitting its batches", a, e)
+                        probe_at[a] = time.monotonic() + PROBE_EVERY_S
+                        log.warning("labeler actor %d died (%s); Ray restarts it, its batches go to the others", a, e)
+                        if all(down):
+                            log.warning("every labeler actor is down: waiting for Ray to restart one")
                     batch.attempts += 1
                     if batch.attempts >= MAX_ATTEMPTS:
                         first = batch.items[0][2]
@@ -514,9 +574,10 @@ def _drive(
                         ) from None
                     retry.append(batch)
                     continue
-                down[a] = False
                 for key in times:
                     times[key] += float(result.get(key, 0.0))
+                node = str(result.get("node", "local"))
+                per_node[node] = per_node.get(node, 0) + len(result["ok"])
                 for i, c in result["ok"]:
                     cams_ok[i] += 1
                     if cams_ok[i] == n_cams and not failed[i]:
@@ -538,13 +599,13 @@ def _drive(
     finally:
         # Completion records of finished samples are written even on Ctrl-C / errors.
         try:
-            flush()
+            completions.flush_on_exit()
         finally:
             if progress:
                 progress.stop()
     seconds = time.perf_counter() - start
     counts = store.counts()
-    masks_disk = dir_bytes(Path(store_path) / "masks")
+    masks_disk = dir_bytes(join(store_path, "masks"))
     raw = counts["done"] * n_cams * out_hw[0] * out_hw[1]
     summary = JobSummary(
         store=store_path,
@@ -560,6 +621,7 @@ def _drive(
         bytes_on_disk=dir_bytes(store_path),
         compression_ratio=round(raw / masks_disk, 1) if masks_disk else 0.0,
         actor_restarts=restarts,
+        images_per_node=dict(sorted(per_node.items())),
         model_s=round(times["model_s"], 3),
         decode_s=round(times["decode_s"], 3),
         write_s=round(times["write_s"], 3),
@@ -612,6 +674,9 @@ def format_summary(s: JobSummary) -> str:
             f"pipeline     model busy {100 * s.model_busy:.0f}% of the time (predict {s.model_s:.1f} s, "
             f"decode {s.decode_s:.1f} s, write {s.write_s:.1f} s, summed over actors)"
         )
+    if len(s.images_per_node) > 1:
+        spread = ", ".join(f"{node[:8]} {n}" for node, n in s.images_per_node.items())
+        lines.append(f"ray nodes    {len(s.images_per_node)} labeled images ({spread})")
     if s.actor_restarts:
         lines.append(f"restarts     {s.actor_restarts} actor crash(es) recovered")
     for f in s.failures[:10]:
