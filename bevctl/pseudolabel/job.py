@@ -47,9 +47,7 @@ import numpy as np
 
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
-from bevctl.io import disk_full_error, is_disk_full
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
-from bevctl.storage.location import join
 from bevctl.storage.base import CompletionLog
 
 log = logging.getLogger(__name__)
@@ -217,14 +215,9 @@ class LabelWorker:
             _check_output(lab, labels, conf, (len(inputs), *out_hw), confidence)
         t2 = time.perf_counter()
         for k, (i, c) in enumerate(good):
-            try:
-                masks[i, c] = labels[k]  # one whole (sample, camera) chunk
-                if conf_arr is not None:
-                    conf_arr[i, c] = conf[k]
-            except OSError as e:
-                if is_disk_full(e):
-                    raise disk_full_error(f"{store_path} (sample #{i}, camera {c})") from None
-                raise
+            masks[i, c] = labels[k]  # one whole (sample, camera) chunk
+            if conf_arr is not None:
+                conf_arr[i, c] = conf[k]
         t3 = time.perf_counter()
         return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2,
                 "node": self.node}
@@ -599,13 +592,13 @@ def _drive(
     finally:
         # Completion records of finished samples are written even on Ctrl-C / errors.
         try:
-            completions.flush_on_exit()
+            flush()
         finally:
             if progress:
                 progress.stop()
     seconds = time.perf_counter() - start
     counts = store.counts()
-    masks_disk = dir_bytes(join(store_path, "masks"))
+    masks_disk = dir_bytes(Path(store_path) / "masks")
     raw = counts["done"] * n_cams * out_hw[0] * out_hw[1]
     summary = JobSummary(
         store=store_path,
