@@ -164,7 +164,9 @@ class GTStore:
                 f"{self.path}: sample '{token}' is not prepared yet ({'failed' if self._status[i] == FAILED else 'todo'});"
                 " rerun bevctl prepare-gt"
             )
-        return np.asarray(self._array()[i])
+        from bevctl.storage.labels import read_chunk
+
+        return read_chunk(self._array(), i, self.path, token)
 
     def get_many(self, tokens: list[str]) -> np.ndarray:
         """uint8 (B, X, Y) for a batch of tokens."""

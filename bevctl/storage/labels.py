@@ -113,8 +113,12 @@ class LabelStore:
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise BevctlError(f"{self.path}: bad pseudo-label metadata ({type(e).__name__}: {e})") from None
         self._done_cache: np.ndarray | None = None
-        self._masks = store.array("masks")
-        self._conf = store.array("confidence") if self.has_confidence else None
+        try:
+            self._masks = store.array("masks")
+            self._conf = store.array("confidence") if self.has_confidence else None
+        except (KeyError, FileNotFoundError) as e:
+            raise BevctlError(f"{self.path}: incomplete store: array {e} is missing; rebuild it with "
+                              "bevctl pseudolabel --overwrite") from None
         expected = (len(store.tokens), len(self.cameras), *self.resolution)
         if tuple(self._masks.shape) != expected:
             raise BevctlError(f"{self.path}: masks are {tuple(self._masks.shape)}, metadata says {expected}")
@@ -207,7 +211,7 @@ class LabelStore:
 
     def get_index(self, i: int) -> np.ndarray:
         self._require_done(i)
-        return np.asarray(self._masks[i])
+        return read_chunk(self._masks, i, self.path, self.tokens[i])
 
     def get_confidence(self, token: str) -> np.ndarray | None:
         """uint8 (6, H, W) confidence (255 = certain), or None if the store has none."""
@@ -215,7 +219,7 @@ class LabelStore:
             return None
         i = self.index_of(token)
         self._require_done(i)
-        return np.asarray(self._conf[i])
+        return read_chunk(self._conf, i, self.path, self.tokens[i])
 
     def _require_done(self, i: int) -> None:
         # A cached snapshot of the done record (readers call this per sample); re-read once on a
@@ -251,6 +255,16 @@ class LabelStore:
 
     def set_run_info(self, info: Mapping[str, Any]) -> None:
         self._store.group.attrs[RUN_KEY] = dict(info)
+
+
+def read_chunk(array: zarr.Array, i: int, store_path: Any, token: str) -> np.ndarray:
+    """``array[i]`` as numpy; a torn or corrupt chunk is one BevctlError line naming the sample."""
+    try:
+        return np.asarray(array[i])
+    except Exception as e:  # noqa: BLE001 - codecs and stores raise many kinds on torn chunks
+        name = str(array.name).strip("/") or "array"
+        raise BevctlError(f"{store_path}: sample '{token}': unreadable {name} chunk ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:120] if str(e) else ''}); rebuild the store") from None
 
 
 def open_mask_arrays(path: str | Path, confidence: bool) -> tuple[zarr.Array, zarr.Array | None]:
@@ -320,7 +334,12 @@ def label_stats(path: str | Path) -> dict[str, Any]:
     arr = da.from_zarr(store._masks)  # (N, 6, H, W), chunks (1, 1, H, W)
     arr = arr[done_idx]
     per_chunk = arr.map_blocks(_chunk_hist, chunks=(1, 1, 1, 256), dtype=np.int64)
-    hist, present = da.compute(per_chunk.sum(axis=(0, 1, 2)), (per_chunk > 0).sum(axis=(0, 1, 2)))
+    try:
+        hist, present = da.compute(per_chunk.sum(axis=(0, 1, 2)), (per_chunk > 0).sum(axis=(0, 1, 2)))
+    except Exception as e:  # noqa: BLE001 - a torn chunk: find and name its sample
+        for i in done_idx:
+            read_chunk(store._masks, int(i), store.path, store.tokens[int(i)])
+        raise BevctlError(f"{store.path}: cannot read the masks ({type(e).__name__}: {e})") from None
     total = float(hist.sum())
     n_images = done_idx.size * n_cams
     for cid in np.flatnonzero(hist):

@@ -247,7 +247,10 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
         from bevctl.storage.labels import LabelStore
 
         store = LabelStore.open(spec.labels)
-        lut = resolve_label_map(store.id2label, class_set, cfg.label_map)
+        try:
+            lut = resolve_label_map(store.id2label, class_set, cfg.label_map)
+        except BevctlError as e:
+            raise BevctlError(f"{spec.labels} (labeler {store.model_id}): {e}") from None
         samples, skipped = _filter_done(samples, store.tokens, store.statuses(), DONE, str(spec.labels))
         kwargs.update(labels_path=str(spec.labels), lut=lut, label_hw=cfg.label_hw,
                       with_confidence=cfg.min_confidence > 0 and store.has_confidence,
@@ -264,8 +267,13 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
     else:
         raise ValueError(spec.mode)
     if not samples:
-        raise BevctlError(f"no usable training samples in split '{split}' of {spec.dataroot}/{spec.version} "
-                          f"(scenes chosen: {len(chosen)}, skipped: {skipped})")
+        store = spec.labels if spec.mode == "pretrain" else spec.gt
+        why = f"scenes chosen: {len(chosen)}"
+        if store and skipped:
+            why += (f"; {store}: {skipped['not_in_store']} not in the store"
+                    + (" (a store of another dataset?)" if skipped["not_in_store"] and not skipped["failed_or_todo"]
+                       else "") + f", {skipped['failed_or_todo']} failed or unfinished")
+        raise BevctlError(f"no usable training samples in split '{split}' of {spec.dataroot}/{spec.version} ({why})")
     if write_scenes:
         run_dir = Path(spec.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
