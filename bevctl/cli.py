@@ -283,7 +283,8 @@ def finetune(
     version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
     gt: Optional[Path] = typer.Option(None, "--gt", help="BEV GT cache (gt.zarr from prepare-gt); default: rasterise on the fly."),
     init: Optional[Path] = typer.Option(None, "--init", help="Pretrained checkpoint (omit: supervised baseline from scratch)."),
-    fraction: float = typer.Option(1.0, "--fraction", help="Fraction of labelled training scenes (seeded, scene-level)."),
+    fraction: Optional[float] = typer.Option(
+        None, "--fraction", help="Fraction of labelled training scenes (seeded, scene-level); default: the config's (1.0)."),
     out: Path = typer.Option(..., "--out", help="Run directory."),
     config: Optional[str] = typer.Option(None, "--config", help=_TRAIN_HELP["config"]
                                          + " Default: demo; with --init, the init checkpoint's model/grid/classes."),

@@ -104,7 +104,22 @@ def load_train_config(spec: str | None, **overrides) -> TrainConfig:
         else:
             raise BevctlError(f"--config: '{spec}' is neither a preset ({', '.join(TRAIN_PRESETS)}) nor a file")
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return dataclass_from_dict(TrainConfig, data, where=f"train config {spec or ''}".strip())
+    where = f"train config {spec or ''}".strip()
+    try:
+        cfg = dataclass_from_dict(TrainConfig, data, where=where)
+    except BevctlError as e:  # name where the bad value came from: the CLI option or the file
+        msg = str(e)
+        if not msg.startswith("train config: "):
+            raise
+        body = msg[len("train config: "):]
+        field = body.split(" ", 1)[0]
+        source = f"--{field.replace('_', '-')}" if overrides.get(field) is not None else where
+        raise BevctlError(f"{source}: {body}") from None
+    if cfg.model != "toy":  # an unknown preset name fails here, before any data is read
+        from bevctl.train.model import model_preset
+
+        model_preset(cfg.model)
+    return cfg
 
 
 def config_diff(a: TrainConfig, b: TrainConfig, ignore: tuple[str, ...] = ()) -> list[str]:
