@@ -1,4 +1,5 @@
-"""Run every benchmark under bench/ (``bench_*.py``), each in its own process.
+"""Run every benchmark under bench/ (``bench_*.py``), each in its own process, then the cost
+model (``cost_model.py``, computed from their results).
 
 Each benchmark writes ``bench/results/<name>.json`` and ``bench/results/<name>.md``. This
 runner prints the markdown tables at the end and exits non-zero if any benchmark failed.
@@ -17,6 +18,8 @@ HERE = Path(__file__).resolve().parent
 def main() -> int:
     only = set(sys.argv[1:])
     scripts = sorted(p for p in HERE.glob("bench_*.py") if not only or p.stem in only)
+    if not only or "cost_model" in only:  # computes from the results above (docs/scaling.md): last
+        scripts.append(HERE / "cost_model.py")
     failed = []
     for script in scripts:
         print(f"== {script.name}", flush=True)

@@ -6,8 +6,8 @@ must spread its labeler actors over both workers, write the same store as a sing
 and survive losing a worker node mid-job (its work is redone elsewhere, nothing is lost or
 counted twice).
 
-DDP: two ``torchrun --nnodes 2 --nproc-per-node 1`` launchers (node ranks 0 and 1) with a
-rendezvous on 127.0.0.1 run ``bevctl pretrain`` with gloo and must give the same weights as one
+DDP: two ``torchrun --nnodes 2 --nproc-per-node 1`` launchers (two "nodes") with a c10d
+rendezvous on 127.0.0.1 (as ``examples/slurm/common.sh`` runs them) run ``bevctl pretrain`` with gloo and must give the same weights as one
 process on the combined batch. This holds for BatchNorm-free models (the toy stand-in): the
 BEVFormer's BatchNorm is per-process, not SyncBN, so its statistics differ with the split.
 """
@@ -184,14 +184,13 @@ def test_torchrun_two_nodes_match_one_process_on_the_combined_batch(tiny_synth, 
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    port = str(_free_port())
-    nodes = [
-        subprocess.Popen([str(VENV_BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(rank),
-                          "--master-addr", "127.0.0.1", "--master-port", port, str(VENV_BIN / "bevctl"), *common,
-                          "--batch-size", "1", "--out", str(two)],
-                         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for rank in (0, 1)
-    ]
+    # two launchers ("nodes"), one process each, c10d rendezvous as in examples/slurm/common.sh
+    endpoint = f"127.0.0.1:{_free_port()}"
+    launcher = [str(VENV_BIN / "torchrun"), "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+                "--rdzv-endpoint", endpoint, "--rdzv-id", "bevctl-sim"]
+    nodes = [subprocess.Popen([*launcher, str(VENV_BIN / "bevctl"), *common, "--batch-size", "1", "--out", str(two)],
+                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
     try:
         outputs = [p.communicate(timeout=300) for p in nodes]
     finally:
