@@ -95,8 +95,8 @@ def toy_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cfg = TrainConfig(model="toy", grid="demo", batch_size=2, epochs=1, max_steps=2, warmup_steps=1,
                       num_workers=0, temporal_weight=0.0)
     run = tmp_path_factory.mktemp("toy_run") / "run"
-    return train(RunSpec(mode="pretrain", cfg=cfg, run_dir=run, device="cpu", progress=False,
-                         dataset_factory=toy_dataset_factory, extra={"n": 4}))
+    return Path(train(RunSpec(mode="pretrain", cfg=cfg, run_dir=run, device="cpu", progress=False,
+                         dataset_factory=toy_dataset_factory, extra={"n": 4})))
 
 
 # ---- Faults (test_faults*.py) ---------------------------------------------------------------------

@@ -5,8 +5,6 @@ written."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 TRAIN = ["--device", "cpu", "--max-steps", "1", "--workers", "0"]
