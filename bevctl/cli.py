@@ -32,6 +32,23 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # object-storage clients log every endpoint and credential lookup at INFO
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# Store and run paths go through bevctl.storage.location: plain strings, so that a URL's "//"
+# survives (a Path would fold s3://b/k into s3:/b/k).
+_URL_HELP = " A local path or a URL (s3://, gs://, file://, ...)."
+
+
+def _check_urls(*targets: Optional[str]) -> None:
+    """One error line, before any work, for a URL with a bad protocol, bucket or credentials."""
+    from bevctl.storage.location import check
+
+    for target in targets:
+        if target:
+            check(target)
 
 
 # ---- synth ------------------------------------------------------------------------------------
@@ -86,7 +103,7 @@ def prepare_gt_cmd(
     version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
     grid: str = typer.Option("hdmapnet", "--grid", help="BEV grid preset (hdmapnet, demo) or YAML file."),
     classes: str = typer.Option("hdmapnet", "--classes", help="BEV class set preset (hdmapnet, markings) or YAML file."),
-    out: Path = typer.Option(..., "--out", help="Output Zarr store, e.g. gt.zarr."),
+    out: str = typer.Option(..., "--out", help="Output Zarr store, e.g. gt.zarr." + _URL_HELP),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: CPU count; 0 = in process)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the store from scratch."),
@@ -94,6 +111,8 @@ def prepare_gt_cmd(
     """Rasterise map-expansion BEV ground truth of every sample once into a Zarr cache (resumable)."""
     from bevctl.data.nuscenes import load_index, parse_splits
     from bevctl.storage.gt_store import format_summary, prepare_gt, resolve_class_set, resolve_grid
+
+    _check_urls(out)
 
     bev_grid = resolve_grid(grid)
     class_set = resolve_class_set(classes)
@@ -115,7 +134,7 @@ def prepare_gt_cmd(
 def pseudolabel(
     dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
     version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
-    out: Path = typer.Option(..., "--out", help="Output Zarr store, e.g. labels.zarr."),
+    out: str = typer.Option(..., "--out", help="Output Zarr store, e.g. labels.zarr." + _URL_HELP),
     model: str = typer.Option(
         "facebook/mask2former-swin-large-mapillary-vistas-semantic", "--model",
         help="Hub id, local save_pretrained directory, bevctl-synth, or a stand-in (synth-gt, sleep:<s>).",
@@ -132,6 +151,8 @@ def pseudolabel(
 ) -> None:
     """Label every camera image with a semantic segmenter (Ray job) into a Zarr store (resumable)."""
     from bevctl.pseudolabel.job import PseudolabelConfig, format_summary, parse_resolution, run_pseudolabel
+
+    _check_urls(out)
 
     cfg = PseudolabelConfig(
         dataroot=str(dataroot), version=version, out=str(out), model=model, gpus=gpus, workers=workers,
@@ -152,7 +173,7 @@ app.add_typer(labels_app, name="labels")
 
 @labels_app.command("stats")
 def labels_stats_cmd(
-    store: Path = typer.Argument(..., help="Pseudo-label Zarr store."),
+    store: str = typer.Argument(..., help="Pseudo-label Zarr store." + _URL_HELP),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Class histogram and coverage, sample counts, bytes on disk, compression ratio."""
@@ -170,7 +191,7 @@ def labels_stats_cmd(
 
 @labels_app.command("show")
 def labels_show_cmd(
-    store: Path = typer.Argument(..., help="Pseudo-label Zarr store."),
+    store: str = typer.Argument(..., help="Pseudo-label Zarr store." + _URL_HELP),
     sample: Optional[str] = typer.Option(None, "--sample", help="Sample token (default: the first done sample)."),
     out: Path = typer.Option(Path("labels.png"), "--out", help="PNG to write."),
     dataroot: Optional[Path] = typer.Option(None, "--dataroot", help="Dataset root (default: the one recorded in the store)."),
@@ -228,12 +249,14 @@ _TRAIN_HELP = {
 }
 
 
-def _train_command(mode: str, dataroot: Path, version: str, out: Path, config: Optional[str], *,
-                   labels: Optional[Path] = None, gt: Optional[Path] = None, init: Optional[Path] = None,
+def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Optional[str], *,
+                   labels: Optional[str] = None, gt: Optional[str] = None, init: Optional[str] = None,
                    fraction: Optional[float] = None, epochs: Optional[int], max_steps: Optional[int],
                    checkpoint_every: Optional[int], batch_size: Optional[int], lr: Optional[float],
                    seed: Optional[int], resume: bool, gpus: int, device: str, workers: Optional[int]) -> None:
     from bevctl.train.config import load_train_config
+
+    _check_urls(out, labels, gt, init)
     from bevctl.train.loop import RunSpec, train
 
     arch: dict = {}
@@ -257,8 +280,9 @@ def _train_command(mode: str, dataroot: Path, version: str, out: Path, config: O
 def pretrain(
     dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
     version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
-    labels: Path = typer.Option(..., "--labels", help="Pseudo-label store (labels.zarr)."),
-    out: Path = typer.Option(..., "--out", help="Run directory (config, scenes, metrics, checkpoints, last.pt)."),
+    labels: str = typer.Option(..., "--labels", help="Pseudo-label store (labels.zarr)." + _URL_HELP),
+    out: str = typer.Option(..., "--out", help="Run directory (config, scenes, metrics, checkpoints, last.pt)."
+                            + _URL_HELP),
     config: Optional[str] = typer.Option("demo", "--config", help=_TRAIN_HELP["config"]),
     epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"]),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"]),
@@ -281,11 +305,13 @@ def pretrain(
 def finetune(
     dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
     version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
-    gt: Optional[Path] = typer.Option(None, "--gt", help="BEV GT cache (gt.zarr from prepare-gt); default: rasterise on the fly."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Pretrained checkpoint (omit: supervised baseline from scratch)."),
+    gt: Optional[str] = typer.Option(None, "--gt", help="BEV GT cache (gt.zarr from prepare-gt); default: rasterise on the fly."
+                                     + _URL_HELP),
+    init: Optional[str] = typer.Option(None, "--init", help="Pretrained checkpoint (omit: supervised baseline from scratch)."
+                                       + _URL_HELP),
     fraction: Optional[float] = typer.Option(
         None, "--fraction", help="Fraction of labelled training scenes (seeded, scene-level); default: the config's (1.0)."),
-    out: Path = typer.Option(..., "--out", help="Run directory."),
+    out: str = typer.Option(..., "--out", help="Run directory." + _URL_HELP),
     config: Optional[str] = typer.Option(None, "--config", help=_TRAIN_HELP["config"]
                                          + " Default: demo; with --init, the init checkpoint's model/grid/classes."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"]),
@@ -307,18 +333,21 @@ def finetune(
 
 @app.command()
 def evaluate(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory (uses last.pt)."),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory (uses last.pt)."
+                                   + _URL_HELP),
     dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
     version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
     split: str = typer.Option("val", "--split", help="Split to evaluate."),
-    gt: Optional[Path] = typer.Option(None, "--gt", help="BEV GT cache; default: rasterise on the fly."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Write JSON here (and a .md beside it)."),
+    gt: Optional[str] = typer.Option(None, "--gt", help="BEV GT cache; default: rasterise on the fly." + _URL_HELP),
+    out: Optional[str] = typer.Option(None, "--out", help="Write JSON here (and a .md beside it)." + _URL_HELP),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     batch_size: int = typer.Option(2, "--batch-size", help="Samples per forward pass."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
 ) -> None:
     """Per-class IoU and mIoU of a checkpoint on a split (argmax; every grid cell counts)."""
     from bevctl.train.evaluate import evaluate as run_eval, format_markdown
+
+    _check_urls(checkpoint, gt, out)
 
     result = run_eval(checkpoint, str(dataroot), version, split, str(gt) if gt else None, out, device=device,
                       batch_size=batch_size, num_workers=workers)
@@ -327,13 +356,13 @@ def evaluate(
 
 @app.command()
 def visualize(
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory."),
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory." + _URL_HELP),
     sample: str = typer.Option(..., "--sample", help="Sample token."),
     out: Path = typer.Option(..., "--out", help="Directory for the PNGs."),
     dataroot: Optional[Path] = typer.Option(None, "--dataroot", help="Default: the run's dataroot."),
     version: Optional[str] = typer.Option(None, "--version", help="Default: the run's version."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="Pseudo-labels to show (default: the run's)."),
-    gt: Optional[Path] = typer.Option(None, "--gt", help="BEV GT cache (default: the run's, else rasterise)."),
+    labels: Optional[str] = typer.Option(None, "--labels", help="Pseudo-labels to show (default: the run's)." + _URL_HELP),
+    gt: Optional[str] = typer.Option(None, "--gt", help="BEV GT cache (default: the run's, else rasterise)." + _URL_HELP),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
     """PNGs: BEV prediction vs GT, and the prediction reprojected onto the six images beside the pseudo-labels."""

@@ -48,6 +48,7 @@ import numpy as np
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
+from bevctl.storage.location import join
 from bevctl.storage.base import CompletionLog
 
 log = logging.getLogger(__name__)
@@ -598,7 +599,7 @@ def _drive(
                 progress.stop()
     seconds = time.perf_counter() - start
     counts = store.counts()
-    masks_disk = dir_bytes(Path(store_path) / "masks")
+    masks_disk = dir_bytes(join(store_path, "masks"))
     raw = counts["done"] * n_cams * out_hw[0] * out_hw[1]
     summary = JobSummary(
         store=store_path,

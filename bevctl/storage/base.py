@@ -13,8 +13,13 @@ A *sample store* is a Zarr v3 group with:
 Exactly-once protocol (no locks; zarr-python 3 has no synchronizer):
 
 1. The **driver** creates the store with every array at its final shape, the token list, the
-   metadata and ``done`` all ``TODO`` (:meth:`SampleStore.create`). Creation happens in a temp
-   directory that is renamed into place, so a store either exists whole or not at all.
+   metadata and ``done`` all ``TODO`` (:meth:`SampleStore.create`). Locally, creation happens
+   in a temp directory that is renamed into place, so a store either exists whole or not at all.
+   On object storage (a URL, see :mod:`bevctl.storage.location`; there is no rename) the group
+   is first written with a ``bevctl_creating`` marker and no ``bevctl`` attributes, then every
+   array, and the ``bevctl`` attributes last, in one PUT of the group's ``zarr.json`` that also
+   drops the marker: :meth:`SampleStore.open` refuses a store without them, and the driver's
+   rerun rebuilds a store still marked as being created (it never held results).
 2. **Workers** write only whole chunks (or whole shards) that belong to their own samples; no
    two workers ever touch the same chunk, and nobody appends, resizes or writes attributes. A
    worker never writes ``done``: it *reports* success (or failure) to the driver.
@@ -27,7 +32,8 @@ Exactly-once protocol (no locks; zarr-python 3 has no synchronizer):
 
 Hence a crash or Ctrl-C at any moment loses at most the work in flight and never counts a
 sample twice or counts one that is incomplete. (zarr's LocalStore additionally writes each
-chunk file via temp file + rename, so local chunks are never torn in the first place.)
+chunk file via temp file + rename, so local chunks are never torn in the first place; an
+object store writes each chunk with one PUT, which is never seen half-written either.)
 
 Chunking rule for data arrays: put whole samples in chunks (``chunks[0]`` samples per chunk)
 and assign work in units of whole chunks; with ``chunks[0] == 1`` any partition of samples
@@ -51,9 +57,11 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from bevctl.errors import BevctlError
+from bevctl.storage import location
 
 STORE_FORMAT = 1
 ATTRS_KEY = "bevctl"
+CREATING_KEY = "bevctl_creating"  # set while a store on object storage is being created
 
 TODO, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {TODO: "todo", DONE: "done", FAILED: "failed"}
@@ -110,14 +118,95 @@ def _first_difference(recorded: Any, expected: Any, where: str) -> tuple[str, An
     return None if recorded == expected else (where, recorded, expected)
 
 
+class IncompleteStore(BevctlError):
+    """A store on object storage whose creation was interrupted (marker, no ``bevctl`` attrs)."""
+
+
+def is_incomplete(path: str | Path) -> bool:
+    """True for a store whose creation was interrupted: its group ``zarr.json`` carries the
+    ``bevctl_creating`` marker and no ``bevctl`` attributes."""
+    try:
+        meta = json.loads(location.read_bytes(location.join(path, "zarr.json")))
+    except (FileNotFoundError, NotADirectoryError, ValueError):
+        return False
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    return isinstance(attrs, dict) and CREATING_KEY in attrs and ATTRS_KEY not in attrs
+
+
+def _fill(group: zarr.Group, tokens: list[str], arrays: Sequence[ArraySpec]) -> None:
+    """Create ``tokens``, ``done`` and the data arrays of a new store in ``group``."""
+    n = len(tokens)
+    chunk_n = max(1, min(n, 1 << 16))
+    tok = group.create_array("tokens", shape=(n,), dtype=str, chunks=(chunk_n,))
+    if n:
+        tok[:] = np.array(tokens, dtype=object)
+    group.create_array(
+        "done", shape=(n,), dtype="uint8", chunks=(chunk_n,), fill_value=TODO,
+        compressors=default_compressors(),
+    )
+    for spec in arrays:
+        group.create_array(
+            spec.name,
+            shape=spec.shape,
+            dtype=spec.dtype,
+            chunks=spec.chunks,
+            shards=spec.shards,
+            fill_value=spec.fill_value,
+            compressors=(spec.compressors or default_compressors()) if spec.compressed else None,
+            dimension_names=spec.dimension_names,
+        )
+
+
+def _create_local(path: Path, tokens: list[str], arrays: Sequence[ArraySpec], attrs: dict[str, Any],
+                  overwrite: bool) -> None:
+    """Build the store in a temp directory beside ``path``, then rename it into place."""
+    if path.exists() and not overwrite:
+        raise BevctlError(f"{path} already exists (use --overwrite to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        group = zarr.open_group(location.zarr_store(tmp), mode="w", zarr_format=3)
+        _fill(group, tokens, arrays)
+        group.attrs[ATTRS_KEY] = attrs
+        if path.exists():  # overwrite: remove the old store only once the new one is ready
+            trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _create_remote(url: str, kind: str, tokens: list[str], arrays: Sequence[ArraySpec], attrs: dict[str, Any],
+                   overwrite: bool) -> None:
+    """Object storage has no rename: write the group with the ``bevctl_creating`` marker, then
+    the arrays, then the ``bevctl`` attributes (which drop the marker) in one last PUT."""
+    with location.storage_errors(url):
+        if location.exists(url):
+            if not overwrite:
+                raise BevctlError(f"{url} already exists (use --overwrite to replace it)")
+            if not location.is_file(location.join(url, "zarr.json")):
+                raise BevctlError(f"{url} exists and is not a Zarr store; refusing to delete it (remove it yourself)")
+            location.remove(location.join(url, "zarr.json"))  # the old store stops being one at once
+            location.remove_tree(url)
+        group = zarr.open_group(location.zarr_store(url), mode="w", zarr_format=3,
+                                attributes={CREATING_KEY: {"kind": kind}})
+        _fill(group, tokens, arrays)
+        group.attrs.put({ATTRS_KEY: attrs})
+
+
 class SampleStore:
     """A validated per-sample Zarr v3 store (see the module docstring for the protocol)."""
 
-    def __init__(self, path: Path, group: zarr.Group) -> None:
-        self.path = path
+    def __init__(self, path: str | Path, group: zarr.Group) -> None:
+        self.path = str(path)  # a local path or a URL, as given
         self.group = group
         info = group.attrs.get(ATTRS_KEY)
         if not isinstance(info, dict):
+            if CREATING_KEY in group.attrs:
+                raise IncompleteStore(f"{path}: incomplete store (its creation was interrupted); "
+                                      "rerun the command that makes it, or use --overwrite")
             raise BevctlError(f"{path}: not a bevctl store (no '{ATTRS_KEY}' attributes)")
         self.info: dict[str, Any] = info
         self.kind: str = info.get("kind", "?")
@@ -142,65 +231,40 @@ class SampleStore:
     ) -> "SampleStore":
         """Create a store with every array at final shape, ``done`` all TODO (driver only).
 
-        Built in a temp directory beside ``path`` and renamed into place. Refuses an existing
-        ``path`` unless ``overwrite`` (then the old store is removed first). ``provenance``
-        (e.g. the dataroot) is recorded but never validated: moving a dataset keeps its stores.
+        ``path`` is a local path or a URL. Locally built in a temp directory beside ``path`` and
+        renamed into place; on object storage written in place with the ``bevctl`` attributes
+        last (module docstring). Refuses an existing ``path`` unless ``overwrite`` (then the old
+        store is removed). ``provenance`` (e.g. the dataroot) is recorded but never validated:
+        moving a dataset keeps its stores.
         """
-        path = Path(path)
+        target = str(path)
+        location.check(target)
         tokens = [str(t) for t in tokens]
         if len(set(tokens)) != len(tokens):
-            raise BevctlError(f"{path}: duplicate sample tokens given")
+            raise BevctlError(f"{target}: duplicate sample tokens given")
         n = len(tokens)
         for spec in arrays:
             if spec.name in ("tokens", "done"):
-                raise BevctlError(f"{path}: array name '{spec.name}' is reserved")
+                raise BevctlError(f"{target}: array name '{spec.name}' is reserved")
             if not spec.shape or spec.shape[0] != n:
-                raise BevctlError(f"{path}: array '{spec.name}' must have {n} samples on axis 0, got {spec.shape}")
-        if path.exists() and not overwrite:
-            raise BevctlError(f"{path} already exists (use --overwrite to replace it)")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-            chunk_n = max(1, min(n, 1 << 16))
-            tok = group.create_array("tokens", shape=(n,), dtype=str, chunks=(chunk_n,))
-            if n:
-                tok[:] = np.array(tokens, dtype=object)
-            group.create_array(
-                "done", shape=(n,), dtype="uint8", chunks=(chunk_n,), fill_value=TODO,
-                compressors=default_compressors(),
-            )
-            for spec in arrays:
-                group.create_array(
-                    spec.name,
-                    shape=spec.shape,
-                    dtype=spec.dtype,
-                    chunks=spec.chunks,
-                    shards=spec.shards,
-                    fill_value=spec.fill_value,
-                    compressors=(spec.compressors or default_compressors()) if spec.compressed else None,
-                    dimension_names=spec.dimension_names,
-                )
-            from bevctl import __version__
+                raise BevctlError(f"{target}: array '{spec.name}' must have {n} samples on axis 0, got {spec.shape}")
+        from bevctl import __version__
 
-            group.attrs[ATTRS_KEY] = {
-                "kind": kind,
-                "format": STORE_FORMAT,
-                "bevctl_version": __version__,
-                "num_samples": n,
-                "tokens_sha256": tokens_digest(tokens),
-                "metadata": _jsonable(dict(metadata)),
-                "provenance": _jsonable(dict(provenance or {})),
-            }
-            if path.exists():  # overwrite: remove the old store only once the new one is ready
-                trash = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, trash)
-                shutil.rmtree(trash, ignore_errors=True)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        return cls(path, zarr.open_group(str(path), mode="r+", zarr_format=3))
+        attrs = {
+            "kind": kind,
+            "format": STORE_FORMAT,
+            "bevctl_version": __version__,
+            "num_samples": n,
+            "tokens_sha256": tokens_digest(tokens),
+            "metadata": _jsonable(dict(metadata)),
+            "provenance": _jsonable(dict(provenance or {})),
+        }
+        local = location.local_path(target)
+        if local is None:
+            _create_remote(target, kind, tokens, arrays, attrs, overwrite)
+        else:
+            _create_local(local, tokens, arrays, attrs, overwrite)
+        return cls(target, zarr.open_group(location.zarr_store(target), mode="r+", zarr_format=3))
 
     @classmethod
     def open(
@@ -212,11 +276,16 @@ class SampleStore:
     ) -> "SampleStore":
         """Open an existing store of ``kind``; every key of ``expected`` must equal the recorded
         metadata (one BevctlError line naming the first difference otherwise)."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        path = str(path)
+        location.check(path)
+        if not location.is_file(location.join(path, "zarr.json")):
             raise BevctlError(f"{path}: no Zarr store there")
         try:
-            group = zarr.open_group(str(path), mode=mode, zarr_format=3)  # type: ignore[arg-type]
+            with location.storage_errors(path):
+                group = zarr.open_group(location.zarr_store(path, read_only=mode == "r"), mode=mode,  # type: ignore[arg-type]
+                                        zarr_format=3)
+        except BevctlError:
+            raise
         except Exception as e:  # noqa: BLE001 - zarr raises many kinds on bad stores
             raise BevctlError(f"{path}: cannot open as a Zarr v3 group ({type(e).__name__}: {e})") from None
         store = cls(path, group)
@@ -244,11 +313,14 @@ class SampleStore:
         """The driver's entry point: ``(store, created)``. An existing store must match the
         metadata, tokens and array shapes exactly, else one BevctlError line (unless
         ``overwrite``, which rebuilds it from scratch)."""
-        path = Path(path)
-        if overwrite or not path.exists():
-            store = cls.create(path, kind, metadata, tokens, arrays, overwrite=overwrite, provenance=provenance)
+        path = str(path)
+        location.check(path)
+        if overwrite or not location.exists(path) or is_incomplete(path):
+            # a store whose creation was interrupted never held results: build it again
+            store = cls.create(path, kind, metadata, tokens, arrays, overwrite=overwrite or location.exists(path),
+                               provenance=provenance)
             return store, True
-        if not (path / "zarr.json").is_file():
+        if not location.is_file(location.join(path, "zarr.json")):
             raise BevctlError(f"{path} exists and is not a Zarr store (use --overwrite to replace it)")
         store = cls.open(path, kind, mode="r+")
         store.check_metadata(metadata, exact=True)

@@ -207,10 +207,12 @@ _W: dict[str, Any] = {}
 
 
 def _init_worker(dataroot: str, grid: BEVGrid, class_set: BEVClassSet, out: str) -> None:
+    from bevctl.storage.location import join, zarr_store
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _W.clear()
     _W.update(dataroot=dataroot, grid=grid, class_set=class_set,
-              bev=zarr.open_array(str(Path(out) / "bev"), mode="r+"))
+              bev=zarr.open_array(zarr_store(join(out, "bev")), mode="r+", zarr_format=3))
 
 
 def _run_task(items: list[tuple[int, SampleRecord]]) -> list[tuple[int, str | None]]:
@@ -260,7 +262,7 @@ def prepare_gt(
     ``workers`` 0 or 1 runs in this process. ``samples`` (tests, benchmarks) limits the work to
     those samples; ``index`` skips :func:`~bevctl.data.nuscenes.load_index`."""
     dataroot = Path(dataroot).resolve()
-    out = Path(out)
+    out = str(out)  # a local path or a URL (bevctl.storage.location)
     if index is None:
         from bevctl.data.nuscenes import load_index
 

@@ -34,7 +34,8 @@ import zarr
 
 from bevctl.data.records import CAMERAS
 from bevctl.errors import BevctlError
-from bevctl.storage.base import DONE, FAILED, STATUS_NAMES, TODO, ArraySpec, SampleStore
+from bevctl.storage import location
+from bevctl.storage.base import DONE, FAILED, STATUS_NAMES, TODO, ArraySpec, SampleStore, is_incomplete
 from bevctl.storage.rle import mask_compressors  # also registers the bevctl_rle codec with zarr
 
 KIND = "pseudolabels"
@@ -139,9 +140,9 @@ class LabelStore:
         Returns ``(store, created)``. A store made with another labeler, resolution, dataset,
         split list or class list is refused with one line unless ``overwrite``.
         """
-        path = Path(path)
+        path = str(path)
         meta = spec.metadata()
-        if not overwrite and (path / "zarr.json").is_file():
+        if not overwrite and location.is_file(location.join(path, "zarr.json")) and not is_incomplete(path):
             # Name the most telling difference first (a different model also has other classes).
             existing = SampleStore.open(path, KIND, mode="r")
             for key in _CHECK_ORDER:
@@ -153,8 +154,8 @@ class LabelStore:
         if created:
             cams = store.group.create_array("cameras", shape=(len(spec.cameras),), dtype=str, chunks=(len(spec.cameras),))
             cams[:] = np.array(spec.cameras, dtype=object)
-        else:
-            _remove_partials(path)
+        elif location.is_local(path):
+            _remove_partials(Path(location.local_path(path)))  # type: ignore[arg-type]
         self = cls(store)
         run = dict(self.run_info)
         run.update({"dataroot": str(dataroot), "updated": _now()})
@@ -166,8 +167,8 @@ class LabelStore:
     def precheck(cls, path: str | Path, metadata: Mapping[str, Any], tokens: Sequence[str]) -> None:
         """Before any model is loaded: refuse an existing store whose ``metadata`` keys (a
         subset) or token list differ. Nothing happens when there is no store at ``path``."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
+        path = str(path)
+        if not location.is_file(location.join(path, "zarr.json")) or is_incomplete(path):
             return
         existing = SampleStore.open(path, KIND, mode="r")
         for key in _CHECK_ORDER:
@@ -269,9 +270,10 @@ def read_chunk(array: zarr.Array, i: int, store_path: Any, token: str) -> np.nda
 
 def open_mask_arrays(path: str | Path, confidence: bool) -> tuple[zarr.Array, zarr.Array | None]:
     """Workers: the masks (and confidence) arrays, for whole-chunk writes ``masks[i, c] = m``."""
-    masks = zarr.open_array(str(Path(path) / "masks"), mode="r+", zarr_format=3)
-    conf = zarr.open_array(str(Path(path) / "confidence"), mode="r+", zarr_format=3) if confidence else None
-    return masks, conf
+    def open_one(name: str) -> zarr.Array:
+        return zarr.open_array(location.zarr_store(location.join(path, name)), mode="r+", zarr_format=3)
+
+    return open_one("masks"), (open_one("confidence") if confidence else None)
 
 
 def _remove_partials(path: Path) -> None:
@@ -287,15 +289,8 @@ def _remove_partials(path: Path) -> None:
 
 
 def dir_bytes(path: str | Path) -> int:
-    """Bytes of every file under ``path``."""
-    total = 0
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.path.getsize(os.path.join(root, name))
-            except FileNotFoundError:
-                pass
-    return total
+    """Bytes of every file (or object) under ``path`` (a local path or a URL)."""
+    return location.du(path)
 
 
 def _chunk_hist(block: np.ndarray) -> np.ndarray:
@@ -314,7 +309,7 @@ def label_stats(path: str | Path) -> dict[str, Any]:
     done_idx = np.flatnonzero(status == DONE)
     h, w = store.resolution
     n_cams = len(store.cameras)
-    masks_path = Path(store.path) / "masks"
+    masks_path = location.join(store.path, "masks")
     mask_bytes = dir_bytes(masks_path)
     raw = int(done_idx.size * n_cams * h * w)  # all-background chunks are not even stored
     result: dict[str, Any] = {

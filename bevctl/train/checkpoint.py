@@ -1,13 +1,13 @@
-"""Atomic checkpoints: ``RUN/checkpoints/step_NNNNNNN.pt`` plus ``RUN/last.pt`` (a hard link
-to the newest, or a copy where links are impossible). Everything is saved as tensors and
-plain Python types so :func:`load_checkpoint` works with ``weights_only=True``."""
+"""Atomic checkpoints: ``RUN/checkpoints/step_NNNNNNN.pt`` plus ``RUN/last.pt`` (locally a hard
+link to the newest, or a copy where links are impossible; on object storage a server-side copy).
+``RUN`` is a local path or a URL (:mod:`bevctl.storage.location`): each file is written whole
+(temp file + rename, or one PUT). Everything is saved as tensors and plain Python types so
+:func:`load_checkpoint` works with ``weights_only=True``."""
 
 from __future__ import annotations
 
-import os
+import io
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,30 +15,7 @@ import numpy as np
 import torch
 
 from bevctl.errors import BevctlError
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_link(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
+from bevctl.storage import location
 
 
 def rng_state() -> dict[str, Any]:
@@ -65,28 +42,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, payload: dict[str, Any], keep: int = 3) -> Path:
+def save_checkpoint(run_dir: str | Path, step: int, payload: dict[str, Any], keep: int = 3) -> str:
     """Write ``payload`` atomically as the step checkpoint, point ``last.pt`` at it, prune old ones."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    path = ckpt_dir / f"step_{step:07d}.pt"
-    _atomic_torch_save(payload, path)
-    _atomic_link(path, Path(run_dir) / "last.pt")
+    ckpt_dir = location.join(run_dir, "checkpoints")
+    path = location.join(ckpt_dir, f"step_{step:07d}.pt")
+    location.write_atomic(path, lambda f: torch.save(payload, f))
+    location.copy_file(path, location.join(run_dir, "last.pt"))
     if keep > 0:
-        olds = sorted(ckpt_dir.glob("step_*.pt"))[:-keep]
-        for old in olds:
-            old.unlink(missing_ok=True)
+        steps = [n for n in location.listdir(ckpt_dir) if n.startswith("step_") and n.endswith(".pt")]
+        for old in sorted(steps)[:-keep]:
+            location.remove(location.join(ckpt_dir, old))
     return path
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a bevctl checkpoint safely (``weights_only=True``); one error line if it is not one."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "last.pt"
-    if not path.is_file():
+    """Load a bevctl checkpoint (a file, or a run directory: its ``last.pt``; a local path or a
+    URL) safely (``weights_only=True``); one error line if it is not one."""
+    path = str(path)
+    if location.is_dir(path):
+        path = location.join(path, "last.pt")
+    local = location.local_path(path)
+    if not location.is_file(path):
         raise BevctlError(f"checkpoint not found: {path}")
+    source = local if local is not None else io.BytesIO(location.read_bytes(path))
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a torch file, unsafe pickle
         raise BevctlError(f"{path}: not a readable bevctl checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:

@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -275,19 +273,18 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
                        else "") + f", {skipped['failed_or_todo']} failed or unfinished")
         raise BevctlError(f"no usable training samples in split '{split}' of {spec.dataroot}/{spec.version} ({why})")
     if write_scenes:
-        run_dir = Path(spec.run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        from bevctl.storage import location
+
+        location.makedirs(spec.run_dir)
         record = {"split": split, "fraction": cfg.fraction, "seed": cfg.seed, "scenes": chosen,
                   "num_scenes_in_split": len(index.split_scenes[split]), "num_samples": len(samples),
                   "skipped": skipped}
-        path = run_dir / "scenes.json"
-        if path.is_file() and spec.resume:
-            old = json.loads(path.read_text())
+        path = location.join(spec.run_dir, "scenes.json")
+        if spec.resume and location.is_file(path):
+            old = json.loads(location.read_text(path))
             if old.get("scenes") != chosen:
                 raise BevctlError(f"--resume: {path} lists other scenes than this command selects")
-        tmp = path.with_name(f".scenes.json.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)
+        location.write_text_atomic(path, json.dumps(record, indent=2) + "\n")
     return TrainDataset(samples, index.samples, model_image_hw(cfg), **kwargs)
 
 

@@ -14,7 +14,6 @@ Rules (also written into every result):
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +113,10 @@ def evaluate(
     from bevctl.train.tasks import cur_T_prev, normalize_images, to_device
 
     dev = resolve_device(device)
+    if out is not None:  # a bad --out URL fails before the evaluation, not after it
+        from bevctl.storage import location
+
+        location.check(out)
     model, cfg, ckpt = load_trained_model(checkpoint, dev)
     if temporal is None:
         temporal = ckpt.get("run", {}).get("mode") == "pretrain" and cfg.temporal_weight > 0
@@ -148,11 +151,9 @@ def evaluate(
               "num_samples": len(ds), "temporal": bool(temporal), "grid": cfg.grid, "class_set": cfg.class_set, "rules": RULES,
               **iou_from_confusion(conf.numpy(), class_set.names_with_background),
               "confusion": conf.tolist()}
-    if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        for path, text in ((out, json.dumps(result, indent=2) + "\n"), (out.with_suffix(".md"), format_markdown(result))):
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+    if out is not None:  # a local path or a URL; each file written whole
+        from bevctl.storage import location
+
+        location.write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+        location.write_text_atomic(location.with_suffix(out, ".md"), format_markdown(result))
     return result

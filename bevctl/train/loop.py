@@ -12,6 +12,11 @@ Run directory::
     RUN/scenes.json     scenes trained on     RUN/metrics.jsonl one JSON line per logged step
     RUN/checkpoints/step_NNNNNNN.pt           RUN/last.pt       the newest checkpoint
 
+``RUN`` is a local directory or a URL (``s3://bucket/runs/pre``, see
+:mod:`bevctl.storage.location`): every file is written whole (temp file + rename, or one PUT);
+on object storage ``metrics.jsonl`` is uploaded whole at every checkpoint and at the end, and
+TensorBoard event files are only written for local run directories.
+
 Checkpoints hold model, optimiser, scheduler, scaler, step, RNG states, config, bevctl version.
 ``resume=True`` continues from ``RUN/last.pt`` exactly: the sampler skips the consumed
 batches, so on CPU an interrupted + resumed run ends bit-identical to an uninterrupted one.
@@ -38,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import bevctl
 from bevctl.config import BEVGrid, class_set_from_name, dataclass_to_dict, dataclass_from_dict, grid_from_name
 from bevctl.errors import BevctlError
+from bevctl.storage import location
 from bevctl.train import distributed as D
 from bevctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bevctl.train.config import TrainConfig, config_diff
@@ -57,7 +63,7 @@ class RunSpec:
 
     mode: str  # "pretrain" | "finetune"
     cfg: TrainConfig
-    run_dir: Path
+    run_dir: str | Path  # a local directory or a URL
     dataroot: str | None = None
     version: str | None = None
     labels: str | None = None  # labels.zarr (pretrain)
@@ -186,24 +192,53 @@ def steps_for(n_samples: int, cfg: TrainConfig, world: int) -> tuple[int, int]:
     return spe, total
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines logged after ``step`` (they are recomputed after a resume)."""
-    if not path.is_file():
-        return
+def _truncate_metrics(path: str, step: int) -> list[str]:
+    """Drop metric lines logged after ``step`` (they are recomputed after a resume); returns
+    the lines kept."""
+    if not location.is_file(path):
+        return []
     keep = []
-    for line in path.read_text().splitlines():
+    for line in location.read_text(path).splitlines():
         try:
             if json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+                keep.append(line + "\n")
         except json.JSONDecodeError:
             continue  # a torn last line
-    _atomic_write_text(path, "".join(k + "\n" for k in keep))
+    location.write_text_atomic(path, "".join(keep))
+    return keep
+
+
+class MetricsLog:
+    """``RUN/metrics.jsonl``: locally appended and flushed line by line; on object storage kept
+    in memory and uploaded whole (one PUT) by :meth:`sync` (at every checkpoint and at the
+    end). Lines after the last checkpoint are recomputed by a resume either way."""
+
+    def __init__(self, path: str, lines: list[str]) -> None:
+        self.path = path
+        local = location.local_path(path)
+        self._file = local.open("a") if local is not None else None
+        self._lines = list(lines)
+        self._dirty = False
+
+    def write(self, row: dict[str, Any]) -> None:
+        line = json.dumps(row) + "\n"
+        if self._file is not None:
+            self._file.write(line)
+            self._file.flush()
+        else:
+            self._lines.append(line)
+            self._dirty = True
+
+    def sync(self) -> None:
+        if self._file is None and self._dirty:
+            location.write_text_atomic(self.path, "".join(self._lines))
+            self._dirty = False
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        else:
+            self.sync()
 
 
 def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -226,10 +261,11 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 
 
-def train(spec: RunSpec) -> Path:
+def train(spec: RunSpec) -> str:
     """Run a training job (spawning ``spec.gpus`` processes if asked). Returns ``RUN/last.pt``."""
-    run_dir = Path(spec.run_dir)
-    if not spec.resume and (run_dir / "last.pt").exists():
+    run_dir = str(spec.run_dir)
+    location.check(run_dir)
+    if not spec.resume and location.exists(location.join(run_dir, "last.pt")):
         raise BevctlError(f"{run_dir} already holds a run (last.pt); pass --resume to continue it or pick a new --out")
     try:
         D.launch(_worker, spec.gpus, spec)
@@ -240,7 +276,7 @@ def train(spec: RunSpec) -> Path:
             if "BevctlError: " in last or "TrainingDiverged: " in last:
                 raise BevctlError(last.split(": ", 1)[1]) from None
         raise
-    return run_dir / "last.pt"
+    return location.join(run_dir, "last.pt")
 
 
 def _worker(spec: RunSpec) -> None:
@@ -253,7 +289,8 @@ def _worker(spec: RunSpec) -> None:
 
 def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     cfg = spec.cfg
-    run_dir = Path(spec.run_dir)
+    run_dir = str(spec.run_dir)
+    last_pt = location.join(run_dir, "last.pt")
     grid, num_classes = grid_and_classes(cfg)
     device = info.device
     if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None and info.distributed:
@@ -261,8 +298,8 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
 
     # ---- resume or start ------------------------------------------------------------------
     ckpt = None
-    if spec.resume and (run_dir / "last.pt").exists():
-        ckpt = load_checkpoint(run_dir / "last.pt")
+    if spec.resume and location.exists(last_pt):
+        ckpt = load_checkpoint(last_pt)
         saved = dataclass_from_dict(TrainConfig, ckpt["config"], where=f"{run_dir}/last.pt config")
         diff = config_diff(saved, cfg, ignore=RESUME_MUTABLE)
         if diff:
@@ -312,10 +349,11 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                 "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": num_classes,
                 "image_hw": list(model_image_hw(cfg))}
     if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(dataclass_to_dict(cfg), sort_keys=False))
-        _atomic_write_text(run_dir / "run.json", json.dumps(run_info, indent=2) + "\n")
-        _truncate_metrics(run_dir / "metrics.jsonl", start)
+        location.makedirs(run_dir)
+        location.write_text_atomic(location.join(run_dir, "config.yaml"),
+                                   yaml.safe_dump(dataclass_to_dict(cfg), sort_keys=False))
+        location.write_text_atomic(location.join(run_dir, "run.json"), json.dumps(run_info, indent=2) + "\n")
+        metrics_kept = _truncate_metrics(location.join(run_dir, "metrics.jsonl"), start)
     D.barrier(info)
 
     net: nn.Module = model
@@ -337,11 +375,13 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                 "config": dataclass_to_dict(cfg), "run": run_info, "bevctl_version": bevctl.__version__,
             }
             save_checkpoint(run_dir, step, payload, keep=cfg.keep_checkpoints)
+            if metrics_file is not None:
+                metrics_file.sync()
         D.barrier(info)
 
     last_ckpt_step = start if ckpt is not None else None
-    metrics_file = (run_dir / "metrics.jsonl").open("a") if info.is_main else None
-    tb = _tensorboard(run_dir) if info.is_main else None
+    metrics_file = MetricsLog(location.join(run_dir, "metrics.jsonl"), metrics_kept) if info.is_main else None
+    tb = _tensorboard(run_dir) if info.is_main and location.is_local(run_dir) else None
     progress = _progress(spec.progress and info.is_main, spec.mode, total_steps, start)
     it = iter(loader)  # draws the workers' base seed from the RNG, in both fresh and resumed runs
     if ckpt is not None:
@@ -405,8 +445,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                            "samples_per_s": cfg.batch_size * cfg.grad_accum * info.world / max(times["t_step"], 1e-9)}
                     if device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-                    metrics_file.write(json.dumps(row) + "\n")  # type: ignore[union-attr]
-                    metrics_file.flush()  # type: ignore[union-attr]
+                    metrics_file.write(row)  # type: ignore[union-attr]
                     if tb is not None:
                         for k, v in row.items():
                             if k != "step" and isinstance(v, (int, float)):
@@ -426,13 +465,13 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
         from rich.console import Console
 
         Console(stderr=True).print(f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s "
-                                   f"-> {run_dir / 'last.pt'}")
+                                   f"-> {last_pt}")
 
 
-def _diverged_msg(what: str, value: float, step: int, stats: dict[str, float], run_dir: Path,
+def _diverged_msg(what: str, value: float, step: int, stats: dict[str, float], run_dir: str,
                   last_ckpt_step: int | None) -> str:
     parts = ", ".join(f"{k}={v:.4g}" for k, v in stats.items() if k in ("reproj", "temporal", "ce", "dice"))
-    keep = (f"the last good checkpoint is {run_dir / 'last.pt'} (step {last_ckpt_step})"
+    keep = (f"the last good checkpoint is {location.join(run_dir, 'last.pt')} (step {last_ckpt_step})"
             if last_ckpt_step is not None else "no checkpoint was written yet")
     return (f"training diverged: non-finite {what} ({value}) at step {step}"
             + (f" [{parts}]" if parts else "") + f"; stopped, {keep}. Lower the lr or check the inputs")
@@ -446,9 +485,9 @@ def _progress(enabled: bool, name: str, total: int, start: int):
                     TimeRemainingColumn(), disable=not enabled)
 
 
-def _tensorboard(run_dir: Path):
+def _tensorboard(run_dir: str):
     try:
         from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
     except Exception:
         return None
-    return SummaryWriter(str(run_dir / "tb"))
+    return SummaryWriter(location.join(run_dir, "tb"))

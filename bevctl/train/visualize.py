@@ -81,7 +81,9 @@ def visualize(
     if sample not in index.samples:
         raise BevctlError(f"--sample: no sample '{sample}' in {dataroot}/{version}")
     kwargs: dict[str, Any] = {}
-    if labels and Path(labels).exists():
+    from bevctl.storage import location
+
+    if labels and location.exists(labels):
         from bevctl.pseudolabel.label_maps import resolve_label_map
         from bevctl.storage.labels import LabelStore
 
@@ -89,7 +91,7 @@ def visualize(
         if sample in store and store.status(sample) == "done":
             kwargs.update(labels_path=str(labels), lut=resolve_label_map(store.id2label, class_set, cfg.label_map),
                           label_hw=cfg.label_hw)
-    if gt and Path(gt).exists():
+    if gt and location.exists(gt):
         kwargs["gt_path"] = str(gt)
     else:
         kwargs["rasterize"] = (str(dataroot), grid, class_set)
