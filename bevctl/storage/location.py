@@ -150,6 +150,9 @@ def remote(target: Target) -> tuple[Any, str]:
         from fsspec.core import url_to_fs
 
         fs, path = url_to_fs(text)
+        # other processes (labeler actors, DataLoader workers, another run) write here too: never
+        # answer from a listing cached earlier (these calls are few; chunk I/O goes through zarr)
+        fs.invalidate_cache()
         bucket = path.split("/", 1)[0]
         key = (proto, bucket)
         if not path.startswith("/") and bucket and key not in _checked_roots:
@@ -157,6 +160,8 @@ def remote(target: Target) -> tuple[Any, str]:
                 fs.info(bucket)  # raises on missing credentials too (``exists`` would say False)
             except FileNotFoundError:
                 raise BevctlError(f"{text}: bucket '{bucket}' does not exist (or these credentials cannot see it)") from None
+            except PermissionError:
+                pass  # a policy scoped to a prefix may not allow looking at the bucket itself
             _checked_roots.add(key)
     return fs, path
 
