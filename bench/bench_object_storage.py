@@ -11,10 +11,10 @@ For each target (a local directory, ``s3://`` on moto's standalone server on 127
 - ``checkpoint``: ``save_checkpoint`` + ``load_checkpoint`` of the ``demo`` preset's model and
   optimiser state -> seconds each, and the size.
 
-moto is a Python server sharing this process's (busy) CPU cores, so the S3 numbers are a lower
-bound on what the protocol costs bevctl, not a prediction for AWS S3 (whose per-request latency
-is ~10-30 ms but which serves requests in parallel). The machine is shared: the load average is
-recorded.
+moto is a Python server sharing this process's (busy) CPU cores: the S3 numbers show that the
+paths work and what one request at a time through a slow endpoint costs, not what AWS S3 would
+deliver (its per-request latency is ~10-30 ms, but it serves many requests in parallel). The
+machine is shared: the load average is recorded.
 
 Results: bench/results/object_storage.json and object_storage.md.
 """
@@ -148,8 +148,8 @@ def main() -> None:
     (RESULTS / "object_storage.json").write_text(json.dumps(result, indent=2) + "\n")
     cols = ["target", "pseudolabel_images_per_s", "pseudolabel_write_s", "store_bytes", "read_labels_samples_per_s",
             "prepare_gt_samples_per_s", "checkpoint_mb", "checkpoint_save_s", "checkpoint_load_s"]
-    lines = [f"Stores and checkpoints: local disk vs s3:// on moto (in process; a lower bound for the protocol's "
-             f"cost, not AWS). {SCENES * SAMPLES_PER_SCENE} samples x 6 images {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
+    lines = [f"Stores and checkpoints: local disk vs s3:// on moto (a Python server in the same process on "
+             f"shared cores: not AWS's latency or throughput). {SCENES * SAMPLES_PER_SCENE} samples x 6 images {IMAGE_HW[0]}x{IMAGE_HW[1]}, "
              f"synth-gt labeler in process, demo-preset checkpoint; load average {result['host']['loadavg_1m']} on "
              f"{result['host']['cpus']} CPUs.", "",
              "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
