@@ -8,8 +8,10 @@ Imports of heavy modules (torch, ray, transformers) happen inside the commands s
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +51,22 @@ def _check_urls(*targets: Optional[str]) -> None:
     for target in targets:
         if target:
             check(target)
+
+
+@contextlib.contextmanager
+def _writing(out: Path) -> Iterator[None]:
+    """A full disk while a command writes ``out`` is one error line naming ``out`` (where the
+    library could not name the file itself, e.g. a Zarr chunk or a completion record)."""
+    from bevctl.io import disk_full_error, is_disk_full
+
+    try:
+        yield
+    except BevctlError:
+        raise
+    except Exception as e:
+        if is_disk_full(e):
+            raise disk_full_error(out) from None
+        raise
 
 
 # ---- synth ------------------------------------------------------------------------------------
@@ -91,7 +109,8 @@ def demo(
     """Run the method end to end on the embedded synthetic world (offline, CPU); resumable."""
     from bevctl.demo import run_demo
 
-    run_demo(out, quick=quick, labeler=labeler)
+    with _writing(out):
+        run_demo(out, quick=quick, labeler=labeler)
 
 
 # ---- prepare-gt -------------------------------------------------------------------------------
@@ -120,8 +139,9 @@ def prepare_gt_cmd(
         raise BevctlError(f"--workers must be >= 0, got {workers}")
     index = load_index(dataroot, version)
     split_list = parse_splits(splits, index) if splits else None
-    summary = prepare_gt(dataroot, version, bev_grid, class_set, out, splits=split_list,
-                         workers=workers, overwrite=overwrite, index=index)
+    with _writing(out):
+        summary = prepare_gt(dataroot, version, bev_grid, class_set, out, splits=split_list,
+                             workers=workers, overwrite=overwrite, index=index)
     print(format_summary(summary))
     if summary.failed:
         raise BevctlError(f"prepare-gt: {summary.failed} sample(s) failed (listed above); rerun to retry them")
@@ -161,7 +181,8 @@ def pseudolabel(
         resolution=parse_resolution(resolution) if resolution else None,
         confidence=confidence, on_error=on_error, overwrite=overwrite,
     )
-    summary = run_pseudolabel(cfg)
+    with _writing(out):
+        summary = run_pseudolabel(cfg)
     print(format_summary(summary))
     if summary.samples_failed:
         raise typer.Exit(1)
@@ -273,7 +294,8 @@ def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Op
     spec = RunSpec(mode=mode, cfg=cfg, run_dir=out, dataroot=str(dataroot), version=version,
                    labels=str(labels) if labels else None, gt=str(gt) if gt else None,
                    init=str(init) if init else None, resume=resume, device=device, gpus=gpus)
-    train(spec)
+    with _writing(out):
+        train(spec)
 
 
 @app.command()
@@ -397,6 +419,11 @@ def main() -> None:
         if any(c.__name__ == "ClickException" for c in type(e).__mro__):
             e.show()  # type: ignore[attr-defined]
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
+        from bevctl.io import disk_full_error, is_disk_full
+
+        if is_disk_full(e):  # a write the library did not name itself (e.g. a Zarr chunk)
+            print(f"error: {disk_full_error(getattr(e, 'filename', None))}", file=sys.stderr)
+            sys.exit(2)
         raise
 
 

@@ -47,8 +47,9 @@ import numpy as np
 
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
+from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
-from bevctl.storage.location import join
+from bevctl.storage.location import is_local as location_is_local, join
 from bevctl.storage.base import CompletionLog
 
 log = logging.getLogger(__name__)
@@ -216,9 +217,14 @@ class LabelWorker:
             _check_output(lab, labels, conf, (len(inputs), *out_hw), confidence)
         t2 = time.perf_counter()
         for k, (i, c) in enumerate(good):
-            masks[i, c] = labels[k]  # one whole (sample, camera) chunk
-            if conf_arr is not None:
-                conf_arr[i, c] = conf[k]
+            try:
+                masks[i, c] = labels[k]  # one whole (sample, camera) chunk
+                if conf_arr is not None:
+                    conf_arr[i, c] = conf[k]
+            except OSError as e:
+                if is_disk_full(e):
+                    raise disk_full_error(f"{store_path} (sample #{i}, camera {c})") from None
+                raise
         t3 = time.perf_counter()
         return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2,
                 "node": self.node}
@@ -470,6 +476,8 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
             raise BevctlError(f"labeler {spec.model_id}: class ids above 255 do not fit uint8 masks")
         store, created = LabelStore.open_for_writing(cfg.out, spec, str(index.dataroot), overwrite=cfg.overwrite)
         log.info("%s store %s for %d samples", "created" if created else "resuming", cfg.out, len(tokens))
+        if not created and location_is_local(cfg.out):
+            remove_stale_temp_files(cfg.out, recursive=True)  # chunk writes a killed run left half done
         return _drive(cfg, pool, store, image_paths, out_hw, len(cameras))
     finally:
         pool.close()
@@ -593,7 +601,7 @@ def _drive(
     finally:
         # Completion records of finished samples are written even on Ctrl-C / errors.
         try:
-            flush()
+            completions.flush_on_exit()
         finally:
             if progress:
                 progress.stop()

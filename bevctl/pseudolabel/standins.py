@@ -14,6 +14,10 @@ ablations and benchmarks (``load_labeler`` resolves these names too):
     ``synth-gt`` that kills its own process (``os._exit``) on its ``k``-th ``predict`` call
     (1-based), once per marker file: the first crash creates ``$BEVCTL_FAULT_MARKER`` (required)
     and later calls — also in the restarted actor — behave like ``synth-gt``. Tests actor restart.
+``crash-every:<k>``
+    ``synth-gt`` that kills its own process on every ``k``-th ``predict`` call of that process
+    (k >= 2), so a restarted actor dies again after ``k - 1`` batches: an actor that keeps
+    dying. Each crash appends a line to ``$BEVCTL_FAULT_MARKER`` when that is set.
 
 Labelers that need the image file (the oracle) implement the optional hook
 ``preprocess_file(image, path)``; the job calls it instead of ``preprocess(image)`` when present.
@@ -34,6 +38,7 @@ from bevctl.errors import BevctlError
 SYNTH_GT = "synth-gt"
 SLEEP_PREFIX = "sleep:"
 CRASH_PREFIX = "crash-once:"
+CRASH_EVERY_PREFIX = "crash-every:"
 FAULT_MARKER_ENV = "BEVCTL_FAULT_MARKER"
 
 
@@ -148,8 +153,30 @@ class CrashOnceLabeler(SynthGTLabeler):
         return super().predict(batch, out_hw, confidence)
 
 
+class CrashEveryLabeler(SynthGTLabeler):
+    """``synth-gt`` that hard-kills its process on every ``k``-th predict call."""
+
+    def __init__(self, k: int, marker: Path | None) -> None:
+        super().__init__()
+        self.k = k
+        self.marker = marker
+        self.calls = 0
+        self.model_id = f"{CRASH_EVERY_PREFIX}{k}"
+
+    def predict(
+        self, batch: list[np.ndarray], out_hw: tuple[int, int], confidence: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        self.calls += 1
+        if self.calls % self.k == 0:
+            if self.marker is not None:
+                with open(self.marker, "a") as f:
+                    f.write(f"crashed pid {os.getpid()} on call {self.calls}\n")
+            os._exit(17)
+        return super().predict(batch, out_hw, confidence)
+
+
 def is_standin(model: str) -> bool:
-    return model == SYNTH_GT or model.startswith((SYNTH_GT + ":", SLEEP_PREFIX, CRASH_PREFIX))
+    return model == SYNTH_GT or model.startswith((SYNTH_GT + ":", SLEEP_PREFIX, CRASH_PREFIX, CRASH_EVERY_PREFIX))
 
 
 def _seconds(model: str, text: str) -> float:
@@ -178,4 +205,11 @@ def load_standin(model: str) -> SynthGTLabeler | SleepLabeler:
         if not marker:
             raise BevctlError(f"model '{model}': set {FAULT_MARKER_ENV} to a marker file path")
         return CrashOnceLabeler(int(text), Path(marker))
-    raise BevctlError(f"'{model}' is not a stand-in labeler (synth-gt[:<s>], sleep:<s>, crash-once:<k>)")
+    if model.startswith(CRASH_EVERY_PREFIX):
+        text = model[len(CRASH_EVERY_PREFIX):]
+        if not text.isdigit() or int(text) < 2:
+            raise BevctlError(f"model '{model}': expected crash-every:<k> with k >= 2")
+        marker = os.environ.get(FAULT_MARKER_ENV)
+        return CrashEveryLabeler(int(text), Path(marker) if marker else None)
+    raise BevctlError(f"'{model}' is not a stand-in labeler "
+                      "(synth-gt[:<s>], sleep:<s>, crash-once:<k>, crash-every:<k>)")

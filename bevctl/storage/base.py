@@ -444,3 +444,16 @@ class CompletionLog:
     def tick(self) -> None:
         if self._clock() - self._last > self.every_s:
             self.flush()
+
+    def flush_on_exit(self) -> None:
+        """:meth:`flush` in a ``finally`` block: on a full disk the records are dropped instead
+        of raising over the error that ended the job (those samples are redone by the rerun)."""
+        from bevctl.io import is_disk_full
+
+        try:
+            self.flush()
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            self._done.clear()
+            self._failed.clear()

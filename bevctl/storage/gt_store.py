@@ -41,6 +41,7 @@ from bevctl.config import (
 )
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
+from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, CompletionLog, SampleStore
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,7 @@ def _init_worker(dataroot: str, grid: BEVGrid, class_set: BEVClassSet, out: str)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _W.clear()
     _W.update(dataroot=dataroot, grid=grid, class_set=class_set,
-              bev=zarr.open_array(zarr_store(join(out, "bev")), mode="r+", zarr_format=3))
+              bev=zarr.open_array(zarr_store(join(out, "bev")), mode="r+", zarr_format=3), out=out)
 
 
 def _run_task(items: list[tuple[int, SampleRecord]]) -> list[tuple[int, str | None]]:
@@ -228,6 +229,8 @@ def _run_task(items: list[tuple[int, SampleRecord]]) -> list[tuple[int, str | No
         except BevctlError as e:
             results.append((i, f"sample {sample.token}: {e}"))
         except Exception as e:  # noqa: BLE001 - a bad map record must not kill the whole job
+            if is_disk_full(e):  # ... but a full disk is no sample's fault: stop, a rerun resumes
+                raise disk_full_error(f"{_W['out']} (sample {sample.token})") from None
             results.append((i, f"sample {sample.token}: {type(e).__name__}: {e}"))
     return results
 
@@ -294,6 +297,10 @@ def prepare_gt(
     if not created:
         log.info("prepare-gt: %s exists: %d of %d samples done, %d to do",
                  out, summary.already_done, summary.total, len(todo))
+        from bevctl.storage.location import is_local
+
+        if is_local(out):
+            remove_stale_temp_files(out, recursive=True)  # chunk writes a killed run left half done
     if not todo:
         return summary
     # Group work by location so each worker touches few maps; keep scene order within.
@@ -303,7 +310,6 @@ def prepare_gt(
     summary.workers = max(1, n_workers)
 
     completions = CompletionLog(store, every_s=1.0)
-    flush = completions.flush
 
     def record(results: list[tuple[int, str | None]]) -> None:
         if not summary.startup_seconds:
@@ -371,7 +377,7 @@ def prepare_gt(
                         if nxt is not None:
                             running[executor.submit(_run_task, nxt)] = len(nxt)
     finally:
-        flush()  # record exactly the samples whose workers reported success
+        completions.flush_on_exit()  # record exactly the samples whose workers reported success
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start

@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 import bevctl
 from bevctl.config import BEVGrid, class_set_from_name, dataclass_to_dict, dataclass_from_dict, grid_from_name
 from bevctl.errors import BevctlError
+from bevctl.io import remove_stale_temp_files
 from bevctl.storage import location
 from bevctl.train import distributed as D
 from bevctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -350,6 +351,9 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                 "image_hw": list(model_image_hw(cfg))}
     if info.is_main:
         location.makedirs(run_dir)
+        if location.is_local(run_dir):  # temp files of a checkpoint a killed run was writing
+            for d in (run_dir, location.join(run_dir, "checkpoints")):
+                remove_stale_temp_files(d)
         location.write_text_atomic(location.join(run_dir, "config.yaml"),
                                    yaml.safe_dump(dataclass_to_dict(cfg), sort_keys=False))
         location.write_text_atomic(location.join(run_dir, "run.json"), json.dumps(run_info, indent=2) + "\n")
@@ -455,6 +459,10 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                     last_ckpt_step = done
                 if spec.stop_after_step is not None and done >= spec.stop_after_step:
                     break
+    except RuntimeError as e:  # torch raises it wherever the main thread is when a worker dies
+        if str(e).startswith("DataLoader worker"):
+            raise _loader_died(e, run_dir, last_ckpt_step) from None
+        raise
     finally:
         if metrics_file is not None:
             metrics_file.close()
@@ -466,6 +474,14 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
 
         Console(stderr=True).print(f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s "
                                    f"-> {last_pt}")
+
+
+def _loader_died(e: RuntimeError, run_dir: str, last_ckpt_step: int | None) -> BevctlError:
+    """A DataLoader worker process that died (killed, out of memory) as one error line saying
+    how to resume, instead of torch's RuntimeError with a traceback."""
+    keep = (f"rerun with --resume to continue from {location.join(run_dir, 'last.pt')} (step {last_ckpt_step})"
+            if last_ckpt_step is not None else "no checkpoint was written yet: rerun the same command")
+    return BevctlError(f"a data loader worker process died ({str(e).strip().splitlines()[0]}); {keep}")
 
 
 def _diverged_msg(what: str, value: float, step: int, stats: dict[str, float], run_dir: str,
