@@ -395,8 +395,10 @@ def run_train_labeler(
     init: Path | None = None,
 ) -> dict[str, Any]:
     """The ``bevctl train-labeler`` command: data, training, held-out evaluation, metrics."""
-    from bevctl.pseudolabel.labeler import HFMask2FormerLabeler
+    from bevctl.pseudolabel.labeler import HFMask2FormerLabeler, _read_config
 
+    if init is not None:  # before minutes of data generation: a bad --init fails at once
+        _read_config(Path(init))
     work.mkdir(parents=True, exist_ok=True)
     data = data or make_synth_data(work, 101, train_scenes, samples_per_scene)
     eval_data = eval_data or make_synth_data(work, 202, eval_scenes, samples_per_scene)

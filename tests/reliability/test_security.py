@@ -160,5 +160,6 @@ def test_train_labeler_refuses_remote_code_init(bevctl_cli, tmp_path) -> None:
     model = _remote_code_dir(tmp_path, marker)
     out = tmp_path / "labeler"
     res = bevctl_cli("train-labeler", "--out", out, "--work", tmp_path / "work", "--init", model, "--steps", "1")
-    res.assert_refused("remote code")
+    res.assert_refused(model / "config.json", "remote code")
     assert not marker.exists() and not out.exists()
+    assert not (tmp_path / "work").exists()  # refused before generating any training data
