@@ -90,6 +90,9 @@ def _load_map(dataroot: str, location: str) -> "NuScenesMap":
     except KeyError as e:
         raise BevctlError(f"{path}: map expansion lacks layer or token {e}") from None
     except Exception as e:  # noqa: BLE001 - the devkit raises bare Exception for old versions
+        if "outdated map version" in str(e):  # no "version" key: the devkit assumes 1.0
+            raise BevctlError(f"{path}: map expansion has no version or one older than v{MAP_VERSION} "
+                              "(download the current nuScenes map expansion)") from None
         raise BevctlError(f"{path}: cannot load map expansion ({type(e).__name__}: {e})") from None
     log.debug("loaded map %s", path)
     return nusc_map

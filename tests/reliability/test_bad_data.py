@@ -224,6 +224,19 @@ def _old_map(root: Path) -> Path:
     return path
 
 
+def test_map_expansion_without_version(broken_copy, bevctl_cli, tmp_path) -> None:
+    """No "version" key (the devkit then assumes 1.0): refused when the map is loaded."""
+    root, version = broken_copy
+    path = next((root / "maps" / "expansion").glob("*.json"))
+    data = json.loads(path.read_text())
+    del data["version"]
+    path.write_text(json.dumps(data))
+    out = tmp_path / "run"
+    bevctl_cli("finetune", "--dataroot", root, "--version", version, "--config", "toy", "--device", "cpu",
+               "--workers", "0", "--max-steps", "1", "--out", out).assert_refused(path.name, "no version")
+    assert not (out / "last.pt").exists()
+
+
 def test_prepare_gt_with_an_old_map_expansion(broken_copy, bevctl_cli, tmp_path) -> None:
     root, version = broken_copy
     path = _old_map(root)
