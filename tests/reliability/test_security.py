@@ -163,3 +163,21 @@ def test_train_labeler_refuses_remote_code_init(bevctl_cli, tmp_path) -> None:
     res.assert_refused(model / "config.json", "remote code")
     assert not marker.exists() and not out.exists()
     assert not (tmp_path / "work").exists()  # refused before generating any training data
+
+
+def test_crafted_pickle_in_a_real_process(tiny_synth, tmp_path) -> None:
+    """The same refusal through the installed entry point in its own process (real stderr)."""
+    import subprocess
+    import sys
+
+    root, version = tiny_synth
+    marker = tmp_path / "pwned"
+    evil = _evil_checkpoint(tmp_path / "evil.pt", marker, "torch.save")
+    env = dict(os.environ, BEVCTL_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "bevctl.cli", "evaluate", "--checkpoint", str(evil), "--dataroot",
+                           str(root), "--version", version, "--device", "cpu", "--out", str(tmp_path / "e.json")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and str(evil) in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not marker.exists() and not (tmp_path / "e.json").exists()
