@@ -40,12 +40,53 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_plan: Any, phases: PhaseLog,
+                  complete: bool) -> None:
+    """Aggregate the runs so far into bench/results/paper.json + paper.md (atomically)."""
+    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["name"], r["fraction"], r["pretraining"]), []).append(r)
+    table = []
+    for (name, fraction, kind), rs in groups.items():
+        m, s = _mean_std([r["miou"] for r in rs])
+        walls = [sum(r["wall_seconds"].values()) for r in rs]
+        table.append({"name": name, "fraction": fraction, "pretraining": kind, "seeds": len(rs),
+                      "miou_mean": m, "miou_std": s, "wall_seconds_mean": statistics.fmean(walls),
+                      "wall_seconds_per_phase": {p: statistics.fmean(r["wall_seconds"].get(p, 0.0) for r in rs)
+                                                 for p in {p for r in rs for p in r["wall_seconds"]}}})
+    table.sort(key=lambda t: (t["fraction"], t["pretraining"] == "none", t["pretraining"]))
+    result = {"complete": complete, "plan": dataclasses.asdict(base_plan), "command": " ".join(["python", "bench/paper.py", *sys.argv[1:]]),
+              "shared_wall_seconds": {p: phases.seconds(p) for p in phases.data if not p.startswith(("train:", "eval:"))},
+              "rows": table, "runs": rows}
+    results_dir = ROOT / "bench" / "results"
+    atomic_write_text(results_dir / "paper.json", json.dumps(result, indent=2))
+    lines = ["# Label efficiency on the synthetic world", "",
+             *([] if complete else ["**Partial results: the run has not finished.**", ""]),
+             f"`{result['command']}`; plan `{args.plan}`: {base_plan.scenes} scenes x {base_plan.samples_per_scene} "
+             f"keyframes, pretrain {base_plan.pretrain_steps} steps, fine-tune {base_plan.finetune_steps}, "
+             f"from scratch {base_plan.baseline_steps}; val mIoU % (mean ± std over seeds), wall seconds (2-core CPU).", "",
+             "| model | BEV labels | pretraining | seeds | mIoU % | pretrain s | fine-tune s | total train s "
+             "| time vs scratch 100% |", "|---|---|---|---|---|---|---|---|---|"]
+    ref = next((t["wall_seconds_mean"] for t in table if t["name"] == "scratch 100%"), None)
+    for t in table:
+        phase = t["wall_seconds_per_phase"]
+        ratio = f"{t['wall_seconds_mean'] / ref:.2f}x" if ref else "n/a"
+        lines.append(f"| {t['name']} | {100 * t['fraction']:.0f}% | {t['pretraining']} | {t['seeds']} | "
+                     f"{100 * t['miou_mean']:.1f} ± {100 * t['miou_std']:.1f} | {phase.get('pretrain', 0.0):.0f} | "
+                     f"{phase.get('finetune', 0.0):.0f} | {t['wall_seconds_mean']:.0f} | {ratio} |")
+    atomic_write_text(results_dir / "paper.md", "\n".join(lines) + "\n")
+    if complete:
+        print("\n".join(lines))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--plan", default="default", choices=sorted(PLANS))
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--ablation-seeds", type=int, default=None,
+                    help="run the ablations for the first N seeds only (default: all seeds)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper-run")
     args = ap.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
@@ -65,11 +106,12 @@ def main() -> int:
         rows.append({"name": name, "fraction": fraction, "pretraining": pretrained, "seed": seed,
                      "miou": res["miou"], "iou_per_class": {k: v["iou"] for k, v in res["classes"].items()},
                      "wall_seconds": wall})
+        write_results(rows, args, base_plan, phases, complete=False)  # a partial table survives a stop
 
     for seed in range(args.seeds):
         plan = dataclasses.replace(base_plan, seed=seed)
         pretrains = {"reprojection+temporal": ("pretrain", plan.labeler, None)}
-        if not args.no_ablations:
+        if not args.no_ablations and (args.ablation_seeds is None or seed < args.ablation_seeds):
             pretrains["no temporal loss"] = ("pretrain-notemporal", plan.labeler, 0.0)
             pretrains["perfect pseudo-labels"] = ("pretrain-synthgt", "synth-gt", None)
         pre_ckpt: dict[str, Path] = {}
@@ -93,33 +135,7 @@ def main() -> int:
             last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.baseline_steps, fraction=fraction)
             record(f"scratch {tag}%", fraction, "none", seed, last, {"finetune": phases.seconds(f"train:{run}")})
 
-    groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault((r["name"], r["fraction"], r["pretraining"]), []).append(r)
-    table = []
-    for (name, fraction, kind), rs in groups.items():
-        m, s = _mean_std([r["miou"] for r in rs])
-        walls = [sum(r["wall_seconds"].values()) for r in rs]
-        table.append({"name": name, "fraction": fraction, "pretraining": kind, "seeds": len(rs),
-                      "miou_mean": m, "miou_std": s, "wall_seconds_mean": statistics.fmean(walls),
-                      "wall_seconds_per_phase": {p: statistics.fmean(r["wall_seconds"].get(p, 0.0) for r in rs)
-                                                 for p in {p for r in rs for p in r["wall_seconds"]}}})
-    table.sort(key=lambda t: (t["fraction"], t["pretraining"] == "none", t["pretraining"]))
-    result = {"plan": dataclasses.asdict(base_plan), "command": " ".join(["python", "bench/paper.py", *sys.argv[1:]]),
-              "shared_wall_seconds": {p: phases.seconds(p) for p in phases.data if not p.startswith(("train:", "eval:"))},
-              "rows": table, "runs": rows}
-    results_dir = ROOT / "bench" / "results"
-    atomic_write_text(results_dir / "paper.json", json.dumps(result, indent=2))
-    lines = ["# Label efficiency on the synthetic world", "",
-             f"`{result['command']}`; plan `{args.plan}`: {base_plan.scenes} scenes x {base_plan.samples_per_scene} "
-             f"keyframes, pretrain {base_plan.pretrain_steps} steps, fine-tune {base_plan.finetune_steps}, "
-             f"from scratch {base_plan.baseline_steps}; val mIoU % (mean ± std over seeds), wall seconds (2-core CPU).", "",
-             "| model | BEV labels | pretraining | seeds | mIoU % | total train s |", "|---|---|---|---|---|---|"]
-    for t in table:
-        lines.append(f"| {t['name']} | {100 * t['fraction']:.0f}% | {t['pretraining']} | {t['seeds']} | "
-                     f"{100 * t['miou_mean']:.1f} ± {100 * t['miou_std']:.1f} | {t['wall_seconds_mean']:.0f} |")
-    atomic_write_text(results_dir / "paper.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(rows, args, base_plan, phases, complete=True)
     return 0
 
 
