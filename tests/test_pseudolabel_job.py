@@ -245,3 +245,94 @@ def test_labeler_breaking_its_contract_is_one_clear_error(tiny_synth, tmp_path, 
     with pytest.raises(BevctlError, match=r"labeler synth-gt: predict returned labels int64\(4, 45, 80\), "
                                           r"expected uint8\(4, 45, 80\)"):
         run_pseudolabel(_cfg(root, version, tmp_path / "l.zarr", resolution=(45, 80)))
+
+
+class _FakeCall(job_mod._Done):
+    """A call to a :class:`_DyingPool` actor, run when the driver waits for it."""
+
+    def __init__(self, actor: int, life: int, args: tuple) -> None:
+        super().__init__()
+        self.actor, self.life, self.args, self.ran = actor, life, args, False
+
+
+class _DyingPool:
+    """Two in-process "actors" whose process dies on a batch holding the ``poison`` image (the
+    first ``deaths_left`` times); as on Ray, every call the dead process had in flight fails with
+    it (``_ActorDied``), and the actor comes back when probed."""
+
+    def __init__(self, cfg: PseudolabelConfig, poison: str, deaths_left: int) -> None:
+        self.worker = job_mod.LabelWorker(cfg.model, cfg.device, cfg.threads)
+        self.actors = [0, 1]
+        self.lives = [0, 0]
+        self.poison, self.deaths_left, self.deaths = poison, deaths_left, 0
+        self.bystanders: list[int] = []  # per death: other calls the dead process had in flight
+
+    def info(self) -> dict:
+        return self.worker.info()
+
+    def submit(self, actor: int, args: tuple) -> _FakeCall:
+        return _FakeCall(actor, self.lives[actor], args)
+
+    def probe(self, actor: int) -> job_mod._Done:
+        return job_mod._Done(self.worker.info())
+
+    def wait(self, refs: list, timeout: float) -> list:
+        call = refs[0]  # the oldest call (the driver lists them in submission order)
+        if isinstance(call, _FakeCall) and not call.ran:
+            call.ran = True
+            if call.life != self.lives[call.actor]:  # its process is gone
+                call.error = job_mod._ActorDied("ActorDiedError")
+            elif self.deaths_left and any(path == self.poison for *_, path in call.args[3]):
+                self.deaths_left -= 1
+                self.deaths += 1
+                self.bystanders.append(sum(1 for r in refs if isinstance(r, _FakeCall) and r is not call
+                                           and (r.actor, r.life) == (call.actor, call.life) and not r.ran))
+                self.lives[call.actor] += 1
+                call.error = job_mod._ActorDied("ActorDiedError")
+            else:
+                call.value = self.worker.label(*call.args)
+        return [call]
+
+    def close(self) -> None:
+        pass
+
+
+def _store_order(root: Path, version: str) -> list:
+    index = load_index(root, version)
+    return [s for split in index.split_names() for s in index.samples_in(split)]
+
+
+def _poison_image(root: Path, version: str) -> str:
+    """An image of the job's first batch (three or more batches are in flight then)."""
+    return _store_order(root, version)[0].cameras[1].image_path
+
+
+def test_actor_death_with_batches_in_flight_blames_none_of_them(tiny_synth, tmp_path, monkeypatch) -> None:
+    """A batch kills its actor once, with two more batches in flight: all three are redone, each
+    alone on an idle actor, nobody is charged, and the store is complete and exact."""
+    root, version = tiny_synth
+    pools: list[_DyingPool] = []
+    monkeypatch.setattr(job_mod, "_InlinePool",
+                        lambda cfg: pools.append(_DyingPool(cfg, _poison_image(root, version), 1)) or pools[-1])
+    monkeypatch.setattr(job_mod, "MAX_ATTEMPTS", 1)  # any charge would stop the job
+    out = tmp_path / "labels.zarr"
+    summary = run_pseudolabel(_cfg(root, version, out, batch_size=3))
+    assert pools[0].deaths == 1 and pools[0].bystanders[0] >= 1 and summary.actor_restarts == 1
+    assert summary.images_labeled == 6 * summary.samples_total  # every image reported once
+    _assert_store_equals(out, _expected(root, version))
+
+
+def test_batch_that_kills_every_actor_stops_the_job_naming_it(tiny_synth, tmp_path, monkeypatch) -> None:
+    root, version = tiny_synth
+    poison = _poison_image(root, version)
+    pools: list[_DyingPool] = []
+    monkeypatch.setattr(job_mod, "_InlinePool", lambda cfg: pools.append(_DyingPool(cfg, poison, 99)) or pools[-1])
+    out = tmp_path / "labels.zarr"
+    with pytest.raises(BevctlError, match=r"labeler actor died 3 times on the batch starting at ") as err:
+        run_pseudolabel(_cfg(root, version, out, batch_size=3))
+    # the first death had bystanders in flight (no charge); then the batch ran alone 3 times
+    assert pools[0].deaths == 4 and pools[0].bystanders[0] >= 1
+    assert pools[0].bystanders[1:] == [0, 0, 0]
+    first = _store_order(root, version)[0]
+    assert str(err.value).endswith(f"at {first.cameras[0].image_path} (ActorDiedError)")  # not a bystander's
+    assert LabelStore.open(out).status(first.token) == "todo"

@@ -17,8 +17,10 @@ Faults
     An actor that dies (``RayActorError``: its process crashed or its node was lost) is
     restarted by Ray (``max_restarts=-1``) and every batch it had in flight is resubmitted to the
     actors that are up; the dead one gets no work until a probe (``info()``) answers, so the job
-    also finishes when Ray cannot restart it (a lost node whose GPUs no other node has free). A
-    batch that kills actors ``MAX_ATTEMPTS`` times stops the job with its images named. A killed
+    also finishes when Ray cannot restart it (a lost node whose GPUs no other node has free).
+    Which of its batches killed it is unknown, so each is resubmitted *alone* to an idle actor:
+    a death with one batch in flight is charged to that batch, and a batch charged
+    ``MAX_ATTEMPTS`` times stops the job with its images named. A killed
     driver takes its actors with it; a rerun resumes from the DONE record and rewrites
     everything else whole.
 Multi-node
@@ -498,8 +500,11 @@ def _drive(
     store_path = str(store.path)
     source = _batches(todo, image_paths, cfg.batch_size)
     retry: deque[_Batch] = deque()
-    pending: dict[Any, tuple[int, _Batch]] = {}
+    pending: dict[Any, tuple[int, int, _Batch]] = {}  # ref -> (actor, its life when submitted, batch)
     per_actor = [0] * len(pool.actors)
+    in_flight: list[list[tuple[int, _Batch]]] = [[] for _ in pool.actors]  # per actor: (life, batch)
+    alone: list[_Batch | None] = [None] * len(pool.actors)  # a batch of a dead actor, running alone here
+    life = [0] * len(pool.actors)  # +1 each time a dead actor answers again
     down = [False] * len(pool.actors)  # actor died and has not answered a probe since
     probes: dict[Any, int] = {}  # outstanding probe of a down actor -> actor
     probe_at = [0.0] * len(pool.actors)  # earliest time of a down actor's next probe
@@ -515,11 +520,15 @@ def _drive(
 
     def next_batch() -> _Batch | None:
         nonlocal exhausted
-        if retry:
-            return retry.popleft()
         batch = next(source, None)
         exhausted = batch is None
         return batch
+
+    def submit(a: int, batch: _Batch) -> None:
+        ref = pool.submit(a, (store_path, cfg.confidence, out_hw, batch.items))
+        pending[ref] = (a, life[a], batch)
+        in_flight[a].append((life[a], batch))
+        per_actor[a] += 1
 
     progress = _make_progress(cfg.progress)
     task = progress.add_task("label", total=n_images) if progress else None
@@ -531,18 +540,25 @@ def _drive(
             # Keep every live actor `inflight` batches deep (back-pressure: nothing more is queued).
             # A down actor gets no work, only a probe now and then: Ray may never restart it (its
             # node is gone and no other node has room), and its batches go to the others.
+            # Batches of a dead actor (`retry`) go one at a time to an idle actor, which gets
+            # nothing else meanwhile; actors take no new work while some wait.
             for a in range(len(pool.actors)):
                 if down[a]:
                     if a not in probes.values() and time.monotonic() >= probe_at[a]:
                         probes[pool.probe(a)] = a
                     continue
+                if alone[a] is not None:
+                    continue
+                if retry:
+                    if per_actor[a] == 0:
+                        alone[a] = retry.popleft()
+                        submit(a, alone[a])
+                    continue
                 while per_actor[a] < cfg.inflight:
                     batch = next_batch()
                     if batch is None:
                         break
-                    ref = pool.submit(a, (store_path, cfg.confidence, out_hw, batch.items))
-                    pending[ref] = (a, batch)
-                    per_actor[a] += 1
+                    submit(a, batch)
             if not pending and not retry and exhausted:
                 break
             for ref in pool.wait([*pending, *probes], timeout=0.5):
@@ -554,26 +570,32 @@ def _drive(
                         probe_at[a] = time.monotonic() + PROBE_EVERY_S
                     else:
                         down[a] = False
+                        life[a] += 1
                         log.warning("labeler actor %d is back", a)
                     continue
-                a, batch = pending.pop(ref)
+                a, lived, batch = pending.pop(ref)
                 per_actor[a] -= 1
+                mates = [b for n, b in in_flight[a] if n == life[a]]  # in flight on this life of `a`
+                in_flight[a] = [(n, b) for n, b in in_flight[a] if b is not batch]
+                if alone[a] is batch:
+                    alone[a] = None
                 try:
                     result = _get(pool, ref)
                 except _ActorDied as e:
-                    if not down[a]:
+                    if lived == life[a] and not down[a]:  # the first news of this death
                         down[a] = True
                         restarts += 1
-                        probe_at[a] = time.monotonic() + PROBE_EVERY_S
+                        probe_at[a] = time.monotonic()
                         log.warning("labeler actor %d died (%s); Ray restarts it, its batches go to the others", a, e)
                         if all(down):
                             log.warning("every labeler actor is down: waiting for Ray to restart one")
-                    batch.attempts += 1
-                    if batch.attempts >= MAX_ATTEMPTS:
-                        first = batch.items[0][2]
-                        raise BevctlError(
-                            f"labeler actor died {batch.attempts} times on the batch starting at {first} ({e})"
-                        ) from None
+                        if len(mates) == 1:  # it died running this batch alone: charge it
+                            batch.attempts += 1
+                            if batch.attempts >= MAX_ATTEMPTS:
+                                first = batch.items[0][2]
+                                raise BevctlError(
+                                    f"labeler actor died {batch.attempts} times on the batch starting at {first} ({e})"
+                                ) from None
                     retry.append(batch)
                     continue
                 for key in times:
