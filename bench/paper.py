@@ -6,11 +6,14 @@ wall time of every phase. Ablations: pretraining without the temporal loss, pret
 perfect pseudo-labels (the synthetic image GT, `synth-gt`) instead of the shipped Mask2Former's
 (separates labeler error from the method), and pretraining only (zero BEV labels).
 
-Budget rules: every fine-tuning / from-scratch run at every fraction gets the same number of
-optimiser steps (``--finetune-steps`` after pretraining, ``--scratch-steps`` from scratch); the
-pretraining budget is counted into the pretrained rows' total time.
+Budget rules: every fine-tuning run from the pretrained model gets the plan's ``finetune_steps``
+(at the plan's ``finetune_lr``), every from-scratch run at every fraction the plan's
+``baseline_steps`` (at the preset's lr, where the supervised baseline plateaus); the pretraining
+budget is counted into the pretrained rows' total time. Runs go in order of importance (50% and
+100% over all seeds, then 10% and 25%, then the ablations at 50%) and the tables are rewritten
+after every run, so a stopped run leaves a partial table (marked as such).
 
-    .venv/bin/python bench/paper.py [--plan default|quick] [--seeds 3] [--out bench/results/paper-run]
+    .venv/bin/python bench/paper.py [--plan default|quick] [--seeds 3] [--ablation-seeds N] [--out DIR]
 
 Everything is resumable (rerun the same command); results go to bench/results/paper.json and
 paper.md. On 2 CPU cores the default plan with 3 seeds takes several hours: run it as its own
@@ -99,42 +102,66 @@ def main() -> int:
     if not args.no_ablations:
         prepare_data(dataclasses.replace(base_plan, labeler="synth-gt"), paths, phases)
 
-    rows: list[dict[str, Any]] = []
+    runs: dict[str, dict[str, Any]] = {}  # run name -> result row (a rerun skips finished runs)
 
     def record(name: str, fraction: float, pretrained: str, seed: int, ckpt: Path, wall: dict[str, float]) -> None:
-        res = evaluate_phase(paths, phases, ckpt.parent.name, ckpt)  # the run directory's name is unique
-        rows.append({"name": name, "fraction": fraction, "pretraining": pretrained, "seed": seed,
+        run = ckpt.parent.name  # the run directory's name is unique
+        if run in runs:
+            return
+        res = evaluate_phase(paths, phases, run, ckpt)
+        runs[run] = {"name": name, "fraction": fraction, "pretraining": pretrained, "seed": seed,
                      "miou": res["miou"], "iou_per_class": {k: v["iou"] for k, v in res["classes"].items()},
-                     "wall_seconds": wall})
-        write_results(rows, args, base_plan, phases, complete=False)  # a partial table survives a stop
+                     "wall_seconds": wall}
+        write_results(list(runs.values()), args, base_plan, phases, complete=False)  # a partial table survives a stop
 
-    for seed in range(args.seeds):
+    # (run prefix, labeler, temporal weight) of each pretraining
+    pretrainings = {"reprojection+temporal": ("pretrain", base_plan.labeler, None),
+                    "no temporal loss": ("pretrain-notemporal", base_plan.labeler, 0.0),
+                    "perfect pseudo-labels": ("pretrain-synthgt", "synth-gt", None)}
+
+    def pretrained(kind: str, seed: int) -> Path:
         plan = dataclasses.replace(base_plan, seed=seed)
-        pretrains = {"reprojection+temporal": ("pretrain", plan.labeler, None)}
-        if not args.no_ablations and (args.ablation_seeds is None or seed < args.ablation_seeds):
-            pretrains["no temporal loss"] = ("pretrain-notemporal", plan.labeler, 0.0)
-            pretrains["perfect pseudo-labels"] = ("pretrain-synthgt", "synth-gt", None)
-        pre_ckpt: dict[str, Path] = {}
-        for kind, (run, labeler, tw) in pretrains.items():
-            name = f"{run}-s{seed}"
-            pre_ckpt[kind] = train_phase(plan, paths, phases, name, mode="pretrain", steps=plan.pretrain_steps,
-                                         labeler=labeler, temporal_weight=tw)
-            record(f"{run} only", 0.0, kind, seed, pre_ckpt[kind], {"pretrain": phases.seconds(f"train:{name}")})
-        for fraction in fractions:
-            tag = f"{int(round(fraction * 100))}"
-            for kind, ckpt in pre_ckpt.items():
-                if kind != "reprojection+temporal" and fraction != 0.5:
-                    continue  # ablations at the headline fraction only
-                run = f"ft{tag}-{pretrains[kind][0]}-s{seed}"
-                last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.finetune_steps,
-                                   fraction=fraction, init=ckpt)
-                pre_name = f"{pretrains[kind][0]}-s{seed}"
-                record(f"pretrain + {tag}%", fraction, kind, seed, last,
-                       {"pretrain": phases.seconds(f"train:{pre_name}"), "finetune": phases.seconds(f"train:{run}")})
-            run = f"scratch{tag}-s{seed}"
-            last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.baseline_steps, fraction=fraction)
-            record(f"scratch {tag}%", fraction, "none", seed, last, {"finetune": phases.seconds(f"train:{run}")})
+        run, labeler, tw = pretrainings[kind]
+        name = f"{run}-s{seed}"
+        ckpt = train_phase(plan, paths, phases, name, mode="pretrain", steps=plan.pretrain_steps,
+                           labeler=labeler, temporal_weight=tw)
+        record(f"{run} only", 0.0, kind, seed, ckpt, {"pretrain": phases.seconds(f"train:{name}")})
+        return ckpt
 
+    def finetuned(kind: str, fraction: float, seed: int) -> None:
+        plan = dataclasses.replace(base_plan, seed=seed)
+        tag, pre = f"{int(round(fraction * 100))}", pretrainings[kind][0]
+        init = pretrained(kind, seed)
+        run = f"ft{tag}-{pre}-s{seed}"
+        last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.finetune_steps,
+                           fraction=fraction, init=init, lr=plan.finetune_lr)
+        record(f"pretrain + {tag}%", fraction, kind, seed, last,
+               {"pretrain": phases.seconds(f"train:{pre}-s{seed}"), "finetune": phases.seconds(f"train:{run}")})
+
+    def scratch(fraction: float, seed: int) -> None:
+        plan = dataclasses.replace(base_plan, seed=seed)
+        run = f"scratch{int(round(fraction * 100))}-s{seed}"
+        last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.baseline_steps, fraction=fraction)
+        record(f"scratch {int(round(fraction * 100))}%", fraction, "none", seed, last,
+               {"finetune": phases.seconds(f"train:{run}")})
+
+    # The headline comparison (50% vs 100%) first over all seeds, then the other fractions, then the
+    # ablations (at 50%): a run stopped early still has the most important rows.
+    seeds = range(args.seeds)
+    headline = [f for f in fractions if f in (0.5, 1.0)]
+    others = [f for f in fractions if f not in (0.5, 1.0)]
+    for group in (headline, others):
+        for seed in seeds:
+            for fraction in group:
+                finetuned("reprojection+temporal", fraction, seed)
+                scratch(fraction, seed)
+    if not args.no_ablations:
+        n = args.seeds if args.ablation_seeds is None else min(args.ablation_seeds, args.seeds)
+        for seed in range(n):
+            for kind in ("no temporal loss", "perfect pseudo-labels"):
+                finetuned(kind, 0.5, seed)
+
+    rows = list(runs.values())
     write_results(rows, args, base_plan, phases, complete=True)
     return 0
 
