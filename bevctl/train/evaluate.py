@@ -109,7 +109,7 @@ def evaluate(
     from bevctl.data.nuscenes import load_index
     from bevctl.train.dataset import eval_dataset
     from bevctl.train.distributed import resolve_device
-    from bevctl.train.loop import _collate, model_image_hw
+    from bevctl.train.loop import _collate, loader_worker_init, model_image_hw
     from bevctl.train.tasks import cur_T_prev, normalize_images, to_device
 
     dev = resolve_device(device)
@@ -126,7 +126,7 @@ def evaluate(
     index = load_index(dataroot, version)
     ds = eval_dataset(index, split, model_image_hw(cfg), grid, class_set, gt)
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
-                        prefetch_factor=4 if num_workers > 0 else None)
+                        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=loader_worker_init)
     c = class_set.num_classes
     conf = torch.zeros(c, c, dtype=torch.int64)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn

@@ -251,6 +251,26 @@ def _amp_settings(cfg: TrainConfig, device: torch.device) -> tuple[torch.dtype |
     return torch.float16, True
 
 
+def loader_worker_init(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn`` for a quiet Ctrl-C. Ctrl-C reaches the whole process group,
+    but only the main process handles it (it stops the workers), so a worker ignores SIGINT; and
+    when the interrupted main process leaves while a worker hands it a batch (file descriptors
+    via multiprocessing's resource sharer), the worker's sharer thread fails with EOFError or
+    ConnectionResetError: harmless, and not printed as a traceback after the resume hint."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    default_hook = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        sharer = args.thread is not None and args.thread.name.endswith("(_serve)")
+        if not (sharer and issubclass(args.exc_type, (EOFError, ConnectionError))):
+            default_hook(args)
+
+    threading.excepthook = hook
+
+
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     from torch.utils.data import default_collate
 
@@ -369,7 +389,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=loader_worker_init)
 
     def checkpoint(step: int) -> None:
         if info.is_main:

@@ -2,7 +2,8 @@
 an uninterrupted run of the same command (conftest ``ref_*``).
 
 A case = (command, signal, kill point). The kill points are progress counts drawn with a seeded
-RNG (:func:`faultkit.kill_points`): the number of mask chunks written (pseudolabel), BEV chunks
+RNG (:func:`faultkit.kill_points`): the number of mask chunks written (pseudolabel in process and
+with a Ray actor), BEV chunks
 written (prepare-gt), or metric lines logged (pretrain, finetune; a point between two checkpoints
 makes the resumed run redo steps). The signal goes to the command's whole process group: SIGINT
 is Ctrl-C in a terminal, SIGKILL a node or an OOM killer taking the job down.
@@ -36,6 +37,7 @@ GT_DELAY = {"BEVCTL_TEST_GT_SAMPLE_DELAY": "0.2"}  # prepare-gt: ~1.6 s of work 
 # (command, progress range of the kill points, seed): three points each
 POINTS = {
     "pseudolabel": kill_points(61, 1, 6 * N_SAMPLES - 8, 3),
+    "pseudolabel-ray": kill_points(65, 1, 6 * N_SAMPLES - 8, 2),  # --workers 1: a Ray actor
     "prepare-gt": kill_points(62, 1, N_SAMPLES - 1, 3),
     "pretrain": kill_points(63, 1, TRAIN_STEPS - 1, 3),
     "finetune": kill_points(64, 1, TRAIN_STEPS - 1, 3),
@@ -67,10 +69,10 @@ def test_kill_and_rerun_matches_uninterrupted_run(command: str, sig: str, point:
                                                   tmp_path: Path, request: pytest.FixtureRequest) -> None:
     w = fault_world
     signum = getattr(signal, sig)
-    if command == "pseudolabel":
-        ref = request.getfixturevalue("ref_labels")
+    if command.startswith("pseudolabel"):
+        ref = request.getfixturevalue("ref_labels")  # made in process (--workers 0): same bytes
         out = tmp_path / "labels.zarr"
-        args, env = w.pseudolabel(out), w.env()
+        args, env = w.pseudolabel(out, workers=1 if command == "pseudolabel-ray" else 0), w.env()
         res = run_and_signal(args, env, signum, at_least(lambda: count_chunk_files(out / "masks"), point),
                              log_dir=tmp_path / "logs")
         _check_signal(res, sig)
