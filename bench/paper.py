@@ -58,6 +58,16 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_pla
                       "wall_seconds_per_phase": {p: statistics.fmean(r["wall_seconds"].get(p, 0.0) for r in rs)
                                                  for p in {p for r in rs for p in r["wall_seconds"]}}})
     table.sort(key=lambda t: (t["fraction"], t["pretraining"] == "none", t["pretraining"]))
+    # Paired by seed (the seed also picks the labelled scenes, which moves mIoU a lot): the
+    # pretrained row minus scratch at the same fraction, and minus scratch at 100%.
+    miou = {(r["name"], r["pretraining"], r["seed"]): r["miou"] for r in rows}
+    for t in table:
+        for key, ref_name in (("delta_vs_scratch_same_fraction", f"scratch {100 * t['fraction']:.0f}%"),
+                              ("delta_vs_scratch_100", "scratch 100%")):
+            diffs = [miou[(t["name"], t["pretraining"], sd)] - miou[(ref_name, "none", sd)]
+                     for (n, k, sd) in miou if n == t["name"] and k == t["pretraining"]
+                     and (ref_name, "none", sd) in miou]
+            t[key] = _mean_std(diffs) + (len(diffs),) if diffs and t["pretraining"] != "none" else None
     result = {"complete": complete, "plan": dataclasses.asdict(base_plan), "command": " ".join(["python", "bench/paper.py", *sys.argv[1:]]),
               "shared_wall_seconds": {p: phases.seconds(p) for p in phases.data if not p.startswith(("train:", "eval:"))},
               "rows": table, "runs": rows}
@@ -69,14 +79,29 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_pla
              f"keyframes, pretrain {base_plan.pretrain_steps} steps, fine-tune {base_plan.finetune_steps}, "
              f"from scratch {base_plan.baseline_steps}; val mIoU % (mean ± std over seeds), wall seconds (2-core CPU).", "",
              "| model | BEV labels | pretraining | seeds | mIoU % | pretrain s | fine-tune s | total train s "
-             "| time vs scratch 100% |", "|---|---|---|---|---|---|---|---|---|"]
+             "| time vs scratch 100% | Δ vs scratch, same labels (pp, paired) | Δ vs scratch 100% (pp, paired) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = next((t["wall_seconds_mean"] for t in table if t["name"] == "scratch 100%"), None)
+
+    def delta(d: tuple[float, float, int] | None) -> str:
+        return "" if d is None else f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f} (n={d[2]})"
+
     for t in table:
         phase = t["wall_seconds_per_phase"]
         ratio = f"{t['wall_seconds_mean'] / ref:.2f}x" if ref else "n/a"
         lines.append(f"| {t['name']} | {100 * t['fraction']:.0f}% | {t['pretraining']} | {t['seeds']} | "
                      f"{100 * t['miou_mean']:.1f} ± {100 * t['miou_std']:.1f} | {phase.get('pretrain', 0.0):.0f} | "
-                     f"{phase.get('finetune', 0.0):.0f} | {t['wall_seconds_mean']:.0f} | {ratio} |")
+                     f"{phase.get('finetune', 0.0):.0f} | {t['wall_seconds_mean']:.0f} | {ratio} | "
+                     f"{delta(t['delta_vs_scratch_same_fraction']) if t['fraction'] > 0 else ''} | "
+                     f"{delta(t['delta_vs_scratch_100'])} |")
+    seeds = sorted({r["seed"] for r in rows})
+    lines += ["", "Per seed (val mIoU %; the seed picks the initialisation, the data order and the labelled scenes):",
+              "", "| model | BEV labels | pretraining | " + " | ".join(f"seed {sd}" for sd in seeds) + " |",
+              "|---|---|---|" + "---|" * len(seeds)]
+    for t in table:
+        cells = [f"{100 * miou[(t['name'], t['pretraining'], sd)]:.1f}" if (t["name"], t["pretraining"], sd) in miou
+                 else "" for sd in seeds]
+        lines.append(f"| {t['name']} | {100 * t['fraction']:.0f}% | {t['pretraining']} | " + " | ".join(cells) + " |")
     atomic_write_text(results_dir / "paper.md", "\n".join(lines) + "\n")
     if complete:
         print("\n".join(lines))
