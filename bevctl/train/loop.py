@@ -255,20 +255,33 @@ def loader_worker_init(worker_id: int) -> None:
     """DataLoader ``worker_init_fn`` for a quiet Ctrl-C. Ctrl-C reaches the whole process group,
     but only the main process handles it (it stops the workers), so a worker ignores SIGINT; and
     when the interrupted main process leaves while a worker hands it a batch (file descriptors
-    via multiprocessing's resource sharer), the worker's sharer thread fails with EOFError or
-    ConnectionResetError: harmless, and not printed as a traceback after the resume hint."""
+    via multiprocessing's resource sharer), the worker's sharer thread fails with EOFError or an
+    OSError (connection reset, broken pipe): harmless, and not printed as a traceback after the
+    resume hint. The sharer thread reports through ``sys.excepthook`` (it catches everything
+    itself), other threads through ``threading.excepthook``: both are filtered."""
     import signal
+    import sys
     import threading
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    default_hook = threading.excepthook
 
-    def hook(args: threading.ExceptHookArgs) -> None:
-        sharer = args.thread is not None and args.thread.name.endswith("(_serve)")
-        if not (sharer and issubclass(args.exc_type, (EOFError, ConnectionError))):
-            default_hook(args)
+    def sharer_noise(exc_type: type[BaseException], thread: threading.Thread | None) -> bool:
+        return (thread is not None and thread.name.endswith("(_serve)")
+                and issubclass(exc_type, (EOFError, OSError)))
 
-    threading.excepthook = hook
+    default_thread_hook = threading.excepthook
+    default_sys_hook = sys.excepthook
+
+    def thread_hook(args: threading.ExceptHookArgs) -> None:
+        if not sharer_noise(args.exc_type, args.thread):
+            default_thread_hook(args)
+
+    def sys_hook(exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        if not sharer_noise(exc_type, threading.current_thread()):
+            default_sys_hook(exc_type, exc, tb)
+
+    threading.excepthook = thread_hook
+    sys.excepthook = sys_hook
 
 
 def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:

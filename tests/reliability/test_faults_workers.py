@@ -154,3 +154,30 @@ def test_dataloader_worker_killed_from_outside(fault_world: FaultWorld, ref_labe
     rerun.clean_exit()
     assert_same_training(ref_pretrain, out)
     assert not temp_leftovers(tmp_path)
+
+
+def test_loader_worker_hides_only_the_fd_sharer_threads_connection_noise() -> None:
+    """multiprocessing's resource sharer thread reports through sys.excepthook: in a loader worker
+    its EOFError/OSError (the interrupted main process left mid-handoff) is not printed; any
+    other error, or the same error in another thread, still is. Run in a child process: the hook
+    changes process-wide state."""
+    import subprocess
+    import sys
+
+    code = """
+import sys, threading
+from bevctl.train.loop import loader_worker_init
+loader_worker_init(0)
+def report(exc):
+    try:
+        raise exc
+    except BaseException:
+        sys.excepthook(*sys.exc_info())
+for name, exc in [("Thread-1 (_serve)", EOFError("sharer-eof")), ("Thread-2 (_serve)", ConnectionResetError("sharer-reset")),
+                  ("Thread-3 (_serve)", ValueError("sharer-bug")), ("Thread-4 (other)", EOFError("other-eof"))]:
+    t = threading.Thread(target=report, args=(exc,), name=name); t.start(); t.join()
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "sharer-eof" not in res.stderr and "sharer-reset" not in res.stderr
+    assert "sharer-bug" in res.stderr and "other-eof" in res.stderr
