@@ -426,7 +426,6 @@ def test_config_overrides_and_errors():
 def test_model_trains_loss_falls():
     """A simple supervised BEV loss on two fixed synthetic batches: the loss must fall."""
     model = demo_model(seed=0).train()
-    g = torch.Generator().manual_seed(5)
     batches = []
     for s in range(2):
         images, k, t = demo_inputs(model, b=1, seed=10 + s)

@@ -242,8 +242,6 @@ def _vehicles(world: World, rng: np.random.Generator, segs, ego_fn, times: np.nd
     for kind, k, _sigma, p0, p1 in segs:
         st = world.street(kind)
         n = int(st.n[k])
-        d = p1 - p0
-        length = float(np.linalg.norm(d))
         for _ in range(int(rng.poisson(6.0))):
             sig = float(rng.choice([-1.0, 1.0]))
             parked = rng.random() < 0.35
