@@ -32,3 +32,20 @@ def tiny_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.fixture(scope="session")
 def small_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     return _build(tmp_path_factory, "small_synth", scenes=4, samples_per_scene=8, image_hw=(112, 200), seed=1)
+
+
+@pytest.fixture
+def run_bevctl(monkeypatch: pytest.MonkeyPatch):
+    """``run_bevctl(*args) -> exit code``: ``bevctl ARGS`` in this process (so the test's
+    monkeypatches apply), through ``bevctl.cli.main`` and its error handling."""
+    from bevctl.cli import main
+
+    def run(*args: str) -> int:
+        monkeypatch.setattr("sys.argv", ["bevctl", *args])
+        try:
+            main()
+            return 0
+        except SystemExit as e:
+            return int(e.code or 0)
+
+    return run

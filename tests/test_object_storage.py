@@ -78,21 +78,6 @@ def _files(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
-def _cli(*args: str) -> int:
-    """``bevctl ARGS`` in this process (so the test's monkeypatches apply); the exit code."""
-    from bevctl.cli import main
-
-    old = sys.argv
-    sys.argv = ["bevctl", *args]
-    try:
-        main()
-        return 0
-    except SystemExit as e:
-        return int(e.code or 0)
-    finally:
-        sys.argv = old
-
-
 # ---- the location module -------------------------------------------------------------------------
 
 
@@ -150,7 +135,8 @@ def test_bad_urls_are_one_clear_error(s3: str) -> None:
             location.check("gs://b/x")
 
 
-def test_cli_without_credentials_or_with_a_missing_bucket_says_so_in_one_line(s3: str, tmp_path: Path, capsys) -> None:
+def test_cli_without_credentials_or_with_a_missing_bucket_says_so_in_one_line(
+        s3: str, tmp_path: Path, capsys, run_bevctl) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(AWS_ENDPOINT_URL=os.environ["AWS_ENDPOINT_URL"], AWS_EC2_METADATA_DISABLED="true",
                AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"), AWS_CONFIG_FILE=str(tmp_path / "none"),
@@ -160,7 +146,7 @@ def test_cli_without_credentials_or_with_a_missing_bucket_says_so_in_one_line(s3
     assert res.returncode == 2, res.stderr
     assert res.stderr.strip().startswith("error: s3://bevctl-test/labels.zarr: no credentials for s3://")
     assert len(res.stderr.strip().splitlines()) == 1 and "AWS_ACCESS_KEY_ID" in res.stderr
-    assert _cli("pseudolabel", "--dataroot", str(tmp_path), "--out", "s3://no-such-bucket/labels.zarr") == 2
+    assert run_bevctl("pseudolabel", "--dataroot", str(tmp_path), "--out", "s3://no-such-bucket/labels.zarr") == 2
     assert capsys.readouterr().err.strip() == (
         "error: s3://no-such-bucket/labels.zarr: bucket 'no-such-bucket' does not exist "
         "(or these credentials cannot see it)")
@@ -206,7 +192,7 @@ def test_interrupted_store_creation_is_never_taken_for_a_store(s3: str, monkeypa
 
 
 def test_pseudolabel_prepare_gt_pretrain_resume_finetune_evaluate_on_s3(
-        tiny_synth, tmp_path: Path, s3: str, monkeypatch, capsys) -> None:
+        tiny_synth, tmp_path: Path, s3: str, monkeypatch, capsys, run_bevctl) -> None:
     from bevctl.pseudolabel import job as job_mod
     from bevctl.storage.gt_store import GTStore
     from bevctl.storage.labels import LabelStore
@@ -222,7 +208,7 @@ def test_pseudolabel_prepare_gt_pretrain_resume_finetune_evaluate_on_s3(
 
     # -- pseudolabel: a local reference run, then an S3 run interrupted half-way and rerun
     label_opts = [*data, "--workers", "0", "--model", "synth-gt", "--batch-size", "6", "--resolution", "45x80"]
-    assert _cli("pseudolabel", *label_opts, "--out", str(tmp_path / "labels.zarr")) == 0
+    assert run_bevctl("pseudolabel", *label_opts, "--out", str(tmp_path / "labels.zarr")) == 0
     calls: list[list[tuple[int, int]]] = []
     real_label = job_mod.LabelWorker.label
 
@@ -234,14 +220,14 @@ def test_pseudolabel_prepare_gt_pretrain_resume_finetune_evaluate_on_s3(
 
     monkeypatch.setattr(job_mod.LabelWorker, "label", label)
     interrupt_after: int | None = 5  # batches of 6 images = one sample each
-    assert _cli("pseudolabel", *label_opts, "--out", s3_labels) == 130
+    assert run_bevctl("pseudolabel", *label_opts, "--out", s3_labels) == 130
     first = LabelStore.open(s3_labels)
     done_first = set(np.flatnonzero(first.statuses() == 1).tolist())
     n = len(first)
     # done = reported back before the interrupt; the batches still in flight are simply redone
     assert done_first <= {i for batch in calls for i, _ in batch} and 1 <= len(done_first) < n
     interrupt_after, calls = None, []
-    assert _cli("pseudolabel", *label_opts, "--out", s3_labels) == 0
+    assert run_bevctl("pseudolabel", *label_opts, "--out", s3_labels) == 0
     assert f"{len(done_first)} skipped" in capsys.readouterr().out
     relabeled = sorted(ic for batch in calls for ic in batch)
     assert relabeled == [(i, c) for i in range(n) if i not in done_first for c in range(6)]  # exactly once
@@ -252,14 +238,14 @@ def test_pseudolabel_prepare_gt_pretrain_resume_finetune_evaluate_on_s3(
     local_masks, s3_masks = _files(tmp_path / "labels.zarr" / "masks"), _objects(f"{s3_labels}/masks")
     assert s3_masks.keys() == local_masks.keys() and all(s3_masks[k] == local_masks[k] for k in local_masks)
     assert _objects(f"{s3_labels}/done")["c/0"] == (tmp_path / "labels.zarr" / "done" / "c" / "0").read_bytes()
-    assert _cli("labels", "stats", s3_labels, "--json") == 0
+    assert run_bevctl("labels", "stats", s3_labels, "--json") == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["samples"]["done"] == n and stats["mask_bytes_on_disk"] == sum(map(len, s3_masks.values()))
 
     # -- prepare-gt: on S3 equals on disk
     gt_opts = [*data, "--grid", "demo", "--classes", "hdmapnet", "--workers", "0"]
-    assert _cli("prepare-gt", *gt_opts, "--out", str(tmp_path / "gt.zarr")) == 0
-    assert _cli("prepare-gt", *gt_opts, "--out", s3_gt) == 0
+    assert run_bevctl("prepare-gt", *gt_opts, "--out", str(tmp_path / "gt.zarr")) == 0
+    assert run_bevctl("prepare-gt", *gt_opts, "--out", s3_gt) == 0
     gt_ref, gt_s3 = GTStore.open(tmp_path / "gt.zarr"), GTStore.open(s3_gt)
     assert gt_s3.done_tokens == gt_ref.done_tokens == gt_ref.tokens
     assert all(np.array_equal(gt_s3.get(t), gt_ref.get(t)) for t in gt_ref.tokens)
@@ -267,17 +253,17 @@ def test_pseudolabel_prepare_gt_pretrain_resume_finetune_evaluate_on_s3(
     # -- pretrain streaming from S3 into an S3 run directory; interrupted + resumed == uninterrupted
     train_opts = [*data, "--config", "toy", "--device", "cpu", "--max-steps", "4", "--checkpoint-every", "2",
                   "--batch-size", "1"]
-    assert _cli("pretrain", *train_opts, "--workers", "0", "--labels", str(tmp_path / "labels.zarr"),
+    assert run_bevctl("pretrain", *train_opts, "--workers", "0", "--labels", str(tmp_path / "labels.zarr"),
                 "--out", str(tmp_path / "pre")) == 0
-    assert _cli("pretrain", *train_opts, "--workers", "1", "--labels", s3_labels, "--out", f"{s3_runs}/pre") == 0
+    assert run_bevctl("pretrain", *train_opts, "--workers", "1", "--labels", s3_labels, "--out", f"{s3_runs}/pre") == 0
     cfg = load_train_config("toy", max_steps=4, checkpoint_every=2, batch_size=1, num_workers=0)
     cut = f"{s3_runs}/cut"
     train(RunSpec(mode="pretrain", cfg=cfg, run_dir=cut, dataroot=str(root), version=version, labels=s3_labels,
                   device="cpu", progress=False, stop_after_step=3))  # what the CLI runs, stopped after step 3
     assert load_checkpoint(cut)["step"] == 2
-    assert _cli("pretrain", *train_opts, "--workers", "0", "--labels", s3_labels, "--out", cut) == 2
+    assert run_bevctl("pretrain", *train_opts, "--workers", "0", "--labels", s3_labels, "--out", cut) == 2
     assert "--resume" in capsys.readouterr().err
-    assert _cli("pretrain", *train_opts, "--workers", "0", "--labels", s3_labels, "--out", cut, "--resume") == 0
+    assert run_bevctl("pretrain", *train_opts, "--workers", "0", "--labels", s3_labels, "--out", cut, "--resume") == 0
     local_w = load_checkpoint(tmp_path / "pre")["model"]
     for run in (f"{s3_runs}/pre", cut):
         ck = load_checkpoint(run)
@@ -292,25 +278,26 @@ def test_pseudolabel_prepare_gt_pretrain_resume_finetune_evaluate_on_s3(
                    for k, v in files.items() if not k.endswith(".pt"))  # the URL is recorded, never a secret
 
     # -- fine-tune from the S3 checkpoint on the S3 GT cache, evaluate with the report on S3
-    assert _cli("finetune", *data, "--device", "cpu", "--workers", "0", "--max-steps", "2", "--batch-size", "1",
+    assert run_bevctl("finetune", *data, "--device", "cpu", "--workers", "0", "--max-steps", "2", "--batch-size", "1",
                 "--gt", s3_gt, "--init", f"{cut}/last.pt", "--fraction", "0.5", "--out", f"{s3_runs}/fin") == 0
     assert json.loads(location.read_text(f"{s3_runs}/fin/scenes.json"))["fraction"] == 0.5
     eval_opts = [*data, "--split", "val", "--device", "cpu", "--workers", "0"]
-    assert _cli("evaluate", "--checkpoint", f"{s3_runs}/fin", *eval_opts, "--gt", s3_gt,
+    assert run_bevctl("evaluate", "--checkpoint", f"{s3_runs}/fin", *eval_opts, "--gt", s3_gt,
                 "--out", f"{s3}/e2e/eval.json") == 0
-    assert _cli("evaluate", "--checkpoint", f"{s3_runs}/fin", *eval_opts, "--gt", str(tmp_path / "gt.zarr"),
+    assert run_bevctl("evaluate", "--checkpoint", f"{s3_runs}/fin", *eval_opts, "--gt", str(tmp_path / "gt.zarr"),
                 "--out", str(tmp_path / "eval.json")) == 0
     on_s3 = json.loads(location.read_text(f"{s3}/e2e/eval.json"))
     on_disk = json.loads((tmp_path / "eval.json").read_text())
     assert on_s3["confusion"] == on_disk["confusion"] and on_s3["num_samples"] > 0
     assert "mIoU" in location.read_text(f"{s3}/e2e/eval.md")
     capsys.readouterr()
-    assert _cli("evaluate", "--checkpoint", f"{s3_runs}/nope", *eval_opts) == 2
+    assert run_bevctl("evaluate", "--checkpoint", f"{s3_runs}/nope", *eval_opts) == 2
     assert capsys.readouterr().err.strip() == "error: checkpoint not found: s3://bevctl-test/e2e/runs/nope"
 
 
 @pytest.mark.slow
-def test_kill_9_of_a_ray_job_writing_to_s3_then_rerun_is_byte_identical(tiny_synth, tmp_path: Path, s3: str) -> None:
+def test_kill_9_of_a_ray_job_writing_to_s3_then_rerun_is_byte_identical(
+        tiny_synth, tmp_path: Path, s3: str, run_bevctl) -> None:
     """Separate processes on S3: Ray labeler actors (credentials from the inherited env) write the
     chunks, the driver is killed with SIGKILL mid-way, the rerun completes the store; and
     prepare-gt's spawned worker processes write the GT cache."""
@@ -327,7 +314,7 @@ def test_kill_9_of_a_ray_job_writing_to_s3_then_rerun_is_byte_identical(tiny_syn
             "synth-gt:0.2"]
     url = f"{s3}/killed/labels.zarr"
     ref = tmp_path / "ref.zarr"
-    assert _cli("pseudolabel", *opts[:4], "--workers", "0", "--batch-size", "3", "--model", "synth-gt",
+    assert run_bevctl("pseudolabel", *opts[:4], "--workers", "0", "--batch-size", "3", "--model", "synth-gt",
                 "--out", str(ref)) == 0
     n = len(LabelStore.open(ref))
 

@@ -134,25 +134,11 @@ def test_train_config_presets_and_errors(tmp_path: Path) -> None:
 from test_dataset import make_gt_store, make_label_store  # noqa: E402
 
 
-def test_cli_pretrain_finetune_evaluate_visualize(tiny_synth, tmp_path: Path, capsys) -> None:
-    import sys
-
-    from bevctl.cli import main
-
+def test_cli_pretrain_finetune_evaluate_visualize(tiny_synth, tmp_path: Path, capsys, run_bevctl) -> None:
     root, version = tiny_synth
     labels = make_label_store(root, version, tmp_path / "labels.zarr", resolution=(45, 80))
     gt = make_gt_store(root, version, tmp_path / "gt.zarr")
-
-    def cli(*args: str) -> int:
-        old = sys.argv
-        sys.argv = ["bevctl", *args]
-        try:
-            main()
-            return 0
-        except SystemExit as e:
-            return int(e.code or 0)
-        finally:
-            sys.argv = old
+    cli = run_bevctl
 
     common = ["--dataroot", str(root), "--version", version, "--config", "toy", "--device", "cpu", "--workers", "1"]
     pre, fin = tmp_path / "pre", tmp_path / "fin"
