@@ -126,7 +126,7 @@ def test_prepare_gt_bad_class_set_file(case, tiny_synth, bevctl_cli, tmp_path) -
 @pytest.mark.parametrize("args, needle", [
     (["--batch-size", "0"], "--batch-size"), (["--workers", "-1"], "--workers"), (["--resolution", "0x80"], "--resolution"),
     (["--resolution", "big"], "--resolution"), (["--on-error", "ignore"], "--on-error"),
-    (["--splits", "test"], "test"), (["--model", "sleep:-1"], "sleep:-1"), (["--model", "../../etc"], "no config.json"),
+    (["--splits", "test"], "test"), (["--model", "sleep:-1"], "sleep:-1"), (["--model", "<empty dir>"], "no config.json"), (["--model", "<missing dir>"], "model directory not found"),
 ])
 def test_pseudolabel_bad_options(args, needle, tiny_synth, bevctl_cli, tmp_path) -> None:
     root, version = tiny_synth
@@ -134,6 +134,11 @@ def test_pseudolabel_bad_options(args, needle, tiny_synth, bevctl_cli, tmp_path)
     base = ["pseudolabel", "--dataroot", root, "--version", version, "--workers", "0"]
     if "--model" not in args:
         base += ["--model", "synth-gt"]
+    # a directory path that exists but holds no save_pretrained files / one that does not exist
+    # (absolute, so the case does not depend on the directory the tests run from)
+    (tmp_path / "empty_model").mkdir()
+    paths = {"<empty dir>": str(tmp_path / "empty_model"), "<missing dir>": str(tmp_path / "no_such_model")}
+    args = [paths.get(a, a) for a in args]
     bevctl_cli(*base, *args, "--out", out).assert_refused(needle)
     assert not out.exists()
 
