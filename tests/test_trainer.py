@@ -204,3 +204,20 @@ def test_pretraining_on_perfect_pseudo_labels_beats_chance_without_bev_labels(sm
                       for k, c in res["classes"].items() if k != "background"])
     assert res["miou"] > max(3 * chance, 0.06), (res["miou"], chance, res["classes"])
     assert res["classes"]["ped_crossing"]["iou"] > 0.15
+
+
+def test_freeze_backbone_keeps_backbone_weights_and_batchnorm_statistics(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    pre = train(_spec(tmp_path / "pre", _cfg(model="demo", max_steps=2, num_workers=0)))
+    cfg = _cfg(model="demo", max_steps=3, num_workers=0, freeze_backbone=True)
+    fin = train(_spec(tmp_path / "fin", cfg, mode="finetune", init=str(pre)))
+    a, b = _weights(pre), _weights(fin)
+    backbone = [k for k in a if k.startswith("image_encoder.backbone.")]
+    assert any("running_mean" in k for k in backbone) and any(k.endswith("weight") for k in backbone)
+    assert all(torch.equal(a[k], b[k]) for k in backbone)  # weights and BatchNorm statistics
+    rest = [k for k in a if k not in backbone and a[k].is_floating_point()]
+    assert sum(not torch.equal(a[k], b[k]) for k in rest) > len(rest) // 2  # the rest of the model trained
+    opt_params = sum(len(g["params"]) for g in load_checkpoint(fin)["optimizer"]["param_groups"])
+    assert opt_params == sum(1 for k in rest if not k.endswith(("running_mean", "running_var")))
+    with pytest.raises(BevctlError, match="freeze_backbone"):  # the stand-in model has no image backbone
+        train(_spec(tmp_path / "toy", _cfg(freeze_backbone=True), mode="finetune"))

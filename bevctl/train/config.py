@@ -40,6 +40,9 @@ class TrainConfig:
     class_weights: Optional[tuple[float, ...]] = None  # per BEV id (background first)
     dice_weight: float = 0.0  # supervised: + dice_weight * soft Dice
     label_map: Optional[str] = None  # YAML mapping labeler classes -> BEV classes (None = built in)
+    # Keep the image backbone's weights and BatchNorm statistics fixed (fine-tuning a pretrained
+    # model: the backbone saw every scene in pretraining; a frozen backbone also skips its backward).
+    freeze_backbone: bool = False
     # data
     fraction: float = 1.0  # finetune: fraction of labelled training scenes
     train_split: str = "train"

@@ -139,6 +139,16 @@ def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int]
     return f
 
 
+def freeze_image_backbone(model: nn.Module) -> None:
+    """No gradients for the image backbone and its BatchNorm in eval mode (``freeze_backbone``)."""
+    encoder = getattr(model, "image_encoder", None)
+    if encoder is None:
+        raise BevctlError(f"freeze_backbone: model {type(model).__name__} has no image backbone")
+    for p in encoder.backbone.parameters():
+        p.requires_grad_(False)
+    encoder.norm_eval = True  # ImageEncoder.train() keeps its BatchNorm layers in eval mode
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -362,6 +372,8 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
         except RuntimeError as e:
             raise BevctlError(f"--init {spec.init}: weights do not fit this model "
                               f"({str(e).splitlines()[0][:160]})") from None
+    if cfg.freeze_backbone:
+        freeze_image_backbone(model)
     model.to(device)
     opt = make_optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(total_steps, cfg.warmup_steps, cfg.min_lr_ratio))
