@@ -31,3 +31,21 @@ def test_preset_class_weights_match_class_set(preset: str) -> None:
 def test_demo_preset_upweights_markings() -> None:
     cw = load_train_config("demo").class_weights
     assert cw is not None and cw[0] == 1.0 and min(cw[1:]) > cw[0]
+
+
+def test_train_phase_learning_rate_per_regime(tmp_path, monkeypatch) -> None:
+    """pretrain_lr for pretraining, an explicit lr (fine-tuning) over it, ``lr`` / the preset otherwise."""
+    import dataclasses
+
+    import bevctl.train.loop as loop
+    from bevctl.demo import Paths, PhaseLog, train_phase
+
+    seen: dict[str, float] = {}
+    monkeypatch.setattr(loop, "train", lambda spec: seen.__setitem__(spec.run_dir.name, spec.cfg.lr))
+    plan = dataclasses.replace(PLANS["paper"], pretrain_lr=6e-3, finetune_lr=2e-3, lr=None)
+    paths, phases = Paths(tmp_path), PhaseLog(tmp_path / "phases.json")
+    train_phase(plan, paths, phases, "pre", mode="pretrain", steps=4)
+    train_phase(plan, paths, phases, "ft", mode="finetune", steps=4, fraction=0.5, lr=plan.finetune_lr)
+    train_phase(plan, paths, phases, "scratch", mode="finetune", steps=4)
+    train_phase(dataclasses.replace(plan, pretrain_lr=None, lr=5e-4), paths, phases, "pre2", mode="pretrain", steps=4)
+    assert seen == {"pre": 6e-3, "ft": 2e-3, "scratch": load_train_config(plan.train_config).lr, "pre2": 5e-4}
