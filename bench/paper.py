@@ -114,13 +114,17 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_pla
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--plan", default="paper", choices=sorted(PLANS))
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
-    ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--plan", default="paper", choices=sorted(PLANS),
+                    help="world size, step budgets and learning rates (bevctl.demo.PLANS; default: paper)")
+    ap.add_argument("--seeds", type=int, default=3, help="training seeds 0..N-1 per row (default: 3)")
+    ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS),
+                    help="comma-separated BEV-label fractions of the training scenes (default: 0.1,0.25,0.5,1.0)")
+    ap.add_argument("--no-ablations", action="store_true",
+                    help="skip the ablations (no temporal loss, perfect pseudo-labels)")
     ap.add_argument("--ablation-seeds", type=int, default=None,
                     help="run the ablations for the first N seeds only (default: all seeds)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper-run")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper-run",
+                    help="working directory: world, stores, runs (default: bench/results/paper-run)")
     args = ap.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
 
