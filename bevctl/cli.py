@@ -365,14 +365,23 @@ def evaluate(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     batch_size: int = typer.Option(2, "--batch-size", help="Samples per forward pass."),
     workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    range_edges: Optional[str] = typer.Option(
+        None, "--range-edges", help="Distance bands for the per-range IoU, comma-separated metres, e.g. '4,8,12' "
+        "(default: 1/4, 1/2, 3/4 of the grid's forward half-length)."),
 ) -> None:
-    """Per-class IoU and mIoU of a checkpoint on a split (argmax; every grid cell counts)."""
+    """Per-class IoU and mIoU of a checkpoint on a split (argmax; every grid cell counts), also per distance band."""
     from bevctl.train.evaluate import evaluate as run_eval, format_markdown
 
     _check_urls(checkpoint, gt, out)
+    edges = None
+    if range_edges:
+        try:
+            edges = tuple(float(e) for e in range_edges.split(","))
+        except ValueError:
+            raise BevctlError(f"--range-edges: expected comma-separated metres like '4,8,12', got '{range_edges}'") from None
 
     result = run_eval(checkpoint, str(dataroot), version, split, str(gt) if gt else None, out, device=device,
-                      batch_size=batch_size, num_workers=workers)
+                      batch_size=batch_size, num_workers=workers, range_edges=edges)
     print(format_markdown(result), end="")
 
 

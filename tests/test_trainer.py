@@ -159,6 +159,19 @@ def test_cli_pretrain_finetune_evaluate_visualize(tiny_synth, tmp_path: Path, ca
     cells = sum(c["tp"] + c["fn"] for c in res["classes"].values())
     assert cells == res["num_samples"] * 128 * 64 and "argmax" in res["rules"]
     assert "mIoU" in out.with_suffix(".md").read_text() and "mIoU" in capsys.readouterr().out
+    # per distance band: the demo grid's default edges 4, 8, 12 m; the bands partition the cells and
+    # their confusion counts add up to the whole grid's
+    assert [(b["min_m"], b["max_m"]) for b in res["by_range"]] == [(0, 4), (4, 8), (8, 12), (12, None)]
+    assert sum(b["cells"] for b in res["by_range"]) == cells
+    near = res["by_range"][0]
+    assert near["cells"] % res["num_samples"] == 0 and 780 < near["cells"] / res["num_samples"] < 830  # ~pi 4^2 / 0.25^2
+    assert "By distance from the ego" in out.with_suffix(".md").read_text()
+    assert cli("evaluate", "--checkpoint", str(fin), "--dataroot", str(root), "--version", version, "--gt", str(gt),
+               "--range-edges", "8,4", "--device", "cpu", "--workers", "0") == 2
+    assert "increasing" in capsys.readouterr().err
+    assert cli("evaluate", "--checkpoint", str(fin), "--dataroot", str(root), "--version", version,
+               "--range-edges", "4m", "--device", "cpu", "--workers", "0") == 2
+    assert "--range-edges" in capsys.readouterr().err
     assert res["temporal"] is False  # fine-tuned frame by frame
     from bevctl.train.evaluate import evaluate
 

@@ -9,6 +9,12 @@ Rules (also written into every result):
   (dataset-level, not a mean of per-sample IoUs);
 - mIoU = mean of IoU over the BEV classes, background excluded (its IoU is reported apart);
   a class absent from both GT and prediction has IoU null and is left out of the mean.
+
+The same metrics are also reported per distance band (``by_range``): a cell belongs to the band
+that holds the distance of its centre from the ego origin; default band edges are 1/4, 1/2 and
+3/4 of the grid's forward half-length (4, 8, 12 m on the ``demo`` grid). Cameras do not see
+the ground right around the car, so pretraining on image pseudo-labels is weakest in the first
+band (docs/demo_tuning.md).
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from bevctl.config import class_set_from_name, dataclass_from_dict, grid_from_name
+from bevctl.config import BEVGrid, class_set_from_name, dataclass_from_dict, grid_from_name
 from bevctl.errors import BevctlError
+from bevctl.geometry import bev_cell_centers
 from bevctl.train.checkpoint import load_checkpoint
 from bevctl.train.config import TrainConfig
 
@@ -45,13 +52,41 @@ def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[to
     return model.to(device).eval(), cfg, ckpt
 
 
-def update_confusion(conf: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor) -> None:
-    """Accumulate ``conf[gt, pred]`` (C, C) int64 over valid cells. pred, gt ``(B, X, Y)``."""
-    c = conf.shape[0]
+def default_range_edges(grid: BEVGrid) -> tuple[float, ...]:
+    """Band edges (m): 1/4, 1/2, 3/4 of the grid's forward half-length."""
+    half = max(abs(grid.x_min), abs(grid.x_max))
+    return (half / 4, half / 2, 3 * half / 4)
+
+
+def range_bands(grid: BEVGrid, edges: tuple[float, ...]) -> torch.Tensor:
+    """``(X, Y)`` int64: the band of each cell (0 = closer than ``edges[0]``, ...,
+    ``len(edges)`` = at or beyond the last edge), by the distance of the cell centre from the
+    ego origin."""
+    if list(edges) != sorted(edges) or any(e <= 0 for e in edges) or len(set(edges)) != len(edges):
+        raise BevctlError(f"range band edges must be positive and increasing, got {list(edges)}")
+    dist = torch.linalg.norm(bev_cell_centers(grid, dtype=torch.float64), dim=-1)  # (X, Y)
+    return torch.bucketize(dist, torch.tensor(edges, dtype=torch.float64), right=True)
+
+
+def update_confusion_by_band(conf: torch.Tensor, pred: torch.Tensor, gt: torch.Tensor, bands: torch.Tensor) -> None:
+    """Accumulate ``conf[band, gt, pred]`` (K, C, C) int64. pred, gt ``(B, X, Y)``; bands ``(X, Y)``."""
+    k, c = conf.shape[:2]
     gt = gt.long()
     valid = gt < c  # 255 = ignore
-    idx = gt[valid] * c + pred.long()[valid]
-    conf += torch.bincount(idx, minlength=c * c).reshape(c, c).to(conf)
+    band = bands.expand_as(gt)
+    idx = (band[valid] * c + gt[valid]) * c + pred.long()[valid]
+    conf += torch.bincount(idx, minlength=k * c * c).reshape(k, c, c).to(conf)
+
+
+def by_range_results(conf_bands: np.ndarray, edges: tuple[float, ...], names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """One entry per band: ``min_m``, ``max_m`` (None = open), ``cells``, ``miou``, ``iou`` per class."""
+    bounds = [0.0, *edges, None]
+    out = []
+    for k in range(conf_bands.shape[0]):
+        r = iou_from_confusion(conf_bands[k], names)
+        out.append({"min_m": bounds[k], "max_m": bounds[k + 1], "cells": int(conf_bands[k].sum()), "miou": r["miou"],
+                    "iou": {n: c["iou"] for n, c in r["classes"].items()}})
+    return out
 
 
 def iou_from_confusion(conf: np.ndarray, names: tuple[str, ...]) -> dict[str, Any]:
@@ -83,6 +118,14 @@ def format_markdown(result: dict[str, Any]) -> str:
     for name, c in result["classes"].items():
         lines.append(f"| {name} | {pct(c['iou'])} | {c['gt_cells']} |")
     lines.append(f"| **mIoU** (without background) | **{pct(result['miou'])}** | |")
+    if result.get("by_range"):
+        names = [n for n in result["classes"] if n != "background"]
+        lines += ["", "By distance from the ego (IoU %):", "",
+                  "| range | " + " | ".join(names) + " | mIoU | cells |", "|---|" + "---:|" * (len(names) + 2)]
+        for band in result["by_range"]:
+            hi = "" if band["max_m"] is None else f"{band['max_m']:g}"
+            lines.append(f"| {band['min_m']:g}-{hi} m | " + " | ".join(pct(band["iou"][n]) for n in names)
+                         + f" | {pct(band['miou'])} | {band['cells']} |")
     lines += ["", f"Rules: {result['rules']}."]
     return "\n".join(lines) + "\n"
 
@@ -100,12 +143,14 @@ def evaluate(
     num_workers: int = 2,
     progress: bool = True,
     temporal: bool | None = None,
+    range_edges: tuple[float, ...] | None = None,
 ) -> dict[str, Any]:
     """Per-class IoU + mIoU of ``checkpoint`` on ``split``; writes ``out`` (JSON) and ``.md``.
 
     ``temporal``: feed each frame the previous frame's BEV features (``prev_bev``), as the
     model saw in training. Default: on for pretraining runs with a temporal loss (they train
-    with ``prev_bev``), off for fine-tuned ones (trained frame by frame)."""
+    with ``prev_bev``), off for fine-tuned ones (trained frame by frame). ``range_edges``: the
+    distance bands of ``by_range`` in metres (default :func:`default_range_edges`)."""
     from bevctl.data.nuscenes import load_index
     from bevctl.train.dataset import eval_dataset
     from bevctl.train.distributed import resolve_device
@@ -128,7 +173,9 @@ def evaluate(
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
                         prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=loader_worker_init)
     c = class_set.num_classes
-    conf = torch.zeros(c, c, dtype=torch.int64)
+    edges = tuple(float(e) for e in range_edges) if range_edges else default_range_edges(grid)
+    bands = range_bands(grid, edges)
+    conf_bands = torch.zeros(len(edges) + 1, c, c, dtype=torch.int64)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -145,12 +192,15 @@ def evaluate(
             logits = o.logits
             if temporal:
                 prev = (batch["token"][0], o.bev, b["global_T_ego"])
-            update_confusion(conf, logits.float().argmax(1).cpu(), batch["bev_gt"])
+            update_confusion_by_band(conf_bands, logits.float().argmax(1).cpu(), batch["bev_gt"], bands)
             bar.advance(task, len(batch["token"]))
+    conf = conf_bands.sum(0)
+    names = class_set.names_with_background
     result = {"checkpoint": str(checkpoint), "dataroot": str(dataroot), "version": version, "split": split,
               "num_samples": len(ds), "temporal": bool(temporal), "grid": cfg.grid, "class_set": cfg.class_set, "rules": RULES,
-              **iou_from_confusion(conf.numpy(), class_set.names_with_background),
-              "confusion": conf.tolist()}
+              **iou_from_confusion(conf.numpy(), names),
+              "confusion": conf.tolist(),
+              "by_range": by_range_results(conf_bands.numpy(), edges, names)}
     if out is not None:  # a local path or a URL; each file written whole
         from bevctl.storage import location
 
