@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow test-all demo bench bench-paper clean
+.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long clean
 
 install: $(STAMP)
 
@@ -54,6 +54,9 @@ bench: $(STAMP)
 # The label-efficiency table (~1 hour on 2 cores; resumable): bench/results/paper.{json,md}
 bench-paper: $(STAMP)
 	$(PY) bench/paper.py --seeds 3 --ablation-seeds 1
+
+bench-paper-long: $(STAMP)
+	$(PY) bench/paper.py --plan long --fractions 0.5,1.0 --seeds 3 --ablation-seeds 1
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache

@@ -8,12 +8,14 @@ perfect pseudo-labels (the synthetic image GT, `synth-gt`) instead of the shippe
 
 It runs on the ``paper`` plan's world by default: 60 scenes x 4 keyframes (48 train / 12 val),
 larger in scenes than the demo's 10 (so that half of the training scenes still covers the world's
-variety), with about as many images.
+variety), with about as many images. ``--plan long`` is the same world with twice the baseline's
+steps (the 1800-step baseline still rises) and a longer pretraining without the temporal loss
+(``make bench-paper-long``).
 
 Budget rules: pretraining gets the plan's ``pretrain_steps`` (at ``pretrain_lr``), every
 fine-tuning run from the pretrained model the plan's ``finetune_steps`` (at ``finetune_lr``),
 every from-scratch run at every fraction the plan's
-``baseline_steps`` (at the preset's lr, where the supervised baseline plateaus); the pretraining
+``baseline_steps`` (at the preset's lr); the pretraining
 budget is counted into the pretrained rows' total time. Runs go in order of importance (50% and
 100% over all seeds, then 10% and 25%, then the ablations at 50%) and the tables are rewritten
 after every run, so a stopped run leaves a partial table (marked as such).
@@ -21,7 +23,7 @@ after every run, so a stopped run leaves a partial table (marked as such).
     .venv/bin/python bench/paper.py [--plan paper|default|quick] [--seeds 3] [--ablation-seeds N] [--out DIR]
 
 Everything is resumable (rerun the same command); results go to bench/results/paper.json and
-paper.md. On 2 CPU cores the paper plan with 3 seeds takes about an hour: run it as its own
+paper.md (plan ``paper``) or paper-PLAN.json/.md (other plans). On 2 CPU cores the paper plan with 3 seeds takes about an hour: run it as its own
 target (``make bench-paper``), not inside ``make bench``.
 """
 
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bevctl.demo import PLANS, Paths, PhaseLog, evaluate_phase, prepare_data, train_phase  # noqa: E402
 from bevctl.io import atomic_write_text  # noqa: E402
+from bevctl.train.config import load_train_config  # noqa: E402
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
@@ -48,9 +51,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def results_stem(plan: str) -> str:
+    """bench/results/<stem>.json/.md and the default working directory <stem>-run."""
+    return "paper" if plan == "paper" else f"paper-{plan}"
+
+
 def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_plan: Any, phases: PhaseLog,
                   complete: bool) -> None:
-    """Aggregate the runs so far into bench/results/paper.json + paper.md (atomically)."""
+    """Aggregate the runs so far into bench/results/<stem>.json + <stem>.md (atomically)."""
     groups: dict[tuple[str, float, str], list[dict[str, Any]]] = {}
     for r in rows:
         groups.setdefault((r["name"], r["fraction"], r["pretraining"]), []).append(r)
@@ -77,7 +85,8 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_pla
               "shared_wall_seconds": {p: phases.seconds(p) for p in phases.data if not p.startswith(("train:", "eval:"))},
               "rows": table, "runs": rows}
     results_dir = ROOT / "bench" / "results"
-    atomic_write_text(results_dir / "paper.json", json.dumps(result, indent=2))
+    stem = results_stem(args.plan)
+    atomic_write_text(results_dir / f"{stem}.json", json.dumps(result, indent=2))
     lines = ["# Label efficiency on the synthetic world", "",
              *([] if complete else ["**Partial results: the run has not finished.**", ""]),
              f"`{result['command']}`; plan `{args.plan}`: {base_plan.scenes} scenes x {base_plan.samples_per_scene} "
@@ -107,7 +116,7 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_pla
         cells = [f"{100 * miou[(t['name'], t['pretraining'], sd)]:.1f}" if (t["name"], t["pretraining"], sd) in miou
                  else "" for sd in seeds]
         lines.append(f"| {t['name']} | {100 * t['fraction']:.0f}% | {t['pretraining']} | " + " | ".join(cells) + " |")
-    atomic_write_text(results_dir / "paper.md", "\n".join(lines) + "\n")
+    atomic_write_text(results_dir / f"{stem}.md", "\n".join(lines) + "\n")
     if complete:
         print("\n".join(lines))
 
@@ -120,13 +129,16 @@ def main() -> int:
     ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS),
                     help="comma-separated BEV-label fractions of the training scenes (default: 0.1,0.25,0.5,1.0)")
     ap.add_argument("--no-ablations", action="store_true",
-                    help="skip the ablations (no temporal loss, perfect pseudo-labels)")
+                    help="skip the ablations (the temporal loss off, or on for a plan without it; perfect pseudo-labels)")
     ap.add_argument("--ablation-seeds", type=int, default=None,
                     help="run the ablations for the first N seeds only (default: all seeds)")
-    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "paper-run",
-                    help="working directory: world, stores, runs (default: bench/results/paper-run)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="working directory: world, stores, runs (default: bench/results/paper-run for the "
+                         "paper plan, bench/results/paper-PLAN-run for the others)")
     args = ap.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")]
+    if args.out is None:
+        args.out = ROOT / "bench" / "results" / f"{results_stem(args.plan)}-run"
 
     base_plan = PLANS[args.plan]
     paths = Paths(args.out)
@@ -148,10 +160,18 @@ def main() -> int:
                      "wall_seconds": wall}
         write_results(list(runs.values()), args, base_plan, phases, complete=False)  # a partial table survives a stop
 
-    # (run prefix, labeler, temporal weight) of each pretraining
-    pretrainings = {"reprojection+temporal": ("pretrain", base_plan.labeler, None),
-                    "no temporal loss": ("pretrain-notemporal", base_plan.labeler, 0.0),
-                    "perfect pseudo-labels": ("pretrain-synthgt", "synth-gt", None)}
+    # (run prefix, labeler, temporal weight) of each pretraining: the plan's own, then the
+    # ablations: the temporal loss switched off (or, for a plan without it, on at the preset's
+    # weight) and perfect pseudo-labels
+    preset_tw = load_train_config(base_plan.train_config).temporal_weight
+    plan_tw = preset_tw if base_plan.temporal_weight is None else base_plan.temporal_weight
+    main_kind = "reprojection+temporal" if plan_tw > 0 else "reprojection only"
+    pretrainings = {main_kind: ("pretrain", base_plan.labeler, None)}
+    if plan_tw > 0:
+        pretrainings["no temporal loss"] = ("pretrain-notemporal", base_plan.labeler, 0.0)
+    else:
+        pretrainings["with temporal loss"] = ("pretrain-temporal", base_plan.labeler, preset_tw)
+    pretrainings["perfect pseudo-labels"] = ("pretrain-synthgt", "synth-gt", None)
 
     def pretrained(kind: str, seed: int) -> Path:
         plan = dataclasses.replace(base_plan, seed=seed)
@@ -187,12 +207,12 @@ def main() -> int:
     for group in (headline, others):
         for seed in seeds:
             for fraction in group:
-                finetuned("reprojection+temporal", fraction, seed)
+                finetuned(main_kind, fraction, seed)
                 scratch(fraction, seed)
     if not args.no_ablations:
         n = args.seeds if args.ablation_seeds is None else min(args.ablation_seeds, args.seeds)
         for seed in range(n):
-            for kind in ("no temporal loss", "perfect pseudo-labels"):
+            for kind in list(pretrainings)[1:]:
                 finetuned(kind, 0.5, seed)
 
     rows = list(runs.values())
