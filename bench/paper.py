@@ -20,11 +20,12 @@ budget is counted into the pretrained rows' total time. Runs go in order of impo
 100% over all seeds, then 10% and 25%, then the ablations at 50%) and the tables are rewritten
 after every run, so a stopped run leaves a partial table (marked as such).
 
-    .venv/bin/python bench/paper.py [--plan paper|default|quick] [--seeds 3] [--ablation-seeds N] [--out DIR]
+    .venv/bin/python bench/paper.py [--plan paper|long|default|quick] [--fractions 0.5,1.0] [--seeds 3] [--ablation-seeds N] [--out DIR]
 
 Everything is resumable (rerun the same command); results go to bench/results/paper.json and
-paper.md (plan ``paper``) or paper-PLAN.json/.md (other plans). On 2 CPU cores the paper plan with 3 seeds takes about an hour: run it as its own
-target (``make bench-paper``), not inside ``make bench``.
+paper.md (plan ``paper``) or paper-PLAN.json/.md (other plans). On 2 CPU cores the paper plan
+with 3 seeds takes about an hour, and so does the long plan at 50% and 100%: run them as their
+own targets (``make bench-paper``, ``make bench-paper-long``), not inside ``make bench``.
 """
 
 from __future__ import annotations
