@@ -2,7 +2,8 @@
 
 For BEV-label fractions 10/25/50/100% it fine-tunes from the pretrained model and trains from
 scratch with the same step budget, over several seeds, and reports mean ± std val mIoU and the
-wall time of every phase. Ablations: pretraining without the temporal loss, pretraining on
+wall time of every phase. Ablations: pretraining without the temporal loss (with it, for a plan
+that pretrains without it), pretraining on
 perfect pseudo-labels (the synthetic image GT, `synth-gt`) instead of the shipped Mask2Former's
 (separates labeler error from the method), and pretraining only (zero BEV labels).
 
