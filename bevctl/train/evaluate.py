@@ -58,12 +58,16 @@ def default_range_edges(grid: BEVGrid) -> tuple[float, ...]:
     return (half / 4, half / 2, 3 * half / 4)
 
 
+def check_range_edges(edges: tuple[float, ...]) -> None:
+    if list(edges) != sorted(edges) or any(e <= 0 for e in edges) or len(set(edges)) != len(edges):
+        raise BevctlError(f"range band edges must be positive and increasing, got {list(edges)}")
+
+
 def range_bands(grid: BEVGrid, edges: tuple[float, ...]) -> torch.Tensor:
     """``(X, Y)`` int64: the band of each cell (0 = closer than ``edges[0]``, ...,
     ``len(edges)`` = at or beyond the last edge), by the distance of the cell centre from the
     ego origin."""
-    if list(edges) != sorted(edges) or any(e <= 0 for e in edges) or len(set(edges)) != len(edges):
-        raise BevctlError(f"range band edges must be positive and increasing, got {list(edges)}")
+    check_range_edges(edges)
     dist = torch.linalg.norm(bev_cell_centers(grid, dtype=torch.float64), dim=-1)  # (X, Y)
     return torch.bucketize(dist, torch.tensor(edges, dtype=torch.float64), right=True)
 
@@ -162,6 +166,8 @@ def evaluate(
         from bevctl.storage import location
 
         location.check(out)
+    if range_edges:  # bad edges fail before the model and the index are loaded
+        check_range_edges(tuple(float(e) for e in range_edges))
     model, cfg, ckpt = load_trained_model(checkpoint, dev)
     if temporal is None:
         temporal = ckpt.get("run", {}).get("mode") == "pretrain" and cfg.temporal_weight > 0
