@@ -35,6 +35,10 @@ class TrainConfig:
     # losses
     reproj_weight: float = 1.0
     temporal_weight: float = 0.1  # 0 = no previous frame; high values over-smooth
+    # Reprojection also into the cameras of the K keyframes before and after the sample (their
+    # pseudo-labels, placed by the ego motion): supervises cells that no camera of the sample
+    # sees, under and around the ego. 0 = the sample's own cameras only (the paper's loss).
+    label_adjacent: int = 0
     detach_prev: bool = True  # temporal target (warped previous prediction) is detached
     min_confidence: float = 0.0  # pseudo-label pixels below this confidence are ignored
     class_weights: Optional[tuple[float, ...]] = None  # per BEV id (background first)
@@ -70,6 +74,7 @@ class TrainConfig:
         need(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         need(self.reproj_weight >= 0 and self.temporal_weight >= 0, "loss weights must be >= 0")
         need(self.num_workers >= 0, "num_workers must be >= 0")
+        need(self.label_adjacent >= 0, f"label_adjacent must be >= 0, got {self.label_adjacent}")
         for name in ("image_hw", "label_hw"):
             v = getattr(self, name)
             if v is not None:

@@ -9,7 +9,12 @@ Per sample (one ``__getitem__``, run in DataLoader worker processes with prefetc
   camera's ego pose and the sample's); and the sample's ``global_T_ego``;
 - pretraining: the six pseudo-label masks from ``labels.zarr`` mapped to BEV ids through the
   label-map LUT (0 background, k+1 class k, 255 ignore), resampled (nearest, pixel centres) to
-  the loss resolution ``label_hw``; optionally their confidence in [0, 1];
+  the loss resolution ``label_hw``; optionally their confidence in [0, 1]. With
+  ``label_adjacent = K > 0`` also the masks of the K keyframes before and after the sample in
+  its scene, as more "cameras" of the loss (``labels (6 * (2K + 1), h, w)``, the sample's own
+  six first) with their matrices in ``label_*`` fields; a neighbour past the scene's ends is
+  all-ignore. They supervise the cells that no camera of the sample sees (under and around the
+  ego: the ego moves ~4 m between keyframes);
 - fine-tuning / evaluation: the BEV ground truth from the GT cache (or rasterised on the fly);
 - temporal training: the previous keyframe of the same scene (images + matrices + pose) and
   ``has_prev`` (False for a scene's first frame, whose ``prev_*`` fields repeat the frame).
@@ -104,6 +109,8 @@ class TrainDataset(Dataset):
         gt_path: str | None = None,
         rasterize: tuple[str, BEVGrid, BEVClassSet] | None = None,
         load_prev: bool = False,
+        label_adjacent: int = 0,
+        label_tokens: set[str] | None = None,
     ) -> None:
         self.samples = samples
         self.all_samples = all_samples
@@ -112,6 +119,9 @@ class TrainDataset(Dataset):
         self.with_confidence = with_confidence
         self.gt_path, self.rasterize = gt_path, rasterize
         self.load_prev = load_prev
+        self.label_adjacent = label_adjacent
+        self.label_tokens = label_tokens  # samples whose pseudo-labels are usable (None = all)
+        self._next_token = {r.prev_token: r.token for r in all_samples.values() if r.prev_token}
         self._labels = None
         self._gt = None
 
@@ -141,39 +151,82 @@ class TrainDataset(Dataset):
             self._gt = GTStore.open(self.gt_path)
         return self._gt
 
-    def _cameras(self, s: SampleRecord) -> dict[str, Any]:
-        imgs, pix, ego, calib, motion = [], [], [], [], []
-        ego_T_global = np.linalg.inv(np.asarray(s.global_T_ego, dtype=np.float64))
+    def _matrices(self, s: SampleRecord, ref: SampleRecord) -> dict[str, torch.Tensor]:
+        """The cameras of ``s`` placed in the ego frame of ``ref`` (usually ``s`` itself)."""
+        pix, ego, calib, motion = [], [], [], []
+        ego_T_global = np.linalg.inv(np.asarray(ref.global_T_ego, dtype=np.float64))
         for cam in s.cameras:
-            imgs.append(load_image(cam.image_path, self.image_hw))
             pix.append(scale_intrinsics(cam.pix_T_cam, (cam.height, cam.width), self.image_hw))
-            # the camera in the *sample's* ego frame: cameras fire at their own timestamps, so
-            # compose with the ego motion between the sample's pose and the camera's pose
+            # cameras fire at their own timestamps, so compose the calibration with the ego
+            # motion between the reference's pose and the camera's pose
             m = ego_T_global @ np.asarray(cam.global_T_ego)
             motion.append(m)
             calib.append(np.asarray(cam.ego_T_cam))
             ego.append(m @ np.asarray(cam.ego_T_cam))
         return {
-            "images": torch.from_numpy(np.stack(imgs)),  # (N, 3, H, W) uint8
             "pix_T_cam": torch.from_numpy(np.stack(pix)).float(),  # (N, 3, 3)
-            "ego_T_cam": torch.from_numpy(np.stack(ego)).float(),  # (N, 4, 4) in the sample's ego frame
+            "ego_T_cam": torch.from_numpy(np.stack(ego)).float(),  # (N, 4, 4) in ref's ego frame
             "calib_ego_T_cam": torch.from_numpy(np.stack(calib)).float(),  # (N, 4, 4) static calibration
-            "sample_T_camego": torch.from_numpy(np.stack(motion)).float(),  # (N, 4, 4) camera's ego -> sample's
+            "sample_T_camego": torch.from_numpy(np.stack(motion)).float(),  # (N, 4, 4) camera's ego -> ref's
+        }
+
+    def _cameras(self, s: SampleRecord) -> dict[str, Any]:
+        imgs = [load_image(cam.image_path, self.image_hw) for cam in s.cameras]
+        return {
+            "images": torch.from_numpy(np.stack(imgs)),  # (N, 3, H, W) uint8
+            **self._matrices(s, s),
             "global_T_ego": torch.from_numpy(np.asarray(s.global_T_ego, dtype=np.float64)),  # (4, 4)
         }
+
+    def _neighbour(self, s: SampleRecord, offset: int) -> SampleRecord | None:
+        """The keyframe ``offset`` steps before (< 0) or after (> 0) ``s`` in its scene."""
+        cur: SampleRecord | None = s
+        for _ in range(abs(offset)):
+            token = cur.prev_token if offset < 0 else self._next_token.get(cur.token)
+            cur = self.all_samples.get(token) if token else None
+            if cur is None:
+                return None
+        return cur
+
+    def _pseudo_labels(self, s: SampleRecord) -> dict[str, torch.Tensor]:
+        """Pseudo-labels (and confidence) of ``s``, plus its neighbours' with ``label_adjacent``."""
+        store = self._label_store()
+        frames: list[SampleRecord | None] = [s]
+        for k in range(1, self.label_adjacent + 1):
+            frames += [self._neighbour(s, -k), self._neighbour(s, k)]
+        frames = [f if f is None or self.label_tokens is None or f.token in self.label_tokens else None
+                  for f in frames]
+        labels: list[np.ndarray | None] = []
+        confs: list[np.ndarray | None] = []
+        hw = None
+        for f in frames:
+            if f is None:
+                labels.append(None)
+                confs.append(None)
+                continue
+            raw = store.get(f.token)  # (N, Hs, Ws) labeler ids
+            hw = hw or (tuple(self.label_hw) if self.label_hw else raw.shape[-2:])
+            labels.append(np.ascontiguousarray(resize_nearest(self.lut[raw], hw)))
+            conf = store.get_confidence(f.token) if self.with_confidence else None
+            confs.append(None if conf is None else resize_nearest(conf, hw).astype(np.float32) / 255.0)
+        # a neighbour past the scene's ends (or without labels): all-ignore, the sample's matrices
+        own = labels[0]
+        labels = [np.full_like(own, 255) if m is None else m for m in labels]
+        out: dict[str, torch.Tensor] = {"labels": torch.from_numpy(np.concatenate(labels))}  # (N*F, h, w)
+        if confs[0] is not None:
+            confs = [np.zeros(own.shape, np.float32) if c is None else c for c in confs]
+            out["confidence"] = torch.from_numpy(np.concatenate(confs))
+        if len(frames) > 1:
+            mats = [self._matrices(f or s, s) for f in frames]
+            for key in ("pix_T_cam", "calib_ego_T_cam", "sample_T_camego"):
+                out[f"label_{key}"] = torch.cat([m[key] for m in mats])  # (N*F, ...)
+        return out
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
         item: dict[str, Any] = {"token": s.token, **self._cameras(s)}
         if self.labels_path is not None:
-            store = self._label_store()
-            raw = store.get(s.token)  # (N, Hs, Ws) labeler ids
-            hw = tuple(self.label_hw) if self.label_hw else raw.shape[-2:]
-            item["labels"] = torch.from_numpy(np.ascontiguousarray(resize_nearest(self.lut[raw], hw)))
-            if self.with_confidence:
-                conf = store.get_confidence(s.token)
-                if conf is not None:
-                    item["confidence"] = torch.from_numpy(resize_nearest(conf, hw).astype(np.float32) / 255.0)
+            item.update(self._pseudo_labels(s))
         if self.gt_path is not None:
             item["bev_gt"] = torch.from_numpy(self._gt_store().get(s.token))
         elif self.rasterize is not None:
@@ -249,10 +302,13 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
             lut = resolve_label_map(store.id2label, class_set, cfg.label_map)
         except BevctlError as e:
             raise BevctlError(f"{spec.labels} (labeler {store.model_id}): {e}") from None
-        samples, skipped = _filter_done(samples, store.tokens, store.statuses(), DONE, str(spec.labels))
+        statuses = store.statuses()
+        samples, skipped = _filter_done(samples, store.tokens, statuses, DONE, str(spec.labels))
+        if cfg.label_adjacent:
+            kwargs["label_tokens"] = {t for t, st in zip(store.tokens, statuses) if int(st) == DONE}
         kwargs.update(labels_path=str(spec.labels), lut=lut, label_hw=cfg.label_hw,
                       with_confidence=cfg.min_confidence > 0 and store.has_confidence,
-                      load_prev=cfg.temporal_weight > 0)
+                      load_prev=cfg.temporal_weight > 0, label_adjacent=cfg.label_adjacent)
     elif spec.mode == "finetune":
         if spec.gt:
             from bevctl.storage.gt_store import GTStore

@@ -197,12 +197,22 @@ def reprojection_loss(
     valid = rays.valid & (target != IGNORE) & (target < c)
     if confidence is not None and min_confidence > 0:
         valid = valid & (confidence.reshape(b, n, -1) >= min_confidence)
-    sampled = reproject_logits(bev_logits.float(), grid, rays)  # (B, C, N, P)
-    safe_target = torch.where(valid, target, torch.zeros_like(target))
-    ce = F.cross_entropy(sampled, safe_target, weight=None, reduction="none")  # (B, N, P)
-    if class_weights is not None:
-        ce = ce * class_weights.to(ce)[safe_target]
-    loss, _ = _per_sample_mean(ce.reshape(b, -1), valid.reshape(b, -1))
+    # Only the valid pixels are sampled (most rays miss the grid or are ignored: ~80% on the
+    # demo rig), per sample: the per-sample mean of their (weighted) cross-entropy.
+    xy = rays.xy.reshape(b, -1, 2)
+    per_sample = []
+    for i, keep in enumerate(valid.reshape(b, -1)):
+        idx = keep.nonzero(as_tuple=True)[0]  # (K,)
+        if idx.numel() == 0:  # counts as 0, with a gradient path (so DDP sees every parameter)
+            per_sample.append(bev_logits[i].float().sum() * 0.0)
+            continue
+        sampled = geometry.sample_bev(bev_logits[i:i + 1].float(), grid, xy[i, idx][None])[0].T  # (K, C)
+        tgt = target[i].reshape(-1)[idx]
+        ce = F.cross_entropy(sampled, tgt, reduction="none")  # (K,)
+        if class_weights is not None:
+            ce = ce * class_weights.to(ce)[tgt]
+        per_sample.append(ce.mean())
+    loss = torch.stack(per_sample).mean()
     return loss, {"reproj_valid_frac": float(valid.float().mean())}
 
 

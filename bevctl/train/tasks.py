@@ -4,7 +4,9 @@ A batch is the collated output of :class:`bevctl.train.dataset.TrainDataset` (or
 dataset): ``images (B, N, 3, H, W)`` uint8 (or float), ``pix_T_cam (B, N, 3, 3)`` for the
 model's input size, ``ego_T_cam (B, N, 4, 4)``, ``global_T_ego (B, 4, 4)``, ``labels
 (B, N, h, w)`` (BEV ids, 255 ignore), optional ``confidence``, ``bev_gt (B, X, Y)``, and for
-temporal training ``has_prev (B,)`` + ``prev_*`` copies of the camera fields.
+temporal training ``has_prev (B,)`` + ``prev_*`` copies of the camera fields. With adjacent
+keyframes' labels, ``labels (B, N * F, h, w)`` and ``label_pix_T_cam``,
+``label_calib_ego_T_cam``, ``label_sample_T_camego`` for those N * F label cameras.
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ class PretrainTask:
         t1 = time.perf_counter()
         labels = batch["labels"]
         image_hw = tuple(batch["images"].shape[-2:])
-        if "calib_ego_T_cam" in batch:  # cache on the static calibration, then move by ego motion
+        if "label_pix_T_cam" in batch:  # the labels' cameras include adjacent keyframes'
+            rays = self.rays.batch(batch["label_pix_T_cam"], batch["label_calib_ego_T_cam"], tuple(labels.shape[-2:]),
+                                   image_hw, sample_T_camego=batch["label_sample_T_camego"])
+        elif "calib_ego_T_cam" in batch:  # cache on the static calibration, then move by ego motion
             rays = self.rays.batch(batch["pix_T_cam"], batch["calib_ego_T_cam"], tuple(labels.shape[-2:]), image_hw,
                                    sample_T_camego=batch["sample_T_camego"])
         else:
