@@ -47,6 +47,7 @@ class DemoPlan:
     labeler: str = "bevctl-synth"  # or "synth-gt" (perfect pseudo-labels, an ablation)
     train_config: str = "demo"
     temporal_weight: float | None = None  # None = the training preset's
+    label_adjacent: int = 0  # pretraining also on the K adjacent keyframes' pseudo-labels (TrainConfig)
     seed: int = 0  # training seed (world seed is fixed: the demo shows one world)
     world_seed: int = 0
     batch_size: int = 2
@@ -205,7 +206,7 @@ def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog) -> None:
 def train_phase(
     plan: DemoPlan, paths: Paths, phases: PhaseLog, name: str, *, mode: str, steps: int,
     fraction: float = 1.0, init: Path | None = None, labeler: str | None = None,
-    temporal_weight: float | None = None, lr: float | None = None,
+    temporal_weight: float | None = None, lr: float | None = None, label_adjacent: int | None = None,
 ) -> Path:
     """One training run into ``runs/<name>`` (resumed if interrupted). Returns its last.pt."""
     from bevctl.train.config import load_train_config
@@ -226,6 +227,9 @@ def train_phase(
         tw = temporal_weight if temporal_weight is not None else plan.temporal_weight
         if mode == "pretrain" and tw is not None:
             overrides["temporal_weight"] = tw
+        adjacent = label_adjacent if label_adjacent is not None else plan.label_adjacent
+        if mode == "pretrain" and adjacent:
+            overrides["label_adjacent"] = adjacent
         cfg = load_train_config(plan.train_config, **overrides)
         spec = RunSpec(
             mode=mode, cfg=cfg, run_dir=run_dir, dataroot=str(paths.dataroot), version=VERSION,

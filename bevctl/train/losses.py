@@ -94,8 +94,8 @@ def compute_ray_grid(
 def move_ray_grid(rays: RayGrid, dst_T_src: Tensor, grid: BEVGrid) -> RayGrid:
     """Ground hits computed in one ego frame (a camera's own, at its timestamp) expressed in
     another (the sample's): ``dst_T_src (N, 4, 4)``. Exact for motion on the ground plane."""
-    pts = torch.cat([rays.xy, torch.zeros_like(rays.xy[..., :1])], dim=-1)
-    xy = geometry.transform_points(dst_T_src.to(pts), pts)[..., :2]
+    m = dst_T_src.to(rays.xy)  # the hits lie on z = 0: only the x, y rows and columns act
+    xy = torch.baddbmm(m[:, None, :2, 3], rays.xy, m[:, :2, :2].transpose(1, 2))  # (N, P, 2)
     hit = rays.hit if rays.hit is not None else rays.valid
     return RayGrid(xy=xy, valid=hit & geometry.inside_grid(grid, xy), hit=hit)
 
@@ -206,9 +206,9 @@ def reprojection_loss(
         if idx.numel() == 0:  # counts as 0, with a gradient path (so DDP sees every parameter)
             per_sample.append(bev_logits[i].float().sum() * 0.0)
             continue
-        sampled = geometry.sample_bev(bev_logits[i:i + 1].float(), grid, xy[i, idx][None])[0].T  # (K, C)
+        sampled = geometry.sample_bev(bev_logits[i:i + 1].float(), grid, xy[i, idx][None])[0]  # (C, K)
         tgt = target[i].reshape(-1)[idx]
-        ce = F.cross_entropy(sampled, tgt, reduction="none")  # (K,)
+        ce = -torch.log_softmax(sampled, dim=0).gather(0, tgt[None])[0]  # (K,) cross-entropy
         if class_weights is not None:
             ce = ce * class_weights.to(ce)[tgt]
         per_sample.append(ce.mean())
