@@ -5,13 +5,15 @@ scratch with the same step budget, over several seeds, and reports mean ± std v
 wall time of every phase. Ablations: pretraining without the temporal loss (with it, for a plan
 that pretrains without it), pretraining on
 perfect pseudo-labels (the synthetic image GT, `synth-gt`) instead of the shipped Mask2Former's
-(separates labeler error from the method), and pretraining only (zero BEV labels).
+(separates labeler error from the method), for a plan that reprojects into the adjacent
+keyframes' cameras too (``label_adjacent``) the paper's loss without them, and pretraining only
+(zero BEV labels).
 
 It runs on the ``paper`` plan's world by default: 60 scenes x 4 keyframes (48 train / 12 val),
 larger in scenes than the demo's 10 (so that half of the training scenes still covers the world's
 variety), with about as many images. ``--plan long`` is the same world with twice the baseline's
-steps (the 1800-step baseline still rises) and a longer pretraining without the temporal loss
-(``make bench-paper-long``).
+steps (the 1800-step baseline still rises) and a longer pretraining without the temporal loss,
+on the adjacent keyframes' pseudo-labels too (``make bench-paper-long``).
 
 Budget rules: pretraining gets the plan's ``pretrain_steps`` (at ``pretrain_lr``), every
 fine-tuning run from the pretrained model the plan's ``finetune_steps`` (at ``finetune_lr``),
@@ -131,7 +133,8 @@ def main() -> int:
     ap.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS),
                     help="comma-separated BEV-label fractions of the training scenes (default: 0.1,0.25,0.5,1.0)")
     ap.add_argument("--no-ablations", action="store_true",
-                    help="skip the ablations (the temporal loss off, or on for a plan without it; perfect pseudo-labels)")
+                    help="skip the ablations (the temporal loss off, or on for a plan without it; perfect "
+                         "pseudo-labels; no adjacent keyframes, for a plan with them)")
     ap.add_argument("--ablation-seeds", type=int, default=None,
                     help="run the ablations for the first N seeds only (default: all seeds)")
     ap.add_argument("--out", type=Path, default=None,
@@ -165,34 +168,40 @@ def main() -> int:
     # (run prefix, labeler, temporal weight) of each pretraining: the plan's own, then the
     # ablations: the temporal loss switched off (or, for a plan without it, on at the preset's
     # weight) and perfect pseudo-labels
+    # (run names say the pretraining's settings, so a plan change never reuses another's runs)
     preset_tw = load_train_config(base_plan.train_config).temporal_weight
     plan_tw = preset_tw if base_plan.temporal_weight is None else base_plan.temporal_weight
-    main_kind = "reprojection+temporal" if plan_tw > 0 else "reprojection only"
-    pretrainings = {main_kind: ("pretrain", base_plan.labeler, None)}
+    adj = base_plan.label_adjacent
+    main_kind = ("reprojection+temporal" if plan_tw > 0 else "reprojection only") + (
+        f" + adjacent keyframes ({adj})" if adj else "")
+    pre = f"pretrain-adj{adj}" if adj else "pretrain"
+    pretrainings = {main_kind: (pre, base_plan.labeler, None, adj)}
     if plan_tw > 0:
-        pretrainings["no temporal loss"] = ("pretrain-notemporal", base_plan.labeler, 0.0)
+        pretrainings["no temporal loss"] = (f"{pre}-notemporal", base_plan.labeler, 0.0, adj)
     else:
-        pretrainings["with temporal loss"] = ("pretrain-temporal", base_plan.labeler, preset_tw)
-    pretrainings["perfect pseudo-labels"] = ("pretrain-synthgt", "synth-gt", None)
+        pretrainings["with temporal loss"] = (f"{pre}-temporal", base_plan.labeler, preset_tw, adj)
+    pretrainings["perfect pseudo-labels"] = (f"{pre}-synthgt", "synth-gt", None, adj)
+    if adj:  # the paper's loss: the sample's own cameras only
+        pretrainings["no adjacent keyframes"] = ("pretrain", base_plan.labeler, None, 0)
 
     def pretrained(kind: str, seed: int) -> Path:
         plan = dataclasses.replace(base_plan, seed=seed)
-        run, labeler, tw = pretrainings[kind]
+        run, labeler, tw, adjacent = pretrainings[kind]
         name = f"{run}-s{seed}"
         ckpt = train_phase(plan, paths, phases, name, mode="pretrain", steps=plan.pretrain_steps,
-                           labeler=labeler, temporal_weight=tw)
+                           labeler=labeler, temporal_weight=tw, label_adjacent=adjacent)
         record(f"{run} only", 0.0, kind, seed, ckpt, {"pretrain": phases.seconds(f"train:{name}")})
         return ckpt
 
     def finetuned(kind: str, fraction: float, seed: int) -> None:
         plan = dataclasses.replace(base_plan, seed=seed)
-        tag, pre = f"{int(round(fraction * 100))}", pretrainings[kind][0]
+        tag, prefix = f"{int(round(fraction * 100))}", pretrainings[kind][0]
         init = pretrained(kind, seed)
-        run = f"ft{tag}-{pre}-s{seed}"
+        run = f"ft{tag}-{prefix}-s{seed}"
         last = train_phase(plan, paths, phases, run, mode="finetune", steps=plan.finetune_steps,
                            fraction=fraction, init=init, lr=plan.finetune_lr)
         record(f"pretrain + {tag}%", fraction, kind, seed, last,
-               {"pretrain": phases.seconds(f"train:{pre}-s{seed}"), "finetune": phases.seconds(f"train:{run}")})
+               {"pretrain": phases.seconds(f"train:{prefix}-s{seed}"), "finetune": phases.seconds(f"train:{run}")})
 
     def scratch(fraction: float, seed: int) -> None:
         plan = dataclasses.replace(base_plan, seed=seed)

@@ -49,3 +49,20 @@ def test_train_phase_learning_rate_per_regime(tmp_path, monkeypatch) -> None:
     train_phase(plan, paths, phases, "scratch", mode="finetune", steps=4)
     train_phase(dataclasses.replace(plan, pretrain_lr=None, lr=5e-4), paths, phases, "pre2", mode="pretrain", steps=4)
     assert seen == {"pre": 6e-3, "ft": 2e-3, "scratch": load_train_config(plan.train_config).lr, "pre2": 5e-4}
+
+
+def test_train_phase_label_adjacent_applies_to_pretraining_only(tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    import bevctl.train.loop as loop
+    from bevctl.demo import Paths, PhaseLog, train_phase
+
+    seen: dict[str, int] = {}
+    monkeypatch.setattr(loop, "train", lambda spec: seen.__setitem__(spec.run_dir.name, spec.cfg.label_adjacent))
+    plan = dataclasses.replace(PLANS["paper"], label_adjacent=1)
+    paths, phases = Paths(tmp_path), PhaseLog(tmp_path / "phases.json")
+    train_phase(plan, paths, phases, "pre", mode="pretrain", steps=4)
+    train_phase(plan, paths, phases, "pre-own", mode="pretrain", steps=4, label_adjacent=0)  # an ablation
+    train_phase(plan, paths, phases, "ft", mode="finetune", steps=4, fraction=0.5)
+    assert seen == {"pre": 1, "pre-own": 0, "ft": 0}
+    assert PLANS["long"].label_adjacent == 1
