@@ -12,8 +12,8 @@ keyframes' cameras too (``label_adjacent``) the paper's loss without them, and p
 It runs on the ``paper`` plan's world by default: 60 scenes x 4 keyframes (48 train / 12 val),
 larger in scenes than the demo's 10 (so that half of the training scenes still covers the world's
 variety), with about as many images. ``--plan long`` is the same world with twice the baseline's
-steps (the 1800-step baseline still rises) and a longer pretraining without the temporal loss,
-on the adjacent keyframes' pseudo-labels too (``make bench-paper-long``).
+steps (the 1800-step baseline still rises) and a longer pretraining without the temporal loss
+(``make bench-paper-long``).
 
 Budget rules: pretraining gets the plan's ``pretrain_steps`` (at ``pretrain_lr``), every
 fine-tuning run from the pretrained model the plan's ``finetune_steps`` (at ``finetune_lr``),

@@ -95,13 +95,12 @@ PLANS: dict[str, DemoPlan] = {
     # and longer pretraining without the temporal loss gives the better start (seed 0, fine-tuned
     # on 50%: 1600 steps at 3e-3 -> 60.9; with the temporal loss, 1600 at 6e-3 -> 58.8 at 1.6x the
     # pretraining time; 400 at 6e-3 -> 47.4). Budgets at the target's limit: pretrain + fine-tune
-    # = half of the baseline's steps. Pretraining also on the adjacent keyframes' pseudo-labels,
-    # which see the ground around the ego (seed 0: pretraining only 33.3 -> 51.7, the first 4 m
-    # 8.0 -> 56.6; + 50% 59.4 -> 60.9).
+    # = half of the baseline's steps. Without the adjacent keyframes' pseudo-labels: over 3 paired
+    # seeds they lift pretraining-only from 33.3 to 50.2 mIoU but the fine-tuned model drops by
+    # 2.0 pp (docs/demo_tuning.md, fifth round).
     "long": DemoPlan(
         scenes=60, samples_per_scene=4, image_hw=(225, 400), label_hw=(112, 200),
         pretrain_steps=1200, finetune_steps=600, baseline_steps=3600, pretrain_lr=3e-3, temporal_weight=0.0,
-        label_adjacent=1,
     ),
 }  # fmt: skip
 

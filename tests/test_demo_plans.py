@@ -65,4 +65,3 @@ def test_train_phase_label_adjacent_applies_to_pretraining_only(tmp_path, monkey
     train_phase(plan, paths, phases, "pre-own", mode="pretrain", steps=4, label_adjacent=0)  # an ablation
     train_phase(plan, paths, phases, "ft", mode="finetune", steps=4, fraction=0.5)
     assert seen == {"pre": 1, "pre-own": 0, "ft": 0}
-    assert PLANS["long"].label_adjacent == 1
