@@ -56,7 +56,7 @@ bench-paper: $(STAMP)
 	$(PY) bench/paper.py --seeds 3 --ablation-seeds 1
 
 bench-paper-long: $(STAMP)
-	$(PY) bench/paper.py --plan long --fractions 0.5,1.0 --seeds 5 --ablation-seeds 1
+	$(PY) bench/paper.py --plan long --seeds 5 --other-fraction-seeds 3 --ablation-seeds 1
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache

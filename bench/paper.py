@@ -23,7 +23,8 @@ budget is counted into the pretrained rows' total time. Runs go in order of impo
 100% over all seeds, then 10% and 25%, then the ablations at 50%) and the tables are rewritten
 after every run, so a stopped run leaves a partial table (marked as such).
 
-    .venv/bin/python bench/paper.py [--plan paper|long|default|quick] [--fractions 0.5,1.0] [--seeds 3] [--ablation-seeds N] [--out DIR]
+    .venv/bin/python bench/paper.py [--plan paper|long|default|quick] [--fractions 0.5,1.0] [--seeds 3]
+        [--other-fraction-seeds N] [--ablation-seeds N] [--out DIR]
 
 Everything is resumable (rerun the same command); results go to bench/results/paper.json and
 paper.md (plan ``paper``) or paper-PLAN.json/.md (other plans). On 2 CPU cores the paper plan
@@ -137,6 +138,8 @@ def main() -> int:
                          "pseudo-labels; no adjacent keyframes, for a plan with them)")
     ap.add_argument("--ablation-seeds", type=int, default=None,
                     help="run the ablations for the first N seeds only (default: all seeds)")
+    ap.add_argument("--other-fraction-seeds", type=int, default=None,
+                    help="run the fractions other than 50%% and 100%% for the first N seeds only (default: all seeds)")
     ap.add_argument("--out", type=Path, default=None,
                     help="working directory: world, stores, runs (default: bench/results/paper-run for the "
                          "paper plan, bench/results/paper-PLAN-run for the others)")
@@ -215,8 +218,9 @@ def main() -> int:
     seeds = range(args.seeds)
     headline = [f for f in fractions if f in (0.5, 1.0)]
     others = [f for f in fractions if f not in (0.5, 1.0)]
-    for group in (headline, others):
-        for seed in seeds:
+    n_other = args.seeds if args.other_fraction_seeds is None else min(args.other_fraction_seeds, args.seeds)
+    for group, group_seeds in ((headline, seeds), (others, range(n_other))):
+        for seed in group_seeds:
             for fraction in group:
                 finetuned(main_kind, fraction, seed)
                 scratch(fraction, seed)
