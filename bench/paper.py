@@ -28,8 +28,9 @@ after every run, so a stopped run leaves a partial table (marked as such).
 
 Everything is resumable (rerun the same command); results go to bench/results/paper.json and
 paper.md (plan ``paper``) or paper-PLAN.json/.md (other plans). On 2 CPU cores the paper plan
-with 3 seeds takes about an hour, and so does the long plan at 50% and 100%: run them as their
-own targets (``make bench-paper``, ``make bench-paper-long``), not inside ``make bench``.
+with 3 seeds takes about an hour, the long plan (``make bench-paper-long``: 50% and 100% over 5
+seeds, 10% and 25% over 3) about two hours and a quarter: run them as their own targets
+(``make bench-paper``, ``make bench-paper-long``), not inside ``make bench``.
 """
 
 from __future__ import annotations
