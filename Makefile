@@ -55,6 +55,7 @@ bench: $(STAMP)
 bench-paper: $(STAMP)
 	$(PY) bench/paper.py --seeds 3 --ablation-seeds 1
 
+# The same with 2x the from-scratch steps, 5 seeds (~2 h 15 min): bench/results/paper-long.{json,md}
 bench-paper-long: $(STAMP)
 	$(PY) bench/paper.py --plan long --seeds 5 --other-fraction-seeds 3 --ablation-seeds 1
 
