@@ -121,7 +121,8 @@ class TrainDataset(Dataset):
         self.load_prev = load_prev
         self.label_adjacent = label_adjacent
         self.label_tokens = label_tokens  # samples whose pseudo-labels are usable (None = all)
-        self._next_token = {r.prev_token: r.token for r in all_samples.values() if r.prev_token}
+        self._next_token = ({r.prev_token: r.token for r in all_samples.values() if r.prev_token}
+                            if label_adjacent else {})
         self._labels = None
         self._gt = None
 
@@ -188,8 +189,9 @@ class TrainDataset(Dataset):
                 return None
         return cur
 
-    def _pseudo_labels(self, s: SampleRecord) -> dict[str, torch.Tensor]:
-        """Pseudo-labels (and confidence) of ``s``, plus its neighbours' with ``label_adjacent``."""
+    def _pseudo_labels(self, s: SampleRecord, own: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Pseudo-labels (and confidence) of ``s``, plus its neighbours' with ``label_adjacent``;
+        ``own``: the sample's camera matrices (:meth:`_matrices`)."""
         store = self._label_store()
         frames: list[SampleRecord | None] = [s]
         for k in range(1, self.label_adjacent + 1):
@@ -210,14 +212,13 @@ class TrainDataset(Dataset):
             conf = store.get_confidence(f.token) if self.with_confidence else None
             confs.append(None if conf is None else resize_nearest(conf, hw).astype(np.float32) / 255.0)
         # a neighbour past the scene's ends (or without labels): all-ignore, the sample's matrices
-        own = labels[0]
-        labels = [np.full_like(own, 255) if m is None else m for m in labels]
+        labels = [np.full_like(labels[0], 255) if m is None else m for m in labels]
         out: dict[str, torch.Tensor] = {"labels": torch.from_numpy(np.concatenate(labels))}  # (N*F, h, w)
         if confs[0] is not None:
-            confs = [np.zeros(own.shape, np.float32) if c is None else c for c in confs]
+            confs = [np.zeros(labels[0].shape, np.float32) if c is None else c for c in confs]
             out["confidence"] = torch.from_numpy(np.concatenate(confs))
         if len(frames) > 1:
-            mats = [self._matrices(f or s, s) for f in frames]
+            mats = [own if f is None or f is s else self._matrices(f, s) for f in frames]
             for key in ("pix_T_cam", "calib_ego_T_cam", "sample_T_camego"):
                 out[f"label_{key}"] = torch.cat([m[key] for m in mats])  # (N*F, ...)
         return out
@@ -226,7 +227,7 @@ class TrainDataset(Dataset):
         s = self.samples[i]
         item: dict[str, Any] = {"token": s.token, **self._cameras(s)}
         if self.labels_path is not None:
-            item.update(self._pseudo_labels(s))
+            item.update(self._pseudo_labels(s, item))
         if self.gt_path is not None:
             item["bev_gt"] = torch.from_numpy(self._gt_store().get(s.token))
         elif self.rasterize is not None:
