@@ -169,7 +169,7 @@ def main() -> int:
                      "wall_seconds": wall}
         write_results(list(runs.values()), args, base_plan, phases, complete=False)  # a partial table survives a stop
 
-    # (run prefix, labeler, temporal weight) of each pretraining: the plan's own, then the
+    # (run prefix, labeler, temporal weight, adjacent keyframes) of each pretraining: the plan's own, then the
     # ablations: the temporal loss switched off (or, for a plan without it, on at the preset's
     # weight) and perfect pseudo-labels
     # (run names say the pretraining's settings, so a plan change never reuses another's runs)
