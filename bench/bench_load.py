@@ -136,7 +136,7 @@ def run_job(dataroot: Path, out: Path, env: dict[str, str], tick: float = 0.25) 
 
 
 def measure(workdir: Path, samples: int, image_hw: tuple[int, int]) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", RAY_AUTH_MODE="disabled", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                BEVCTL_CACHE_DIR=str(workdir / "cache"), PYTHONPATH=str(ROOT))
     result: dict = {"image_hw": list(image_hw), "runs": []}
     for n in (samples // 4, samples):

@@ -31,7 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -39,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 
 from bevctl.data.nuscenes import load_index  # noqa: E402
+from bevctl.pseudolabel import ray_auth  # noqa: E402
 from bevctl.pseudolabel.job import PseudolabelConfig, read_image, run_pseudolabel  # noqa: E402
 from bevctl.storage.labels import LabelStore, dir_bytes  # noqa: E402
 
@@ -110,6 +110,7 @@ def bench_efficiency(dataroot: Path, work: Path, rounds: int = 3) -> dict:
     threads = EFF_THREADS
     index = load_index(dataroot, VERSION)
     paths = [cam.image_path for s in index.samples_in("val") for cam in s.cameras]
+    ray_auth.prepare_local_cluster()  # token authentication, as bevctl's own local clusters
     ray.init(num_cpus=CPUS, include_dashboard=False, logging_level="WARNING",
              _temp_dir=str(Path(tempfile.gettempdir()) / f"bevray-{os.getuid()}"))
     model_only = ray.remote(num_cpus=0.95)(_model_only)

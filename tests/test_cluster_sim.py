@@ -27,8 +27,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from ray._raylet import Config as RayConfig  # Ray's own tests reload it the same way
 
 from bevctl.errors import BevctlError
+from bevctl.pseudolabel import ray_auth
 from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
 from bevctl.storage.labels import LabelStore
 from bevctl.train.checkpoint import load_checkpoint
@@ -39,8 +41,7 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled",
-            "HF_HUB_OFFLINE": "1"}
+    return {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
 
 
 class SimCluster:
@@ -71,7 +72,13 @@ def sim_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[SimCluster]:
     tmp = Path(tempfile.mkdtemp(prefix="bvc", dir="/tmp"))
     (tmp / "ray").mkdir()
     monkeypatch.setenv("RAY_TMPDIR", str(tmp))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # Token authentication as on a real cluster: every node (started from this process) and the
+    # bevctl driver (a subprocess) inherit RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH, this
+    # process's private token (Ray keeps the token it first loaded for the life of a process).
+    # Ray read its config when it was imported: reload it so this process is in token mode too.
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    ray_auth.prepare_local_cluster()
+    RayConfig.initialize("")
     cluster = None
     try:
         cluster = SimCluster()

@@ -26,7 +26,6 @@ from bevctl.storage.labels import LabelStore
 @pytest.fixture(autouse=True)
 def _env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BEVCTL_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
 
 
 def _cfg(root: Path, version: str, out: Path, **kw) -> PseudolabelConfig:

@@ -27,6 +27,9 @@ Multi-node
     Actors are placed with Ray's ``SPREAD`` strategy, so ``--address`` of a cluster puts them on
     as many nodes as fit; the summary counts the images each Ray node labeled. The dataroot and
     the output store must be on storage that every node sees at the same path.
+Authentication
+    A local cluster uses Ray's token authentication with a token file only this user can read;
+    ``--address`` uses the cluster's own settings (:mod:`bevctl.pseudolabel.ray_auth`).
 
 ``workers=0`` runs the same worker in this process without Ray (debugging, fast tests).
 """
@@ -49,6 +52,7 @@ import numpy as np
 
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
+from bevctl.pseudolabel import ray_auth
 from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
 from bevctl.storage.location import is_local as location_is_local, join
@@ -276,7 +280,6 @@ class _RayPool:
     """N threaded labeler actors on Ray; ``submit`` returns an ObjectRef."""
 
     def __init__(self, cfg: PseudolabelConfig) -> None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         import ray
 
         self.ray = ray
@@ -284,8 +287,13 @@ class _RayPool:
         self.started_ray = False
         if not ray.is_initialized():
             if cfg.address:
-                ray.init(address=cfg.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+                ray_auth.prepare_join()
+                try:
+                    ray.init(address=cfg.address, ignore_reinit_error=True, logging_level=logging.WARNING)
+                except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:
+                    raise ray_auth.join_error(cfg.address, e) from None
             else:
+                ray_auth.prepare_local_cluster()  # token authentication, a token file only we can read
                 ray.init(  # GPUs: as Ray detects them (asking for more than exist is an error below)
                     num_cpus=_usable_cpus(),
                     include_dashboard=False,

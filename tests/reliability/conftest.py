@@ -55,7 +55,6 @@ def bevctl_cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPat
     from bevctl.cli import main
 
     monkeypatch.setenv("BEVCTL_CACHE_DIR", str(tmp_path / "bevctl-cache"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
     def run(*args: object) -> CliResult:

@@ -40,7 +40,7 @@ def bevctl_cmd(*args: object) -> list[str]:
 def cli_env(cache_dir: Path, **extra: str) -> dict[str, str]:
     """Environment of a bevctl subprocess: offline, one thread, its own index cache."""
     env = {**os.environ, "BEVCTL_CACHE_DIR": str(cache_dir), "OMP_NUM_THREADS": "1",
-           "OMP_WAIT_POLICY": "PASSIVE", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
+           "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "MPLCONFIGDIR": "/tmp/bevctl-mpl"}
     env.update(extra)
     return env
@@ -117,14 +117,14 @@ def run_and_signal(args: list[str], env: dict[str, str], sig: int, when: Callabl
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-            _reap_group(proc.pid)
+            reap_group(proc.pid)
     out, err = out_path.read_text(), err_path.read_text()
     out_path.unlink()
     err_path.unlink()
     return Outcome(proc.returncode, out, err, fired=fired, seconds=time.monotonic() - start)
 
 
-def _reap_group(pgid: int) -> None:
+def reap_group(pgid: int) -> None:
     """SIGKILL what is left of a process group this module started (and only that group)."""
     for _ in range(50):
         try:

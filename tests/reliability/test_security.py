@@ -10,11 +10,19 @@ import json
 import os
 import pickle
 import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
+import ray
 import torch
+from faultkit import bevctl_cmd, count_chunk_files, reap_group, store_files, temp_leftovers
 
+from bevctl.storage.labels import LabelStore
 from bevctl.train.checkpoint import load_checkpoint
 
 
@@ -167,9 +175,6 @@ def test_train_labeler_refuses_remote_code_init(bevctl_cli, tmp_path) -> None:
 
 def test_crafted_pickle_in_a_real_process(tiny_synth, tmp_path) -> None:
     """The same refusal through the installed entry point in its own process (real stderr)."""
-    import subprocess
-    import sys
-
     root, version = tiny_synth
     marker = tmp_path / "pwned"
     evil = _evil_checkpoint(tmp_path / "evil.pt", marker, "torch.save")
@@ -181,3 +186,93 @@ def test_crafted_pickle_in_a_real_process(tiny_synth, tmp_path) -> None:
     assert proc.returncode == 2 and len(errors) == 1 and str(evil) in errors[0], proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not marker.exists() and not (tmp_path / "e.json").exists()
+
+
+# ---- the pseudo-label job's Ray cluster -------------------------------------------------------
+
+INTRUDER = Path(__file__).with_name("ray_intruder.py")
+RAY_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _gcs_port(ray_tmp: Path) -> int | None:
+    """The GCS port of the one Ray session under ``ray_tmp`` (the job's private temp dir)."""
+    files = list(ray_tmp.glob("bevray-*/session_latest/gcs_server_port_*"))
+    text = files[0].read_text().strip() if files else ""
+    return int(text) if text.isdigit() else None
+
+
+def _stranger_env(home: Path, **extra: str) -> dict[str, str]:
+    """Another user's shell, as far as Ray can tell: its own HOME and temp dir, no Ray token or
+    setting inherited from this process; Ray gives up on a refused connection after ~3 s."""
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "TMPDIR": str(home),
+            "RAY_gcs_server_port_wait_time_s": "3", "OMP_NUM_THREADS": "1", **extra}
+
+
+@pytest.mark.parametrize("auth", ["token", "disabled-control"])
+def test_pseudolabel_ray_cluster_refuses_a_stranger(auth, fault_world, ref_labels, tmp_path) -> None:
+    """While ``bevctl pseudolabel --workers 1`` runs its local Ray cluster, a process with another
+    HOME and no token connects to the job's GCS at this machine's network address and tries to
+    run a task there. With the default (token authentication) it is refused and the job finishes
+    with the same store as an uninterrupted run; ``bevctl pseudolabel --address`` with a wrong
+    token fails with one error line. The control runs the job with authentication turned off:
+    the stranger's task runs (so the test can fail)."""
+    w = fault_world
+    out = tmp_path / "labels.zarr"
+    ray_tmp = Path(tempfile.mkdtemp(prefix="bvs", dir="/tmp"))  # short: Ray's unix sockets live below it
+    extra = {"TMPDIR": str(ray_tmp)}
+    if auth == "disabled-control":
+        extra["RAY_AUTH_MODE"] = "disabled"  # NEGATIVE CONTROL ONLY: proves the stranger gets in without auth
+    env = w.env(**extra)
+    # synth-gt at 0.5 s per batch of 2 images: ~12 s of labelling, stopped meanwhile anyway
+    args = [*w.pseudolabel(out, workers=1, model="synth-gt:0.5")]
+    host = ray.util.get_node_ip_address()  # this machine's own address, as Ray advertises it
+    marker = tmp_path / "stranger-was-here"
+    with (tmp_path / "job.out").open("w") as job_out, (tmp_path / "job.err").open("w") as job_err:
+        job = subprocess.Popen(bevctl_cmd(*args), env=env, stdout=job_out, stderr=job_err, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while job.poll() is None and time.monotonic() < deadline and (
+                    count_chunk_files(out / "masks") < 1 or _gcs_port(ray_tmp) is None):
+                time.sleep(0.05)
+            assert job.poll() is None, "the job ended before its cluster could be probed"
+            port = _gcs_port(ray_tmp)
+            assert port is not None, "no GCS port file under the job's Ray temp dir"
+            os.kill(job.pid, signal.SIGSTOP)  # hold the driver: the cluster keeps running meanwhile
+            try:
+                stranger = subprocess.run([sys.executable, str(INTRUDER), f"{host}:{port}", str(marker)],
+                                          env=_stranger_env(tmp_path / "stranger"), capture_output=True,
+                                          text=True, timeout=120)
+                joiner = None
+                if auth == "token":  # bevctl itself joining with a wrong token: one error line
+                    joiner = subprocess.run(
+                        bevctl_cmd(*w.pseudolabel(tmp_path / "joined.zarr", workers=1), "--address", f"{host}:{port}"),
+                        env=_stranger_env(tmp_path / "joiner", RAY_AUTH_TOKEN="0" * 64,
+                                          BEVCTL_CACHE_DIR=str(w.cache), PYTHONPATH=os.environ.get("PYTHONPATH", "")),
+                        capture_output=True, text=True, timeout=180)
+            finally:
+                os.kill(job.pid, signal.SIGCONT)
+            job.wait(timeout=240)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+            reap_group(job.pid)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    err = (tmp_path / "job.err").read_text()
+    verdict = stranger.stdout.strip()
+    if auth == "token":
+        assert verdict.startswith("refused"), f"{verdict}\n{stranger.stderr[-2000:]}"
+        assert not marker.exists(), "a process without the token ran code on the job's cluster"
+        errors = [line for line in joiner.stderr.splitlines() if line.startswith("error:")]
+        assert joiner.returncode == 2 and len(errors) == 1, joiner.stderr[-3000:]
+        assert "refused" in errors[0] and "RAY_AUTH_TOKEN" in errors[0] and "RAY_AUTH_TOKEN_PATH" in errors[0]
+        assert "Traceback" not in joiner.stderr and not (tmp_path / "joined.zarr").exists()
+    else:
+        assert verdict == "ran" and marker.exists(), f"{verdict}\n{stranger.stderr[-2000:]}"
+        assert "accepts code from anyone" in err  # bevctl warns when authentication is off
+    assert job.returncode == 0, err[-3000:]
+    a, b = store_files(ref_labels), store_files(out)  # same masks, confidence, done record, tokens
+    assert sorted(a) == sorted(b) and all(a[k] == b[k] for k in a)
+    assert LabelStore.open(out).counts() == {"todo": 0, "done": 8, "failed": 0}
+    assert not temp_leftovers(tmp_path)
