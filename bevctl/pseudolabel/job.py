@@ -287,7 +287,6 @@ class _RayPool:
         self.started_ray = False
         if not ray.is_initialized():
             if cfg.address:
-                ray_auth.prepare_join()
                 try:
                     ray.init(address=cfg.address, ignore_reinit_error=True, logging_level=logging.WARNING)
                 except (ConnectionError, RuntimeError, ray.exceptions.AuthenticationError) as e:

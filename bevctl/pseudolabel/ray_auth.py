@@ -17,10 +17,10 @@ Local cluster (no ``--address``)
     can read is made 0600 (logged). One token per process because Ray caches the token it
     loaded for the life of the process.
 Joining a cluster (``--address``)
-    The cluster's own settings. Ray sends a token to an explicit address only in token mode, so
-    a token given in ``RAY_AUTH_TOKEN`` / ``RAY_AUTH_TOKEN_PATH`` turns token mode on (a cluster
-    without authentication accepts it too). A refused connection is one error line naming the
-    variables (:func:`join_error`).
+    The cluster's own settings, as for any Ray client: Ray sends a token to an explicit address
+    only with ``RAY_AUTH_MODE=token`` (``auto`` finds ``~/.ray/auth_token`` by itself). bevctl
+    does not change them (Ray reads its config once, when imported); a refused connection is
+    one error line naming the variables (:func:`join_error`).
 """
 
 from __future__ import annotations
@@ -66,22 +66,17 @@ def prepare_local_cluster() -> None:
     log.info("Ray token authentication: token file %s (mode 0600, this run's own)", path)
 
 
-def prepare_join() -> None:
-    """Before ``ray.init(address=...)``: a token given turns token mode on."""
-    if MODE not in os.environ and (os.environ.get(TOKEN) or os.environ.get(TOKEN_PATH)):
-        os.environ[MODE] = "token"
-
-
 def join_error(address: str, error: BaseException) -> BevctlError:
     """One line for a failed ``ray.init(address=...)``; names the token settings when the cluster
     refused (or this process had no) token."""
-    text = f"{error} {error.__cause__ or ''}"
-    if "InvalidAuthToken" in text or type(error).__name__ == "AuthenticationError":
-        return BevctlError(
-            f"--address {address}: the Ray cluster refused the connection: authentication token missing or "
-            f"wrong (give the cluster's token in {TOKEN} or in a file named by {TOKEN_PATH}; "
-            f"{MODE}={os.environ.get(MODE, '(unset)')})"
-        )
+    give = f"give the cluster's token in {TOKEN} or in a file named by {TOKEN_PATH}, with {MODE}=token"
+    if "InvalidAuthToken" in f"{error} {error.__cause__ or ''}":
+        mode = os.environ.get(MODE, "unset")
+        why = "missing or wrong" if mode.lower() == "token" else f"not sent: {MODE} is {mode}"
+        return BevctlError(f"--address {address}: the Ray cluster refused the connection: authentication token "
+                           f"{why} ({give})")
+    if type(error).__name__ == "AuthenticationError":  # token mode, and Ray found no token to send
+        return BevctlError(f"--address {address}: {MODE}=token but no Ray authentication token was found ({give})")
     first = str(error).splitlines()[0] if str(error) else type(error).__name__
     return BevctlError(f"--address {address}: cannot connect to the Ray cluster ({first})")
 

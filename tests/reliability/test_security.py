@@ -247,7 +247,7 @@ def test_pseudolabel_ray_cluster_refuses_a_stranger(auth, fault_world, ref_label
                 if auth == "token":  # bevctl itself joining with a wrong token: one error line
                     joiner = subprocess.run(
                         bevctl_cmd(*w.pseudolabel(tmp_path / "joined.zarr", workers=1), "--address", f"{host}:{port}"),
-                        env=_stranger_env(tmp_path / "joiner", RAY_AUTH_TOKEN="0" * 64,
+                        env=_stranger_env(tmp_path / "joiner", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="0" * 64,
                                           BEVCTL_CACHE_DIR=str(w.cache), PYTHONPATH=os.environ.get("PYTHONPATH", "")),
                         capture_output=True, text=True, timeout=180)
             finally:
