@@ -52,8 +52,8 @@ import numpy as np
 
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
-from bevctl.pseudolabel import ray_auth
 from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
+from bevctl.pseudolabel import ray_auth
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
 from bevctl.storage.location import is_local as location_is_local, join
 from bevctl.storage.base import CompletionLog
