@@ -192,7 +192,6 @@ def test_crafted_pickle_in_a_real_process(tiny_synth, tmp_path) -> None:
 # ---- the pseudo-label job's Ray cluster -------------------------------------------------------
 
 INTRUDER = Path(__file__).with_name("ray_intruder.py")
-RAY_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def _gcs_port(ray_tmp: Path) -> int | None:
@@ -269,6 +268,7 @@ def test_pseudolabel_ray_cluster_refuses_a_stranger(auth, fault_world, ref_label
         assert joiner.returncode == 2 and len(errors) == 1, joiner.stderr[-3000:]
         assert "refused" in errors[0] and "RAY_AUTH_TOKEN" in errors[0] and "RAY_AUTH_TOKEN_PATH" in errors[0]
         assert "Traceback" not in joiner.stderr and not (tmp_path / "joined.zarr").exists()
+        assert "Ray token authentication: token file" in err  # the job says which token its cluster uses
     else:
         assert verdict == "ran" and marker.exists(), f"{verdict}\n{stranger.stderr[-2000:]}"
         assert "accepts code from anyone" in err  # bevctl warns when authentication is off
