@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bevctl.config import parse_hw
 from bevctl.data.synth_scene import (
     LIDAR_T_EGO,
     SYNTH_CAMERAS,
@@ -88,17 +89,6 @@ class SynthConfig:
             raise BevctlError(f"synth grid {self.grid}: need at least 3 x 3 streets")
         if not 0.0 <= self.val_fraction < 1.0:
             raise BevctlError(f"synth val_fraction must be in [0, 1), got {self.val_fraction}")
-
-
-def parse_hw(text: str, option_name: str = "--image-size") -> tuple[int, int]:
-    """``"225x400"`` -> ``(225, 400)``; BevctlError on anything else."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m:
-        raise BevctlError(f"{option_name} '{text}': expected HxW, e.g. 225x400")
-    h, w = int(m.group(1)), int(m.group(2))
-    if h <= 0 or w <= 0:
-        raise BevctlError(f"{option_name} '{text}': height and width must be positive")
-    return h, w
 
 
 # --------------------------------------------------------------------------------------------

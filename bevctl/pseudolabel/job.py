@@ -47,6 +47,8 @@ from typing import Any
 
 import numpy as np
 
+from bevctl.config import parse_hw
+from bevctl.data.images import ImageError, read_image
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
 from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
@@ -125,32 +127,12 @@ class JobSummary:
 
 def parse_resolution(text: str) -> tuple[int, int]:
     """``"450x800"`` -> ``(450, 800)``."""
-    from bevctl.data.synth import parse_hw
-
     return parse_hw(text, "--resolution")
 
 
 # --------------------------------------------------------------------------------------------
 # Worker (a Ray actor, or in-process with workers=0)
 # --------------------------------------------------------------------------------------------
-
-
-class ImageError(Exception):
-    """An input image that cannot be read (missing, corrupt)."""
-
-
-def read_image(path: str) -> np.ndarray:
-    """HxWx3 uint8 RGB; raises :class:`ImageError` with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise ImageError("missing image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"corrupt image ({e})") from None
 
 
 class LabelWorker:
@@ -208,7 +190,7 @@ class LabelWorker:
                 inputs.append(self._prepare(lab, path))
                 good.append((int(i), int(c)))
             except ImageError as e:
-                errors.append((int(i), int(c), path, str(e)))
+                errors.append((int(i), int(c), path, e.reason))
         t1 = time.perf_counter()
         model_s = 0.0
         if inputs:

@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 
-from bevctl.errors import BevctlError
+from bevctl.errors import BevctlError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -94,7 +94,8 @@ def _offline() -> bool:
 
 def _resolve_hub(model: str) -> Path:
     """Download (or find in the cache) a hub model's config, weights and preprocessor."""
-    hint = "pass a local directory with the model (save_pretrained layout) as --model"
+    hint = (f"pass a local directory with the model (save_pretrained layout) as --model, or --model {SHIPPED_NAME} "
+            "(the labeler shipped for the synthetic world, offline)")
     if not _HUB_ID.match(model) or ".." in model:
         raise BevctlError(f"model '{model}' is neither a local directory nor a valid hub id; {hint}")
     try:
@@ -216,10 +217,19 @@ def _load_processor(model_dir: Path) -> Any:
 
     if not (model_dir / "preprocessor_config.json").is_file():
         raise BevctlError(f"{model_dir}: no preprocessor_config.json (the image processor settings)")
+    path = model_dir / "preprocessor_config.json"
     try:
-        return Mask2FormerImageProcessorPil.from_pretrained(str(model_dir), local_files_only=True)
+        processor = Mask2FormerImageProcessorPil.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:
-        raise BevctlError(f"{model_dir}/preprocessor_config.json: cannot load ({e})") from None
+        raise BevctlError(f"{path}: cannot load ({one_line(e)})") from None
+    # transformers accepts some bad settings at load and fails on the first image: try one now,
+    # so a bad file is one error line before any store is created, not a traceback mid-job
+    try:
+        processor(images=[np.zeros((64, 64, 3), np.uint8)], return_tensors="np")
+    except Exception as e:
+        raise BevctlError(f"{path}: the image processor it configures fails on a test image "
+                          f"({type(e).__name__}: {one_line(e)})") from None
+    return processor
 
 
 def load_preprocessor(model: str) -> Preprocessor:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bevctl.data.images import read_image
 from bevctl.errors import BevctlError
 from bevctl.io import atomic_write
 from bevctl.storage.labels import LabelStore
@@ -87,11 +88,7 @@ def show_sample(
     sample = _find_sample(store, root, token)
     images = []
     for cam in sample.cameras:
-        try:
-            with Image.open(cam.image_path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except OSError as e:
-            raise BevctlError(f"{cam.image_path}: cannot read image ({e})") from None
+        images.append(read_image(cam.image_path))
     canvas = render_sample(images, masks, store.cameras, alpha, store.id2label)
     out = Path(out)
 

@@ -273,9 +273,11 @@ class SampleStore:
         kind: str,
         expected: Mapping[str, Any] | None = None,
         mode: str = "r",
+        remedy: str | None = None,
     ) -> "SampleStore":
         """Open an existing store of ``kind``; every key of ``expected`` must equal the recorded
-        metadata (one BevctlError line naming the first difference otherwise)."""
+        metadata (one BevctlError line naming the first difference otherwise, and ``remedy``:
+        what to do about it)."""
         path = str(path)
         location.check(path)
         if not location.is_file(location.join(path, "zarr.json")):
@@ -296,7 +298,7 @@ class SampleStore:
         if "done" not in group or "tokens" not in group:
             raise BevctlError(f"{path}: incomplete store (missing 'tokens' or 'done')")
         if expected:
-            store.check_metadata(expected)
+            store.check_metadata(expected, remedy=remedy)
         return store
 
     @classmethod
@@ -330,10 +332,10 @@ class SampleStore:
 
     # ---- validation -----------------------------------------------------------------------
 
-    def _mismatch(self, what: str) -> BevctlError:
-        return BevctlError(f"{self.path}: {what}; use --overwrite to rebuild it, or another output path")
+    def _mismatch(self, what: str, remedy: str | None = None) -> BevctlError:
+        return BevctlError(f"{self.path}: {what}; {remedy or 'use --overwrite to rebuild it, or another output path'}")
 
-    def check_metadata(self, expected: Mapping[str, Any], exact: bool = False) -> None:
+    def check_metadata(self, expected: Mapping[str, Any], exact: bool = False, remedy: str | None = None) -> None:
         recorded = self.metadata
         wanted = _jsonable(dict(expected))
         if not exact:
@@ -341,7 +343,7 @@ class SampleStore:
         diff = _first_difference(recorded, wanted, "")
         if diff:
             key, rec, exp = diff
-            raise self._mismatch(f"store was made for {key}={_short(rec)}, expected {_short(exp)}")
+            raise self._mismatch(f"store was made for {key}={_short(rec)}, expected {_short(exp)}", remedy)
 
     def check_tokens(self, tokens: Sequence[str]) -> None:
         tokens = [str(t) for t in tokens]

@@ -90,17 +90,19 @@ class GTStore:
         expected_grid: BEVGrid | None = None,
         expected_classes: BEVClassSet | None = None,
         expected_version: str | None = None,
+        remedy: str | None = None,
     ) -> "GTStore":
-        """Open ``gt.zarr`` read-only; refuse it (one BevctlError line) if it was made for
-        another grid, class set or dataset version than the ones given."""
+        """Open ``gt.zarr`` read-only; refuse it (one BevctlError line, ending with ``remedy``)
+        if it was made for another grid, class set or dataset version than the ones given."""
         expected: dict[str, Any] = {}
         if expected_grid is not None:
             expected["grid"] = grid_metadata(expected_grid)
         if expected_classes is not None:
             expected["class_set"] = class_set_metadata(expected_classes)
-        store = SampleStore.open(path, KIND, expected=expected or None, mode="r")
+        store = SampleStore.open(path, KIND, expected=expected or None, mode="r", remedy=remedy)
         if expected_version is not None:
-            store.check_metadata({"dataset": {**store.metadata.get("dataset", {}), "version": expected_version}})
+            store.check_metadata({"dataset": {**store.metadata.get("dataset", {}), "version": expected_version}},
+                                 remedy=remedy)
         return cls(store)
 
     def __getstate__(self) -> dict[str, Any]:

@@ -67,6 +67,13 @@ def is_local(target: Target) -> bool:
     return local_path(target) is not None
 
 
+def absolute(target: Target) -> str:
+    """A URL as it is; a plain path made absolute (what runs and stores record, so that they
+    still name the same data when read from another directory)."""
+    text = str(target)
+    return text if protocol(text) is not None else str(Path(text).expanduser().absolute())
+
+
 def join(base: Target, *parts: str) -> str:
     """``base/part/...`` for a path or a URL (URLs always join with ``/``)."""
     text = str(base)

@@ -34,7 +34,7 @@ from bevctl.errors import BevctlError
 from bevctl.geometry import bev_cell_centers
 from bevctl.storage import location
 from bevctl.train.build import load_trained_model
-from bevctl.train.dataset import collate, eval_dataset
+from bevctl.train.dataset import collate, eval_dataset, gt_store_remedy
 from bevctl.train.distributed import resolve_device
 from bevctl.train.loop import loader_worker_init
 from bevctl.train.tasks import cur_T_prev, to_device
@@ -160,7 +160,8 @@ def evaluate(
         batch_size = 1  # frames in scene order, each with its predecessor's BEV
     grid, class_set = trained.setup.grid, trained.setup.class_set
     index = load_index(dataroot, version)
-    ds = eval_dataset(index, split, trained.setup.image_hw, grid, class_set, gt)
+    ds = eval_dataset(index, split, trained.setup.image_hw, grid, class_set, gt,
+                      remedy=gt_store_remedy(index.dataroot, version, cfg.grid, cfg.class_set))
     loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                         prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=loader_worker_init)
     c = class_set.num_classes

@@ -71,6 +71,9 @@ def visualize(
     dev = resolve_device(device)
     trained = load_trained_model(checkpoint, dev)
     model, cfg, run = trained.model, trained.cfg, trained.run
+    if not dataroot and run.get("dataroot") and not Path(run["dataroot"]).is_dir():
+        raise BevctlError(f"dataset {run['dataroot']} (recorded in {checkpoint}) not found: if it moved, "
+                          "pass its new location as --dataroot")
     dataroot = dataroot or run.get("dataroot")
     version = version or run.get("version")
     labels = labels or run.get("labels")
