@@ -80,10 +80,12 @@ def test_max_steps_beyond_the_epochs_says_which_limit_ended_the_run_and_resume_r
 
 
 def test_runs_record_absolute_paths_and_a_moved_dataset_names_the_option(
-        tiny_synth, tiny_labels, tmp_path: Path, capsys, run_bevctl, monkeypatch) -> None:
+        tiny_synth, tmp_path: Path, capsys, run_bevctl, monkeypatch) -> None:
+    from test_dataset import make_label_store
+
     src, version = tiny_synth
     shutil.copytree(src, tmp_path / "w")
-    shutil.copytree(tiny_labels, tmp_path / "labels.zarr")
+    make_label_store(tmp_path / "w", version, tmp_path / "labels.zarr", resolution=(45, 80))  # records w
     monkeypatch.chdir(tmp_path)
     assert run_bevctl("pretrain", "--dataroot", "w", "--version", version, "--labels", "labels.zarr",
                       "--out", "run", *TOY, "--max-steps", "1", "--batch-size", "1") == 0
@@ -108,6 +110,11 @@ def test_runs_record_absolute_paths_and_a_moved_dataset_names_the_option(
     assert str(tmp_path / "w") in line and "--dataroot" in line
     assert run_bevctl("visualize", "--checkpoint", str(tmp_path / "run"), "--sample", token, "--out", "vis",
                       "--device", "cpu", "--dataroot", str(tmp_path / "moved")) == 0
+    assert run_bevctl("labels", "show", str(tmp_path / "labels.zarr"), "--out", "x.png") == 2
+    (line,) = _err_lines(capsys)
+    assert str(tmp_path / "w") in line and "--dataroot" in line
+    assert run_bevctl("labels", "show", str(tmp_path / "labels.zarr"), "--out", "x.png",
+                      "--dataroot", str(tmp_path / "moved")) == 0
 
 
 def test_synth_prints_the_version_folder_and_the_next_commands(tmp_path: Path, capsys, run_bevctl) -> None:

@@ -85,6 +85,9 @@ def show_sample(
     root = Path(dataroot) if dataroot else (Path(store.dataroot) if store.dataroot else None)
     if root is None:
         raise BevctlError(f"{store_path}: no dataroot recorded; pass --dataroot")
+    if not dataroot and not root.is_dir():
+        raise BevctlError(f"dataset {root} (recorded in {store_path}) not found: if it moved, pass its new "
+                          "location as --dataroot")
     sample = _find_sample(store, root, token)
     images = []
     for cam in sample.cameras:
