@@ -12,9 +12,10 @@ class ImageError(BevctlError):
     """An image that cannot be read (missing, corrupt): ``"<path>: <reason>"``; ``reason``
     alone for callers that record it per image (the pseudo-label job)."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path, self.reason = path, reason
+    def __init__(self, path: str, reason: str | None = None) -> None:
+        # one argument: the whole message (torch re-raises a DataLoader worker's error that way)
+        super().__init__(path if reason is None else f"{path}: {reason}")
+        self.path, self.reason = path, path if reason is None else reason
 
 
 def read_image(path: str, size_hw: tuple[int, int] | None = None) -> np.ndarray:
