@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import re
 import shutil
@@ -42,9 +43,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from bevctl.config import parse_hw
+from bevctl.data.synth_map import build_map_expansion, map_mask, world_json
+from bevctl.data.synth_render import camera_rays, noise_tiles, render
 from bevctl.data.synth_scene import (
     LIDAR_T_EGO,
     SYNTH_CAMERAS,
@@ -262,10 +268,6 @@ _JOB_CACHE: dict = {}
 
 def _render_job(cfg_dict: dict, scene: int, samples: list[int], root: str) -> int:
     """Render ``samples`` of ``scene`` into ``root`` (runs in a worker process)."""
-    from PIL import Image
-
-    from bevctl.data.synth_render import camera_rays, noise_tiles, render
-
     cfg = SynthConfig(**{**cfg_dict, "image_hw": tuple(cfg_dict["image_hw"]), "grid": tuple(cfg_dict["grid"])})
     h, w = cfg.image_hw
     key = (cfg, scene)
@@ -308,10 +310,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Write the synthetic dataset to ``out`` (atomically); returns a small summary dict."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from bevctl.data.synth_map import build_map_expansion, map_mask, world_json
-
     out = Path(out).absolute()
     _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +328,6 @@ def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False
         (tmp / "samples" / "LIDAR_TOP").mkdir(parents=True)
         (tmp / "maps" / "expansion").mkdir(parents=True)
 
-        import cv2
 
         map_png = f"maps/{token(cfg.seed, 'map-png')}.png"
         cv2.imwrite(str(tmp / map_png), map_mask(world))
@@ -365,8 +362,6 @@ def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False
                     bar.advance(task, _render_job(cfg_dict, s, ks, str(tmp)))
                 _JOB_CACHE.clear()
             else:
-                import multiprocessing as mp
-
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
                 try:
                     futs = [pool.submit(_render_job, cfg_dict, s, ks, str(tmp)) for s, ks in jobs]

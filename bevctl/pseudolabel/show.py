@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from bevctl.data.images import read_image
+from bevctl.data.nuscenes import load_index
 from bevctl.errors import BevctlError
 from bevctl.io import atomic_write
 from bevctl.storage.labels import LabelStore
@@ -16,8 +18,6 @@ from bevctl.storage.labels import LabelStore
 
 def palette(n: int = 256) -> np.ndarray:
     """(n, 3) uint8 distinct colours, stable per class id (golden-ratio hues)."""
-    import colorsys
-
     out = np.zeros((n, 3), dtype=np.uint8)
     for i in range(n):
         r, g, b = colorsys.hsv_to_rgb((0.1 + i * 0.618033988749895) % 1.0, 0.85 if i % 2 else 0.6, 0.95)
@@ -26,8 +26,6 @@ def palette(n: int = 256) -> np.ndarray:
 
 
 def _find_sample(store: LabelStore, dataroot: Path, token: str):  # -> SampleRecord
-    from bevctl.data.nuscenes import load_index
-
     index = load_index(dataroot, store.dataset_version, check_images=False)
     if token not in index.samples:
         raise BevctlError(f"{dataroot}/{store.dataset_version}: no sample '{token}' (is --dataroot the labeled dataset?)")

@@ -46,6 +46,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -56,7 +57,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from bevctl import __version__
 from bevctl.errors import BevctlError
+from bevctl.io import is_disk_full
 from bevctl.storage import location
 
 STORE_FORMAT = 1
@@ -248,8 +251,6 @@ class SampleStore:
                 raise BevctlError(f"{target}: array name '{spec.name}' is reserved")
             if not spec.shape or spec.shape[0] != n:
                 raise BevctlError(f"{target}: array '{spec.name}' must have {n} samples on axis 0, got {spec.shape}")
-        from bevctl import __version__
-
         attrs = {
             "kind": kind,
             "format": STORE_FORMAT,
@@ -419,8 +420,6 @@ class CompletionLog:
     redone on the rerun, never double-counted)."""
 
     def __init__(self, store: Any, every_s: float = 1.0) -> None:  # anything with ``mark(indices, status)``
-        import time
-
         self._clock = time.monotonic
         self.store = store
         self.every_s = every_s
@@ -450,8 +449,6 @@ class CompletionLog:
     def flush_on_exit(self) -> None:
         """:meth:`flush` in a ``finally`` block: on a full disk the records are dropped instead
         of raising over the error that ended the job (those samples are redone by the rerun)."""
-        from bevctl.io import is_disk_full
-
         try:
             self.flush()
         except OSError as e:

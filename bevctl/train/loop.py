@@ -36,6 +36,9 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,10 +247,6 @@ def loader_worker_init(worker_id: int) -> None:
     OSError (connection reset, broken pipe): harmless, and not printed as a traceback after the
     resume hint. The sharer thread reports through ``sys.excepthook`` (it catches everything
     itself), other threads through ``threading.excepthook``: both are filtered."""
-    import signal
-    import sys
-    import threading
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def sharer_noise(exc_type: type[BaseException], thread: threading.Thread | None) -> bool:
@@ -543,7 +542,7 @@ def _progress(enabled: bool, name: str, total: int, start: int):
 
 def _tensorboard(run_dir: str):
     try:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - needs the optional tensorboard package
     except Exception:
         return None
     return SummaryWriter(location.join(run_dir, "tb"))
