@@ -173,6 +173,7 @@ def test_boolean_flags_read_as_flags_and_a_bad_value_is_one_error_line(capsys, r
     assert capsys.readouterr().out.strip() == f"bevctl {bevctl.__version__}"
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, about the fake file
 def test_a_file_that_is_no_checkpoint_never_suggests_weights_only_false(tiny_synth, tmp_path: Path, capsys,
                                                                         run_bevctl) -> None:
     root, version = tiny_synth
