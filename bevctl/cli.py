@@ -143,10 +143,10 @@ def prepare_gt_cmd(
     config: Optional[str] = typer.Option(
         None, "--config", help="Take grid and class set from this training preset (demo, toy, tiny, hdmapnet) or "
         "YAML file: the GT store then fits the training runs of that config. Not with --grid/--classes."),
-    grid: Optional[str] = typer.Option(None, "--grid", help="BEV grid preset (hdmapnet, demo) or YAML file.",
-                                       show_default="hdmapnet"),
-    classes: Optional[str] = typer.Option(None, "--classes", help="BEV class set preset (hdmapnet, markings) or YAML file.",
-                                          show_default="hdmapnet"),
+    grid: Optional[str] = typer.Option(None, "--grid", help="BEV grid preset (hdmapnet, demo) or YAML file.  "
+                                       "[default: hdmapnet]"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="BEV class set preset (hdmapnet, markings) or "
+                                          "YAML file.  [default: hdmapnet]"),
     out: str = typer.Option(..., "--out", help="Output Zarr store, e.g. gt.zarr." + _URL_HELP),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: CPU count; 0 = in process)."),
