@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bevctl.errors import BevctlError
+
 # One fixed camera order everywhere (stores, models, losses).
 CAMERAS: tuple[str, ...] = (
     "CAM_FRONT_LEFT",
@@ -64,8 +66,6 @@ class DatasetIndex:
     def samples_in(self, split: str) -> list[SampleRecord]:
         """The split's keyframes, scene by scene (scenes in split order), each in time order."""
         if split not in self.split_scenes:
-            from bevctl.errors import BevctlError
-
             raise BevctlError(
                 f"{self.dataroot}/{self.version}: no split '{split}' (have: {', '.join(self.split_scenes)})"
             )

@@ -4,11 +4,16 @@ One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` samples on e
 ``world`` processes (the *global batch*). The data order is a seeded permutation per epoch,
 cut into global batches; rank ``r`` takes its slice of each, so 2 processes x batch b compute
 the same update as 1 process x batch 2b (losses are per-sample means, DDP averages gradients).
-The schedule (warm-up + cosine) is fixed at the start by ``epochs`` and ``max_steps``.
+The schedule (warm-up + cosine) is fixed at the start by ``epochs`` and ``max_steps`` (whichever
+ends first; when ``epochs`` ends the run before ``max_steps``, one line says so and how to lift
+it). ``--resume`` with a higher ``epochs`` or ``max_steps`` continues the run: the steps done keep
+their results, the rest of the cosine follows the new length. A resume with nothing left to do
+says so and changes nothing.
 
 Run directory::
 
-    RUN/config.yaml     the TrainConfig       RUN/run.json      mode, data paths, world size
+    RUN/config.yaml     the TrainConfig       RUN/run.json      mode, absolute data paths, world
+                                              size, the label map resolved (pretraining)
     RUN/scenes.json     scenes trained on     RUN/metrics.jsonl one JSON line per logged step
     RUN/checkpoints/step_NNNNNNN.pt           RUN/last.pt       the newest checkpoint
 
@@ -28,8 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,20 +47,28 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import bevctl
-from bevctl.config import BEVGrid, class_set_from_name, dataclass_to_dict, dataclass_from_dict, grid_from_name
+from bevctl.config import dataclass_from_dict, dataclass_to_dict
 from bevctl.errors import BevctlError
 from bevctl.io import remove_stale_temp_files
 from bevctl.storage import location
 from bevctl.train import distributed as D
+from bevctl.train.build import build_model, resolve
 from bevctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bevctl.train.config import TrainConfig, config_diff
+from bevctl.train.dataset import build_train_dataset, collate
 from bevctl.train.tasks import make_task, to_device
 
-# config fields that may change on --resume without changing the result
-RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every")
+# config fields that may change on --resume: they do not change the results of the steps already
+# done (epochs and max_steps only move the end of the run; the rest of the LR schedule follows)
+RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every",
+                  "epochs", "max_steps")
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(BevctlError):
@@ -85,45 +102,6 @@ class RunSpec:
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
-
-
-def grid_and_classes(cfg: TrainConfig) -> tuple[BEVGrid, int]:
-    return grid_from_name(cfg.grid), class_set_from_name(cfg.class_set).num_classes
-
-
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """The BEVFormer of preset ``cfg.model`` (or the toy stand-in) for the configured grid."""
-    grid, c = grid_and_classes(cfg)
-    if cfg.model == "toy":
-        from bevctl.train.toy import ToyBEVModel
-
-        return ToyBEVModel(grid, c, model_image_hw(cfg))
-    from bevctl.train.model import BEVFormer
-
-    return BEVFormer(model_config(cfg), grid, c)
-
-
-def model_config(cfg: TrainConfig):
-    from bevctl.train.model import model_preset
-
-    mc = model_preset(cfg.model)
-    if cfg.image_hw is not None and tuple(cfg.image_hw) != tuple(mc.image_hw):
-        import dataclasses
-
-        mc = dataclasses.replace(mc, image_hw=tuple(cfg.image_hw))
-    if cfg.backbone_pretrained is not None:
-        import dataclasses
-
-        mc = dataclasses.replace(mc, backbone_pretrained=cfg.backbone_pretrained, backbone_norm_eval=True)
-    return mc
-
-
-def model_image_hw(cfg: TrainConfig) -> tuple[int, int]:
-    if cfg.image_hw is not None:
-        return tuple(cfg.image_hw)  # type: ignore[return-value]
-    if cfg.model == "toy":
-        return (64, 112)
-    return tuple(model_config(cfg).image_hw)  # type: ignore[return-value]
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -269,10 +247,6 @@ def loader_worker_init(worker_id: int) -> None:
     OSError (connection reset, broken pipe): harmless, and not printed as a traceback after the
     resume hint. The sharer thread reports through ``sys.excepthook`` (it catches everything
     itself), other threads through ``threading.excepthook``: both are filtered."""
-    import signal
-    import sys
-    import threading
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def sharer_noise(exc_type: type[BaseException], thread: threading.Thread | None) -> bool:
@@ -292,12 +266,6 @@ def loader_worker_init(worker_id: int) -> None:
 
     threading.excepthook = thread_hook
     sys.excepthook = sys_hook
-
-
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    from torch.utils.data import default_collate
-
-    return default_collate(items)
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,7 +303,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     cfg = spec.cfg
     run_dir = str(spec.run_dir)
     last_pt = location.join(run_dir, "last.pt")
-    grid, num_classes = grid_and_classes(cfg)
+    setup = resolve(cfg)
     device = info.device
     if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None and info.distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world))
@@ -358,13 +326,11 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     if spec.dataset_factory is not None:
         dataset = spec.dataset_factory(spec)
     else:
-        from bevctl.train.dataset import build_train_dataset
-
         dataset = build_train_dataset(spec, write_scenes=info.is_main)
     spe, total_steps = steps_for(len(dataset), cfg, info.world)
 
     torch.manual_seed(cfg.seed)
-    model = spec.model_factory(spec) if spec.model_factory is not None else build_model(cfg)
+    model = spec.model_factory(spec) if spec.model_factory is not None else build_model(setup)
     if spec.init and ckpt is None:
         init = load_checkpoint(spec.init)
         try:
@@ -387,13 +353,27 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["step"])
-        if int(ckpt["run"]["total_steps"]) != total_steps:
-            raise BevctlError(f"--resume: schedule length changed ({ckpt['run']['total_steps']} -> {total_steps} "
-                              f"steps); the dataset or its fraction differs from the original run")
-    run_info = {"mode": spec.mode, "dataroot": spec.dataroot, "version": spec.version, "labels": spec.labels,
-                "gt": spec.gt, "init": spec.init, "world": info.world, "total_steps": total_steps,
-                "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": num_classes,
-                "image_hw": list(model_image_hw(cfg))}
+        saved_spe = ckpt["run"].get("steps_per_epoch", spe)
+        if int(saved_spe) != spe:
+            raise BevctlError(f"--resume: an epoch is now {spe} steps, it was {saved_spe}; "
+                              f"the dataset or its fraction differs from the original run")
+    if start >= total_steps:  # resumed at (or past) the end: say so, change nothing
+        _say(spec, info, f"{spec.mode}: nothing left to do: {last_pt} is at step {start} and this run ends at "
+                         f"step {total_steps} ({_limits(cfg, spe)}); pass a higher --epochs or --max-steps "
+                         f"with --resume to train further")
+        return
+    note = _limit_note(cfg, spe, total_steps)
+    if note:
+        _say(spec, info, f"{spec.mode}: {note}")
+    absolute = {k: location.absolute(v) if v else v
+                for k, v in (("dataroot", spec.dataroot), ("labels", spec.labels), ("gt", spec.gt), ("init", spec.init))}
+    label_map = getattr(dataset, "label_map", None)  # provenance of the pseudo-labels' mapping
+    run_info = {"mode": spec.mode, **absolute, "version": spec.version, "world": info.world,
+                "total_steps": total_steps, "steps_per_epoch": spe, "num_samples": len(dataset),
+                "num_classes": setup.num_classes, "image_hw": list(setup.image_hw), "label_map": label_map}
+    if info.is_main and label_map is not None:
+        log.info("label map '%s' (%s): %d labeler classes -> %s", label_map["name"], label_map["source"],
+                 len(label_map["table"]), ", ".join(sorted(set(label_map["table"].values()))))
     if info.is_main:
         location.makedirs(run_dir)
         if location.is_local(run_dir):  # temp files of a checkpoint a killed run was writing
@@ -408,10 +388,10 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     net: nn.Module = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    task = make_task(spec.mode, cfg, grid, num_classes, profile=spec.profile)
+    task = make_task(spec.mode, cfg, setup.grid, setup.num_classes, profile=spec.profile)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, info.world, info.rank, cfg.grad_accum,
                                cfg.seed, start, total_steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
                         persistent_workers=False, worker_init_fn=loader_worker_init)
@@ -514,11 +494,27 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
         if tb is not None:
             tb.close()
         del it
-    if info.is_main and spec.progress:
-        from rich.console import Console
+    _say(spec, info, f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s -> {last_pt}")
 
-        Console(stderr=True).print(f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s "
-                                   f"-> {last_pt}")
+
+def _limits(cfg: TrainConfig, spe: int) -> str:
+    limits = f"epochs {cfg.epochs} x {spe} steps"
+    return limits + (f", max_steps {cfg.max_steps}" if cfg.max_steps else "")
+
+
+def _limit_note(cfg: TrainConfig, spe: int, total_steps: int) -> str | None:
+    """One line when ``epochs`` ends the run before the ``max_steps`` asked for, saying how to lift it."""
+    if not cfg.max_steps or total_steps >= cfg.max_steps:
+        return None
+    need = math.ceil(cfg.max_steps / spe)
+    return (f"{total_steps} steps, not {cfg.max_steps}: epochs {cfg.epochs} x {spe} steps per epoch ends the run "
+            f"first; pass --epochs {need} to run {cfg.max_steps} steps")
+
+
+def _say(spec: RunSpec, info: D.DistInfo, line: str) -> None:
+    """One line for the user on stderr (main process; not when progress output is off)."""
+    if info.is_main and spec.progress:
+        Console(stderr=True).print(line, highlight=False, soft_wrap=True)
 
 
 def _loader_died(e: RuntimeError, run_dir: str, last_ckpt_step: int | None) -> BevctlError:
@@ -539,8 +535,6 @@ def _diverged_msg(what: str, value: float, step: int, stats: dict[str, float], r
 
 
 def _progress(enabled: bool, name: str, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), disable=not enabled)
@@ -548,7 +542,7 @@ def _progress(enabled: bool, name: str, total: int, start: int):
 
 def _tensorboard(run_dir: str):
     try:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - needs the optional tensorboard package
     except Exception:
         return None
     return SummaryWriter(location.join(run_dir, "tb"))

@@ -17,8 +17,17 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bevctl.config import class_set_from_name, grid_from_name
+from bevctl.data.nuscenes import load_index
+from bevctl.data.records import CAMERAS
 from bevctl.errors import BevctlError
+from bevctl.pseudolabel.label_maps import resolve_label_map
+from bevctl.storage import location
+from bevctl.storage.labels import LabelStore
+from bevctl.train.build import load_trained_model
+from bevctl.train.dataset import TrainDataset, collate
+from bevctl.train.distributed import resolve_device
+from bevctl.train.losses import RayGrid, compute_ray_grid, reproject_logits
+from bevctl.train.tasks import to_device
 
 PALETTE = np.array([
     [40, 40, 40], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -59,34 +68,24 @@ def visualize(
     device: str = "auto",
 ) -> list[Path]:
     """Write the PNGs for ``sample``; data paths default to the ones the run trained on."""
-    from bevctl.data.nuscenes import load_index
-    from bevctl.train.dataset import TrainDataset
-    from bevctl.train.distributed import resolve_device
-    from bevctl.train.evaluate import load_trained_model
-    from bevctl.train.losses import compute_ray_grid, reproject_logits
-    from bevctl.train.loop import _collate, model_image_hw
-    from bevctl.train.tasks import normalize_images, to_device
-
     dev = resolve_device(device)
-    model, cfg, ckpt = load_trained_model(checkpoint, dev)
-    run: dict[str, Any] = ckpt.get("run", {})
+    trained = load_trained_model(checkpoint, dev)
+    model, cfg, run = trained.model, trained.cfg, trained.run
+    if not dataroot and run.get("dataroot") and not Path(run["dataroot"]).is_dir():
+        raise BevctlError(f"dataset {run['dataroot']} (recorded in {checkpoint}) not found: if it moved, "
+                          "pass its new location as --dataroot")
     dataroot = dataroot or run.get("dataroot")
     version = version or run.get("version")
     labels = labels or run.get("labels")
     gt = gt or run.get("gt")
     if not dataroot or not version:
         raise BevctlError("visualize: the checkpoint names no dataset; pass --dataroot and --version")
-    grid, class_set = grid_from_name(cfg.grid), class_set_from_name(cfg.class_set)
+    grid, class_set = trained.setup.grid, trained.setup.class_set
     index = load_index(dataroot, version)
     if sample not in index.samples:
         raise BevctlError(f"--sample: no sample '{sample}' in {dataroot}/{version}")
     kwargs: dict[str, Any] = {}
-    from bevctl.storage import location
-
     if labels and location.exists(labels):
-        from bevctl.pseudolabel.label_maps import resolve_label_map
-        from bevctl.storage.labels import LabelStore
-
         store = LabelStore.open(labels)
         if sample in store and store.status(sample) == "done":
             kwargs.update(labels_path=str(labels), lut=resolve_label_map(store.id2label, class_set, cfg.label_map),
@@ -95,11 +94,11 @@ def visualize(
         kwargs["gt_path"] = str(gt)
     else:
         kwargs["rasterize"] = (str(dataroot), grid, class_set)
-    image_hw = model_image_hw(cfg)
+    image_hw = trained.setup.image_hw
     ds = TrainDataset([index.samples[sample]], index.samples, image_hw, **kwargs)
     item = ds[0]
-    batch = to_device(_collate([item]), dev)
-    logits = model(normalize_images(batch["images"]), batch["pix_T_cam"], batch["ego_T_cam"]).logits.float()
+    batch = to_device(collate([item]), dev)
+    logits = model(batch["images"], batch["pix_T_cam"], batch["ego_T_cam"]).logits.float()
     pred = logits.argmax(1)[0].cpu().numpy().astype(np.uint8)  # (X, Y)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,14 +112,12 @@ def visualize(
     rays = compute_ray_grid(batch["pix_T_cam"][0].cpu(), batch["ego_T_cam"][0].cpu(), image_hw, image_hw, grid)
     onehot = torch.nn.functional.one_hot(torch.from_numpy(pred).long(), class_set.num_classes)
     onehot = onehot.permute(2, 0, 1)[None].float()
-    from bevctl.train.losses import RayGrid
 
     sampled = reproject_logits(onehot, grid, RayGrid(rays.xy[None], rays.valid[None]))[0].argmax(0)  # (N, P)
     reproj = torch.where(rays.valid, sampled, torch.full_like(sampled, 255)).reshape(-1, *image_hw).numpy()
     images = item["images"].numpy().transpose(0, 2, 3, 1)  # (N, H, W, 3)
     labels_ids = item.get("labels")
     rows = []
-    from bevctl.data.records import CAMERAS
 
     for n, cam in enumerate(CAMERAS):
         img = images[n]

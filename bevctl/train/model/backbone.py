@@ -3,7 +3,8 @@
 Random init by default (a ``ResNetConfig`` built from the model config); with
 ``backbone_pretrained`` set, ``AutoBackbone.from_pretrained(id_or_dir, trust_remote_code=False)``
 (e.g. ``microsoft/resnet-50`` or a directory written by ``save_pretrained``). Pretrained ResNets
-expect ImageNet-normalised RGB input; that is the data pipeline's job.
+expect ImageNet-normalised RGB input: the models normalise the data pipeline's uint8 images
+themselves (:func:`normalize_images`, the one place that does it).
 """
 
 from __future__ import annotations
@@ -19,6 +20,19 @@ from bevctl.train.model.config import ModelConfig
 
 Tensor = torch.Tensor
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 RGB ``(..., 3, H, W)`` -> ImageNet-normalised float32. Float input is taken as
+    already normalised and passed through (as float32)."""
+    if images.dtype != torch.uint8:
+        return images.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
+
 
 def build_backbone(cfg: ModelConfig, hf_config: dict | None = None) -> nn.Module:
     """A transformers backbone returning ``cfg.backbone_out_stages`` (1-based) feature maps.
@@ -27,7 +41,7 @@ def build_backbone(cfg: ModelConfig, hf_config: dict | None = None) -> nn.Module
     architecture of a pretrained backbone without fetching its weights (used when a checkpoint
     is loaded: its own weights replace them anyway).
     """
-    from transformers import AutoBackbone, AutoConfig, ResNetConfig
+    from transformers import AutoBackbone, AutoConfig, ResNetConfig  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
     out_features = [f"stage{s}" for s in cfg.backbone_out_stages]
     if hf_config is not None:
@@ -66,8 +80,8 @@ def _load_pretrained(source: str, out_features: list[str]) -> nn.Module:
     of transformers 5 asks the hub whether the repo exists first, which fails for local directories
     and offline.
     """
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
+    from transformers import AutoConfig  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)
