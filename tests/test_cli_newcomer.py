@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 import bevctl
 from bevctl.train.checkpoint import load_checkpoint

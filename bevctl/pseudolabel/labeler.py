@@ -38,16 +38,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from bevctl.errors import BevctlError, one_line
-
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
 
 log = logging.getLogger(__name__)
 
