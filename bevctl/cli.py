@@ -274,7 +274,8 @@ def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Op
                    labels: Optional[str] = None, gt: Optional[str] = None, init: Optional[str] = None,
                    fraction: Optional[float] = None, epochs: Optional[int], max_steps: Optional[int],
                    checkpoint_every: Optional[int], batch_size: Optional[int], lr: Optional[float],
-                   seed: Optional[int], resume: bool, gpus: int, device: str, workers: Optional[int]) -> None:
+                   seed: Optional[int], resume: bool, gpus: int, device: str, workers: Optional[int],
+                   on_corrupt: Optional[str] = None) -> None:
     from bevctl.train.config import load_train_config
 
     _check_urls(out, labels, gt, init)
@@ -288,7 +289,7 @@ def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Op
         arch = {k: saved[k] for k in ("model", "grid", "class_set", "image_hw") if k in saved}
     cfg = load_train_config(config or "demo", epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every,
                             batch_size=batch_size, lr=lr, seed=seed, fraction=fraction, num_workers=workers,
-                            **arch)
+                            on_corrupt=on_corrupt, **arch)
     if gpus < 1:
         raise BevctlError(f"--gpus must be >= 1, got {gpus}")
     spec = RunSpec(mode=mode, cfg=cfg, run_dir=out, dataroot=str(dataroot), version=version,
@@ -316,11 +317,14 @@ def pretrain(
     gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    on_corrupt: Optional[str] = typer.Option(
+        None, "--on-corrupt", help="A missing/corrupt chunk of a finished sample: fail (stop, name it; default) or "
+        "skip (ignore its labels, count and log them)."),
 ) -> None:
     """Self-supervised pretraining: BEV logits reprojected into the cameras vs pseudo-labels (+ temporal)."""
     _train_command("pretrain", dataroot, version, out, config, labels=labels, epochs=epochs, max_steps=max_steps,
                    checkpoint_every=checkpoint_every, batch_size=batch_size, lr=lr, seed=seed, resume=resume,
-                   gpus=gpus, device=device, workers=workers)
+                   gpus=gpus, device=device, workers=workers, on_corrupt=on_corrupt)
 
 
 @app.command()
@@ -346,11 +350,14 @@ def finetune(
     gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    on_corrupt: Optional[str] = typer.Option(
+        None, "--on-corrupt", help="A missing/corrupt chunk of a finished sample: fail (stop, name it; default) or "
+        "skip (ignore its labels, count and log them)."),
 ) -> None:
     """Supervised fine-tuning on a fraction of the BEV labels (from a pretrained checkpoint or scratch)."""
     _train_command("finetune", dataroot, version, out, config, gt=gt, init=init, fraction=fraction, epochs=epochs,
                    max_steps=max_steps, checkpoint_every=checkpoint_every, batch_size=batch_size, lr=lr, seed=seed,
-                   resume=resume, gpus=gpus, device=device, workers=workers)
+                   resume=resume, gpus=gpus, device=device, workers=workers, on_corrupt=on_corrupt)
 
 
 @app.command()

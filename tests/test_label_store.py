@@ -36,8 +36,9 @@ def test_create_write_read_and_stats(tmp_path) -> None:
     assert created and store.tokens == ["t0", "t1", "t2"] and store.resolution == (H, W)
     assert store.cameras == CAMERAS and store.id2label == {0: "road", 1: "lane", 2: "sky"}
     assert [store.status(t) for t in store.tokens] == ["todo"] * 3
-    codecs = [c.to_dict()["name"] for c in store._masks.metadata.codecs]
-    assert codecs == ["bytes", "bevctl_rle", "zstd"]  # masks: run-length then zstd
+    codecs = [c.to_dict() for c in store._masks.metadata.codecs]
+    assert [c["name"] for c in codecs] == ["bytes", "zstd"] and codecs[1]["configuration"]["checksum"]
+    assert store._masks.fill_value == 255  # a missing chunk reads as ignore, never as a class
     rng = np.random.default_rng(0)
     m0 = _fill(path, 0, lambda c: rng.integers(0, 3, (H, W)))
     m2 = _fill(path, 2, lambda c: np.full((H, W), 1))
@@ -148,3 +149,27 @@ def test_run_length_codec_roundtrip_and_size(tmp_path) -> None:
         png += buf.tell()
     assert sizes["rle"] < 0.5 * png and sizes["rle"] < sizes["blosc"]
     assert 225 * 400 * 6 / sizes["rle"] > 50
+
+
+def test_missing_or_corrupt_chunk_names_sample_and_camera(tmp_path) -> None:
+    from bevctl.storage.codecs import CorruptChunk
+
+    path = tmp_path / "labels.zarr"
+    store, _ = LabelStore.open_for_writing(path, _spec(), "/a")
+    for i in range(3):
+        _fill(path, i, lambda c: np.zeros((H, W)))  # class 0 everywhere: the old fill value
+    store.mark([0, 1, 2], DONE)
+    (path / "masks" / "c" / "1" / "2" / "0" / "0").unlink()  # sample t1, camera 2: deleted
+    chunk = path / "masks" / "c" / "2" / "4" / "0" / "0"  # sample t2, camera 4: one bit flipped
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    chunk.write_bytes(bytes(data))
+    reader = LabelStore.open(path)
+    assert (reader.get("t0") == 0).all()
+    with pytest.raises(CorruptChunk, match=f"sample 't1' camera {CAMERAS[2]}: missing masks chunk") as e:
+        reader.get("t1")
+    assert (e.value.token, e.value.camera) == ("t1", CAMERAS[2])
+    with pytest.raises(CorruptChunk, match=f"sample 't2' camera {CAMERAS[4]}: corrupt masks chunk"):
+        reader.get("t2")
+    with pytest.raises(BevctlError, match=f"sample 't1' camera {CAMERAS[2]}: missing masks chunk"):
+        label_stats(path)

@@ -53,6 +53,7 @@ from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
 from bevctl.storage.location import is_local as location_is_local, join
 from bevctl.storage.base import CompletionLog
+from bevctl.storage.codecs import MAX_CLASS_ID
 
 log = logging.getLogger(__name__)
 
@@ -474,8 +475,9 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
             confidence=cfg.confidence,
             cameras=cameras,
         )
-        if spec.id2label and max(spec.id2label) > 255:
-            raise BevctlError(f"labeler {spec.model_id}: class ids above 255 do not fit uint8 masks")
+        if spec.id2label and max(spec.id2label) > MAX_CLASS_ID:
+            raise BevctlError(f"labeler {spec.model_id}: class ids above {MAX_CLASS_ID} do not fit uint8 masks "
+                              f"({MAX_CLASS_ID + 1} is the store's fill value, read as ignore)")
         store, created = LabelStore.open_for_writing(cfg.out, spec, str(index.dataroot), overwrite=cfg.overwrite)
         log.info("%s store %s for %d samples", "created" if created else "resuming", cfg.out, len(tokens))
         if not created and location_is_local(cfg.out):

@@ -37,7 +37,9 @@ object store writes each chunk with one PUT, which is never seen half-written ei
 
 Chunking rule for data arrays: put whole samples in chunks (``chunks[0]`` samples per chunk)
 and assign work in units of whole chunks; with ``chunks[0] == 1`` any partition of samples
-is safe. Compression default: Blosc zstd level 5 with bitshuffle (:func:`default_compressors`).
+is safe. Compression default: Blosc zstd level 5 with bitshuffle and a crc32c checksum
+(:func:`~bevctl.storage.codecs.default_compressors`); fill values and checksums follow
+:mod:`bevctl.storage.codecs`.
 """
 
 from __future__ import annotations
@@ -54,10 +56,10 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from bevctl.errors import BevctlError
 from bevctl.storage import location
+from bevctl.storage.codecs import default_compressors, string_compressors
 
 STORE_FORMAT = 1
 ATTRS_KEY = "bevctl"
@@ -65,11 +67,6 @@ CREATING_KEY = "bevctl_creating"  # set while a store on object storage is being
 
 TODO, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {TODO: "todo", DONE: "done", FAILED: "failed"}
-
-
-def default_compressors() -> tuple[BloscCodec, ...]:
-    """Blosc zstd level 5 with bitshuffle: 66-237x on mask-like uint8 data (STACK.md)."""
-    return (BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),)
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ def _fill(group: zarr.Group, tokens: list[str], arrays: Sequence[ArraySpec]) -> 
     """Create ``tokens``, ``done`` and the data arrays of a new store in ``group``."""
     n = len(tokens)
     chunk_n = max(1, min(n, 1 << 16))
-    tok = group.create_array("tokens", shape=(n,), dtype=str, chunks=(chunk_n,))
+    tok = group.create_array("tokens", shape=(n,), dtype=str, chunks=(chunk_n,), compressors=string_compressors())
     if n:
         tok[:] = np.array(tokens, dtype=object)
     group.create_array(

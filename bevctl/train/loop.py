@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import time
@@ -50,8 +51,10 @@ from bevctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint,
 from bevctl.train.config import TrainConfig, config_diff
 from bevctl.train.tasks import make_task, to_device
 
+log = logging.getLogger(__name__)
+
 # config fields that may change on --resume without changing the result
-RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every")
+RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every", "on_corrupt")
 
 
 class TrainingDiverged(BevctlError):
@@ -436,6 +439,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     if ckpt is not None:
         set_rng_state(ckpt["rng"])  # after that draw: the RNG continues exactly where it stopped
     t_run = time.perf_counter()
+    skipped_corrupt = 0  # label frames / GT samples ignored as corrupt (on_corrupt="skip")
     try:
         with progress:
             task_id = progress.add_task(spec.mode, total=total_steps, completed=start, loss=float("nan"))
@@ -448,7 +452,11 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                 opt.zero_grad(set_to_none=True)
                 for m in range(cfg.grad_accum):
                     t0 = time.perf_counter()
-                    batch = to_device(next(it), device)
+                    raw = next(it)
+                    corrupt = raw.pop("corrupt", None)
+                    if corrupt is not None and int(corrupt.sum()):
+                        skipped_corrupt += int(corrupt.sum())  # on_corrupt="skip": labels ignored
+                    batch = to_device(raw, device)
                     times["t_data"] += time.perf_counter() - t0
                     sync = net.no_sync() if info.distributed and m < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with sync:
@@ -494,6 +502,8 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                            "samples_per_s": cfg.batch_size * cfg.grad_accum * info.world / max(times["t_step"], 1e-9)}
                     if device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if skipped_corrupt:  # this process since it started (absent when none)
+                        row["skipped_corrupt"] = skipped_corrupt
                     metrics_file.write(row)  # type: ignore[union-attr]
                     if tb is not None:
                         for k, v in row.items():
@@ -519,6 +529,9 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
 
         Console(stderr=True).print(f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s "
                                    f"-> {last_pt}")
+    if skipped_corrupt:
+        log.warning("%s: ignored the labels of %d corrupt chunk(s) (--on-corrupt skip); run bevctl verify on the "
+                    "store and rerun the job that made it", spec.mode, skipped_corrupt)
 
 
 def _loader_died(e: RuntimeError, run_dir: str, last_ckpt_step: int | None) -> BevctlError:
