@@ -225,6 +225,34 @@ def labels_show_cmd(
     print(f"wrote {path}")
 
 
+# ---- verify -----------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    store: str = typer.Argument(..., help="Pseudo-label store or GT cache." + _URL_HELP),
+    repair: bool = typer.Option(False, "--repair", help="Mark damaged samples todo, so that rerunning the command "
+                                "that made the store redoes exactly those (not while a job writes the store)."),
+    workers: int = typer.Option(8, "--workers", help="Threads reading chunks in parallel."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check every chunk of every finished sample (present, decodes, checksum) and the metadata; exit 1 if damaged."""
+    from bevctl.storage.verify import as_dict, format_report, verify_store
+
+    _check_urls(store)
+    if workers < 1:
+        raise BevctlError(f"--workers must be >= 1, got {workers}")
+    report = verify_store(store, workers=workers, repair=repair, progress=not as_json)
+    if as_json:
+        import json
+
+        print(json.dumps(as_dict(report), indent=2))
+    else:
+        print(format_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # ---- train-labeler ----------------------------------------------------------------------------
 
 

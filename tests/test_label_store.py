@@ -173,3 +173,52 @@ def test_missing_or_corrupt_chunk_names_sample_and_camera(tmp_path) -> None:
         reader.get("t2")
     with pytest.raises(BevctlError, match=f"sample 't1' camera {CAMERAS[2]}: missing masks chunk"):
         label_stats(path)
+
+
+PLAIN_READER = """
+import sys
+sys.modules["bevctl"] = None  # this interpreter cannot import bevctl: plain zarr only
+try:
+    import bevctl  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("bevctl is importable")
+import numpy as np
+import zarr
+
+group = zarr.open_consolidated(sys.argv[1], zarr_format=3)  # the job's consolidated metadata
+masks = group["masks"]
+print([c.to_dict()["name"] for c in masks.metadata.codecs], masks.fill_value)
+np.save(sys.argv[2], masks[:])
+"""
+
+
+def test_masks_open_with_plain_zarr_without_bevctl(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import zarr
+
+    from bevctl.storage.rle import RunLengthCodec
+
+    path = tmp_path / "labels.zarr"
+    store, _ = LabelStore.open_for_writing(path, _spec(), "/a")
+    rng = np.random.default_rng(2)
+    written = np.stack([_fill(path, i, lambda c: rng.integers(0, 3, (H, W))) for i in range(3)])
+    store.mark([0, 1, 2], DONE)
+    store.consolidate()
+    cmd = [sys.executable, "-I", "-c", PLAIN_READER, str(path), str(tmp_path / "out.npy")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["['bytes',", "'zstd']", "255"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), written)
+
+    # the same reader fails on masks of the old layout (bevctl's own run-length codec)
+    old = zarr.open_group(str(tmp_path / "old.zarr"), mode="w", zarr_format=3)
+    old.create_array("masks", shape=(1, 6, H, W), chunks=(1, 1, H, W), dtype="uint8", compressors=(RunLengthCodec(),))
+    with pytest.warns(UserWarning, match="Consolidated metadata"):
+        zarr.consolidate_metadata(str(tmp_path / "old.zarr"))
+    cmd[-2] = str(tmp_path / "old.zarr")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode != 0 and "No module named 'bevctl" in res.stderr, res.stderr[-2000:]  # needs bevctl

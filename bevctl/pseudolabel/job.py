@@ -21,7 +21,8 @@ Faults
     Which of its batches killed it is unknown, so each is resubmitted *alone* to an idle actor:
     a death with one batch in flight is charged to that batch, and a batch charged
     ``MAX_ATTEMPTS`` times stops the job with its images named. A killed
-    driver takes its actors with it; a rerun resumes from the DONE record and rewrites
+    driver takes its actors with it (and the local Ray cluster it started, even on SIGKILL:
+    :mod:`bevctl.pseudolabel.reaper`); a rerun resumes from the DONE record and rewrites
     everything else whole.
 Multi-node
     Actors are placed with Ray's ``SPREAD`` strategy, so ``--address`` of a cluster puts them on
@@ -53,6 +54,7 @@ from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
 from bevctl.storage.location import is_local as location_is_local, join
 from bevctl.storage.base import CompletionLog
+from bevctl.pseudolabel.reaper import start_reaper, stop_reaper
 from bevctl.storage.codecs import MAX_CLASS_ID
 
 log = logging.getLogger(__name__)
@@ -231,6 +233,11 @@ class LabelWorker:
         t3 = time.perf_counter()
         return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2,
                 "node": self.node}
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _ray_node_id() -> str:
@@ -461,7 +468,14 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
             del probe[key]
         LabelStore.precheck(cfg.out, probe, tokens)
 
-    pool: _RayPool | _InlinePool = _InlinePool(cfg) if (cfg.workers == 0 and not cfg.gpus) else _RayPool(cfg)
+    inline = cfg.workers == 0 and not cfg.gpus
+    # a local Ray cluster that this process starts goes down with it, even on SIGKILL (reaper.py)
+    reaper = start_reaper() if not inline and not cfg.address and not _ray_running() else None
+    try:
+        pool: _RayPool | _InlinePool = _InlinePool(cfg) if inline else _RayPool(cfg)
+    except BaseException:
+        stop_reaper(reaper)
+        raise
     try:
         info = pool.info()
         spec = LabelStoreSpec(
@@ -485,6 +499,7 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
         return _drive(cfg, pool, store, image_paths, out_hw, len(cameras))
     finally:
         pool.close()
+        stop_reaper(reaper)
 
 
 def _drive(
@@ -660,6 +675,7 @@ def _drive(
     if counts["failed"] == 0 and counts["todo"] == 0:
         run["completed"] = run["updated"]
     store.set_run_info(run)
+    store.consolidate()  # consolidated metadata for other Zarr readers (xarray, dask)
     return summary
 
 

@@ -208,7 +208,11 @@ class SampleStore:
         self.info: dict[str, Any] = info
         self.kind: str = info.get("kind", "?")
         self.metadata: dict[str, Any] = info.get("metadata", {})
-        self.tokens: list[str] = [str(t) for t in group["tokens"][:]] if "tokens" in group else []
+        try:
+            self.tokens: list[str] = [str(t) for t in group["tokens"][:]] if "tokens" in group else []
+        except Exception as e:  # noqa: BLE001 - a torn tokens chunk or zarr.json raises many kinds
+            raise BevctlError(f"{path}: the 'tokens' array does not read ({type(e).__name__}); run bevctl verify "
+                              f"{path}") from None
         self._index = {t: i for i, t in enumerate(self.tokens)}
         if len(self._index) != len(self.tokens):
             raise BevctlError(f"{path}: duplicate sample tokens in the store")
@@ -380,7 +384,11 @@ class SampleStore:
 
     def status(self) -> np.ndarray:
         """uint8 (N,) completion record: TODO 0, DONE 1, FAILED 2 (read fresh each call)."""
-        return np.asarray(self.array("done")[:], dtype=np.uint8)
+        try:
+            return np.asarray(self.array("done")[:], dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - a torn done chunk or zarr.json raises many kinds
+            raise BevctlError(f"{self.path}: the 'done' record does not read ({type(e).__name__}); run bevctl "
+                              f"verify {self.path}") from None
 
     def is_done(self, token: str) -> bool:
         return bool(self.array("done")[self.index_of(token)] == DONE)
@@ -392,6 +400,17 @@ class SampleStore:
     def counts(self) -> dict[str, int]:
         status = self.status()
         return {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata (every array's ``zarr.json`` copied into the group's) so
+        that readers (xarray, dask) open the store with one GET. Driver only, at the end of a
+        job; array metadata never changes after creation, so it cannot go stale."""
+        import warnings
+
+        with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" (zarr-python reads it)
+            warnings.simplefilter("ignore")
+            with location.storage_errors(self.path):
+                zarr.consolidate_metadata(location.zarr_store(self.path), zarr_format=3)
 
     def mark(self, indices: Sequence[int] | np.ndarray, status: int) -> None:
         """Record ``status`` for ``indices``. Driver only, and DONE only after the worker

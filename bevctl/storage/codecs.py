@@ -32,7 +32,7 @@ from bevctl.errors import BevctlError
 IGNORE = 255  # fill value of class-id arrays; read as "ignore" by every loss and metric
 MAX_CLASS_ID = IGNORE - 1
 MASK_ZSTD_LEVEL = 15  # bench/results/store_codecs.md
-WRITE_CONFIG: dict[str, Any] = {"write_empty_chunks": True}  # zarr.open_array(..., config=WRITE_CONFIG)
+WRITE_CONFIG: dict[str, Any] = {"write_empty_chunks": True}  # writers: zarr.open_array(...).with_config(WRITE_CONFIG)
 
 
 def mask_compressors(level: int = MASK_ZSTD_LEVEL) -> tuple[ZstdCodec]:

@@ -213,7 +213,7 @@ def _init_worker(dataroot: str, grid: BEVGrid, class_set: BEVClassSet, out: str)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _W.clear()
     _W.update(dataroot=dataroot, grid=grid, class_set=class_set,
-              bev=zarr.open_array(zarr_store(join(out, "bev")), mode="r+", zarr_format=3, config=WRITE_CONFIG),
+              bev=zarr.open_array(zarr_store(join(out, "bev")), mode="r+", zarr_format=3).with_config(WRITE_CONFIG),
               out=out)
 
 
@@ -382,6 +382,7 @@ def prepare_gt(
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
+    store.consolidate()  # consolidated metadata for other Zarr readers (xarray, dask)
     if summary.done_now:
         summary.class_fractions = class_fractions(store, class_set, sample_limit=200)
     return summary

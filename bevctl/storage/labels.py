@@ -263,12 +263,15 @@ class LabelStore:
     def set_run_info(self, info: Mapping[str, Any]) -> None:
         self._store.group.attrs[RUN_KEY] = dict(info)
 
+    def consolidate(self) -> None:
+        self._store.consolidate()
+
 
 def open_mask_arrays(path: str | Path, confidence: bool) -> tuple[zarr.Array, zarr.Array | None]:
     """Workers: the masks (and confidence) arrays, for whole-chunk writes ``masks[i, c] = m``."""
     def open_one(name: str) -> zarr.Array:
-        return zarr.open_array(location.zarr_store(location.join(path, name)), mode="r+", zarr_format=3,
-                               config=WRITE_CONFIG)
+        array = zarr.open_array(location.zarr_store(location.join(path, name)), mode="r+", zarr_format=3)
+        return array.with_config(WRITE_CONFIG)  # every chunk written, even one equal to the fill value
 
     return open_one("masks"), (open_one("confidence") if confidence else None)
 
