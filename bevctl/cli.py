@@ -234,6 +234,8 @@ def verify(
     repair: bool = typer.Option(False, "--repair", help="Mark damaged samples todo, so that rerunning the command "
                                 "that made the store redoes exactly those (not while a job writes the store)."),
     workers: int = typer.Option(8, "--workers", help="Threads reading chunks in parallel."),
+    dataroot: Optional[Path] = typer.Option(None, "--dataroot", help="Also check that the store's samples are this "
+                                            "dataset's (the version and splits the store records)."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Check every chunk of every finished sample (present, decodes, checksum) and the metadata; exit 1 if damaged."""
@@ -242,7 +244,8 @@ def verify(
     _check_urls(store)
     if workers < 1:
         raise BevctlError(f"--workers must be >= 1, got {workers}")
-    report = verify_store(store, workers=workers, repair=repair, progress=not as_json)
+    report = verify_store(store, workers=workers, repair=repair, progress=not as_json,
+                          dataroot=str(dataroot) if dataroot else None)
     if as_json:
         import json
 

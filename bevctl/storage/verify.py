@@ -6,7 +6,8 @@ What is checked (local path or URL):
    ``done`` and every data array open, with the sample count and shapes the metadata says; the
    token list matches its recorded digest (``tokens_sha256``) and has no duplicates; each
    array's own ``zarr.json`` parses and equals its copy in the consolidated metadata (``--repair``
-   rewrites it from there);
+   rewrites it from there); with a dataroot, the tokens are the dataset's samples of the
+   version and splits the store records, in the job's order;
 2. every sample marked DONE: every chunk of every data array (``masks`` and ``confidence``, or
    ``bev``) exists, decodes (zstd / crc32c checksums: a flipped bit, a truncated or zero-filled
    chunk fails) and, for class-id arrays with fill value 255, is not all fill.
@@ -135,6 +136,32 @@ def _open(path: str, report: VerifyReport) -> tuple[SampleStore, list[zarr.Array
     return store, arrays
 
 
+def dataset_tokens(kind: str, metadata: dict[str, Any], dataroot: str) -> tuple[list[str], str]:
+    """(the sample tokens the job that made this store would use, a description) from the
+    dataset at ``dataroot``, with the version and splits the store records."""
+    from bevctl.data.nuscenes import load_index
+
+    if kind == "pseudolabels":
+        version, splits = str(metadata.get("dataset_version")), list(metadata.get("splits") or [])
+    else:
+        dataset = metadata.get("dataset") or {}
+        version, splits = str(dataset.get("version")), list(dataset.get("splits") or [])
+    index = load_index(dataroot, version, check_images=False)
+    tokens = list(dict.fromkeys(s.token for split in splits for s in index.samples_in(split)))
+    return tokens, f"{dataroot}/{version} splits {','.join(splits)}"
+
+
+def _check_dataset(store: SampleStore, kind: str, dataroot: str, report: VerifyReport) -> None:
+    tokens, where = dataset_tokens(kind, store.metadata, dataroot)
+    if tokens == store.tokens:
+        return
+    if len(tokens) != len(store.tokens):
+        report.metadata_errors.append(f"the store holds {len(store.tokens)} samples, {where} has {len(tokens)}")
+        return
+    i = next(k for k, (a, b) in enumerate(zip(store.tokens, tokens)) if a != b)
+    report.metadata_errors.append(f"sample {i} is '{store.tokens[i]}' in the store, '{tokens[i]}' in {where}")
+
+
 def _check_array_files(path: str, store: SampleStore, report: VerifyReport) -> None:
     """Each array's own ``zarr.json``: zarr-python reads the consolidated copy in the group's
     ``zarr.json`` (written at the end of a job), other readers the array's own file, so a
@@ -201,8 +228,10 @@ def _check_sample(path: str, arrays: list[zarr.Array], i: int, cameras: list[str
     return problems, n
 
 
-def verify_store(path: str, workers: int = 8, repair: bool = False, progress: bool = True) -> VerifyReport:
-    """Check ``path`` (module docstring); with ``repair`` mark damaged samples TODO."""
+def verify_store(path: str, workers: int = 8, repair: bool = False, progress: bool = True,
+                 dataroot: str | None = None) -> VerifyReport:
+    """Check ``path`` (module docstring); with ``repair`` mark damaged samples TODO. With
+    ``dataroot``, the token list must also be the dataset's (same version and splits)."""
     path = str(path)
     location.check(path)
     report = VerifyReport(path=path)
@@ -214,6 +243,11 @@ def verify_store(path: str, workers: int = 8, repair: bool = False, progress: bo
         report.seconds = time.perf_counter() - start
         return report
     store, arrays = opened
+    if dataroot is not None:
+        _check_dataset(store, report.kind, dataroot, report)
+        if report.metadata_errors:
+            report.seconds = time.perf_counter() - start
+            return report
     cameras = None
     if report.kind == "pseudolabels":
         cameras = [str(c) for c in store.metadata.get("cameras", [])]

@@ -139,3 +139,16 @@ def test_on_corrupt_must_be_fail_or_skip(fault_world, ref_labels, bevctl_cli, tm
                      "--out", tmp_path / "run")
     res.assert_refused("--on-corrupt", "fail|skip")
     assert not (tmp_path / "run").exists()
+
+
+def test_verify_checks_the_tokens_against_the_dataset(fault_world, ref_labels, ref_gt, bevctl_cli, tmp_path) -> None:
+    from bevctl.data.synth import SynthConfig, write_synthetic_dataset
+
+    for store in (ref_labels, ref_gt):
+        ok = bevctl_cli("verify", store, "--dataroot", fault_world.root)
+        assert ok.code == 0 and "all good" in ok.out, ok.text
+    other = tmp_path / "other"  # another world: same version name, other tokens
+    write_synthetic_dataset(SynthConfig(scenes=1, samples_per_scene=2, image_hw=(32, 56), seed=7, workers=1), other,
+                            progress=False)
+    bad = bevctl_cli("verify", ref_labels, "--dataroot", other)
+    assert bad.code == 1 and "metadata damaged" in bad.out and "holds 8 samples" in bad.out, bad.text
