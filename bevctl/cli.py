@@ -162,7 +162,7 @@ def pseudolabel(
     gpus: int = typer.Option(0, "--gpus", help="Labeler actors with one GPU each."),
     workers: int = typer.Option(1, "--workers", help="CPU labeler actors (ignored with --gpus); 0 = no Ray, in process."),
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (default: start a local one)."),
-    batch_size: int = typer.Option(6, "--batch-size", help="Images per model call."),
+    batch_size: int = typer.Option(6, "--batch-size", help="Images per model call (rounded up to whole samples)."),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
     resolution: Optional[str] = typer.Option(None, "--resolution", help="Stored mask size HxW (default: the image size)."),
     confidence: bool = typer.Option(False, "--confidence", help="Also store per-pixel confidence (uint8)."),

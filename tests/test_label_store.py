@@ -151,28 +151,44 @@ def test_run_length_codec_roundtrip_and_size(tmp_path) -> None:
     assert 225 * 400 * 6 / sizes["rle"] > 50
 
 
-def test_missing_or_corrupt_chunk_names_sample_and_camera(tmp_path) -> None:
+def test_missing_or_corrupt_chunk_names_the_sample(tmp_path) -> None:
     from bevctl.storage.codecs import CorruptChunk
 
     path = tmp_path / "labels.zarr"
     store, _ = LabelStore.open_for_writing(path, _spec(), "/a")
+    assert store._masks.chunks == (1, 6, H, W)  # one object per sample
     for i in range(3):
         _fill(path, i, lambda c: np.zeros((H, W)))  # class 0 everywhere: the old fill value
     store.mark([0, 1, 2], DONE)
-    (path / "masks" / "c" / "1" / "2" / "0" / "0").unlink()  # sample t1, camera 2: deleted
-    chunk = path / "masks" / "c" / "2" / "4" / "0" / "0"  # sample t2, camera 4: one bit flipped
+    (path / "masks" / "c" / "1" / "0" / "0" / "0").unlink()  # sample t1: deleted
+    chunk = path / "masks" / "c" / "2" / "0" / "0" / "0"  # sample t2: one bit flipped
     data = bytearray(chunk.read_bytes())
     data[len(data) // 2] ^= 0x04
     chunk.write_bytes(bytes(data))
     reader = LabelStore.open(path)
     assert (reader.get("t0") == 0).all()
-    with pytest.raises(CorruptChunk, match=f"sample 't1' camera {CAMERAS[2]}: missing masks chunk") as e:
+    with pytest.raises(CorruptChunk, match="sample 't1': missing masks chunk") as e:
         reader.get("t1")
-    assert (e.value.token, e.value.camera) == ("t1", CAMERAS[2])
-    with pytest.raises(CorruptChunk, match=f"sample 't2' camera {CAMERAS[4]}: corrupt masks chunk"):
+    assert (e.value.token, e.value.camera) == ("t1", None)
+    with pytest.raises(CorruptChunk, match="sample 't2': corrupt masks chunk"):
         reader.get("t2")
-    with pytest.raises(BevctlError, match=f"sample 't1' camera {CAMERAS[2]}: missing masks chunk"):
+    with pytest.raises(BevctlError, match="sample 't1': missing masks chunk"):
         label_stats(path)
+
+
+def test_old_layout_chunk_per_camera_names_the_camera(tmp_path) -> None:
+    """Stores of the old layout (a chunk per (sample, camera)) still open; damage names the camera."""
+    import zarr
+
+    from bevctl.storage.codecs import CorruptChunk, IGNORE, mask_compressors, read_sample
+
+    arr = zarr.create_array(str(tmp_path / "m.zarr"), shape=(2, 6, H, W), chunks=(1, 1, H, W), dtype="uint8",
+                            fill_value=IGNORE, compressors=mask_compressors())
+    arr[:] = 1
+    (tmp_path / "m.zarr" / "c" / "1" / "2" / "0" / "0").unlink()
+    assert (read_sample(arr, 0, "s", "t0", CAMERAS) == 1).all()
+    with pytest.raises(CorruptChunk, match=f"sample 't1' camera {CAMERAS[2]}: missing"):
+        read_sample(arr, 1, "s", "t1", CAMERAS)
 
 
 PLAIN_READER = """

@@ -221,14 +221,20 @@ class LabelWorker:
                 model_s = time.perf_counter() - t_in
             _check_output(lab, labels, conf, (len(inputs), *out_hw), confidence)
         t2 = time.perf_counter()
+        rows: dict[int, dict[int, int]] = {}  # sample -> camera -> row of `labels`
         for k, (i, c) in enumerate(good):
+            rows.setdefault(i, {})[c] = k
+        for i, cams in rows.items():
+            if len(cams) < masks.shape[1]:
+                continue  # a camera could not be read: the sample is FAILED, nothing is written
+            order = [cams[c] for c in range(masks.shape[1])]
             try:
-                masks[i, c] = labels[k]  # one whole (sample, camera) chunk
+                masks[i] = labels[order]  # the whole sample: one chunk (1, 6, H, W)
                 if conf_arr is not None:
-                    conf_arr[i, c] = conf[k]
+                    conf_arr[i] = conf[order]
             except OSError as e:
                 if is_disk_full(e):
-                    raise disk_full_error(f"{store_path} (sample #{i}, camera {c})") from None
+                    raise disk_full_error(f"{store_path} (sample #{i})") from None
                 raise
         t3 = time.perf_counter()
         return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2,
@@ -405,14 +411,15 @@ class _Batch:
 
 
 def _batches(todo: np.ndarray, image_paths: list[list[str]], size: int) -> Iterator[_Batch]:
-    """Lazily: the images of the samples in ``todo``, in store order, ``size`` at a time."""
+    """Lazily: the images of the samples in ``todo``, in store order, whole samples at a time
+    and at least ``size`` images per batch (a sample's masks are one chunk, written whole by
+    the one actor that labels all its cameras)."""
     buf: list[Item] = []
     for i in todo:
-        for c, path in enumerate(image_paths[int(i)]):
-            buf.append((int(i), c, path))
-            if len(buf) == size:
-                yield _Batch(buf)
-                buf = []
+        buf.extend((int(i), c, path) for c, path in enumerate(image_paths[int(i)]))
+        if len(buf) >= size:
+            yield _Batch(buf)
+            buf = []
     if buf:
         yield _Batch(buf)
 

@@ -78,6 +78,8 @@ def read_sample(array: zarr.Array, i: int, store_path: Any, token: str,
     :class:`CorruptChunk` naming the store, sample, camera (when ``cameras`` names axis 1) and
     array. For predict, evaluate, training and ``labels stats``."""
     name = str(array.name).strip("/") or "array"
+    if cameras is not None and array.ndim > 1 and array.chunks[1] != 1:
+        cameras = None  # one chunk holds every camera of the sample: it is whole or damaged as one
     try:
         data = np.asarray(array[i])
     except Exception as e:  # noqa: BLE001 - codecs and stores raise many kinds on torn chunks

@@ -212,7 +212,8 @@ def _check_sample(path: str, arrays: list[zarr.Array], i: int, cameras: list[str
         checked = is_checked(arr)
         for coords in _chunk_coords(arr, i):
             n += 1
-            where = f"{name}" + (f" camera {cameras[coords[1]]}" if cameras and arr.ndim == 4 else "")
+            per_camera = cameras and arr.ndim == 4 and arr.chunks[1] == 1  # the old layout: a chunk per camera
+            where = f"{name}" + (f" camera {cameras[coords[1]]}" if per_camera else "")
             key = arr.metadata.encode_chunk_key(coords)
             if not location.is_file(location.join(path, name, *key.split("/"))):
                 problems.append(f"{where}: chunk {key} missing")

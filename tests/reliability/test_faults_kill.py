@@ -40,8 +40,8 @@ GT_DELAY = {"BEVCTL_TEST_GT_SAMPLE_DELAY": "0.2"}  # prepare-gt: ~1.6 s of work 
 
 # (command, progress range of the kill points, seed): three points each
 POINTS = {
-    "pseudolabel": kill_points(61, 1, 6 * N_SAMPLES - 8, 3),
-    "pseudolabel-ray": kill_points(65, 1, 6 * N_SAMPLES - 8, 2),  # --workers 1: a Ray actor
+    "pseudolabel": kill_points(61, 1, N_SAMPLES - 2, 3),  # mask chunks = samples written
+    "pseudolabel-ray": kill_points(65, 1, N_SAMPLES - 2, 2),  # --workers 1: a Ray actor
     "prepare-gt": kill_points(62, 1, N_SAMPLES - 1, 3),
     "pretrain": kill_points(63, 1, TRAIN_STEPS - 1, 3),
     "finetune": kill_points(64, 1, TRAIN_STEPS - 1, 3),

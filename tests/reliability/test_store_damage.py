@@ -69,15 +69,14 @@ def test_damaged_chunk_is_found_refused_skipped_and_repaired(kind: str, how: str
     ref = ref_labels if kind == "labels" else ref_gt
     store = _copy(ref, tmp_path)
     token, i = _train_token(w, store, "pseudolabels" if kind == "labels" else "bev_gt")
-    if kind == "labels":  # camera 3 of the sample: CAM_BACK_LEFT in the store's camera order
-        chunk, where = store / "masks" / "c" / str(i) / "3" / "0" / "0", "camera CAM_BACK_LEFT"
-    else:
-        chunk, where = store / "bev" / "c" / str(i) / "0" / "0", ""
+    array = "masks" if kind == "labels" else "bev"
+    chunk = store / array / "c" / str(i) / "0" / "0" / ("0" if kind == "labels" else "")  # the sample's one object
+    where = f"{array} chunk"
     damage(chunk, how)
 
     found = bevctl_cli("verify", store)
     assert found.code == 1, found.text
-    assert f"damaged: sample {token}: " in found.out and where in found.out, found.out
+    assert f"damaged: sample {token}: {array}: chunk c/{i}/0/0" in found.out, found.out
     assert found.out.count("damaged: sample") == 1, found.out  # only the damaged one
 
     if how in ("delete", "bit-flip"):  # training: refused by default, skipped when asked
