@@ -10,8 +10,8 @@ Driver (this process)
     its images written, FAILED if one of them could not be read (``on_error="skip"``).
 Actors (:class:`LabelWorker`)
     are threaded (``max_concurrency = inflight``): each call decodes and preprocesses its batch
-    in its own thread, then takes the model lock for ``predict``, then writes its images as
-    whole ``(sample, camera)`` chunks. So the next batches decode while the model runs and the
+    in its own thread, then takes the model lock for ``predict``, then writes each sample as
+    one whole ``(1, 6, H, W)`` chunk (batches hold whole samples). So the next batches decode while the model runs and the
     model never waits on JPEG decoding. Nothing but small reports travels back to the driver.
 Faults
     An actor that dies (``RayActorError``: its process crashed or its node was lost) is
