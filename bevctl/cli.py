@@ -195,7 +195,7 @@ def pseudolabel(
     gpus: int = typer.Option(0, "--gpus", help="Labeler actors with one GPU each."),
     workers: int = typer.Option(1, "--workers", help="CPU labeler actors (ignored with --gpus); 0 = no Ray, in process."),
     address: Optional[str] = typer.Option(None, "--address", help="Join this Ray cluster (default: start a local one)."),
-    batch_size: int = typer.Option(6, "--batch-size", help="Images per model call."),
+    batch_size: int = typer.Option(6, "--batch-size", help="Images per model call (rounded up to whole samples)."),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
     resolution: Optional[str] = typer.Option(None, "--resolution", help="Stored mask size HxW (default: the image size)."),
     confidence: bool = typer.Option(False, "--confidence/--no-confidence", help="Also store per-pixel confidence (uint8)."),
@@ -258,6 +258,37 @@ def labels_show_cmd(
     print(f"wrote {path}")
 
 
+# ---- verify -----------------------------------------------------------------------------------
+
+
+@app.command()
+def verify(
+    store: str = typer.Argument(..., help="Pseudo-label store or GT cache." + _URL_HELP),
+    repair: bool = typer.Option(False, "--repair", help="Mark damaged samples todo, so that rerunning the command "
+                                "that made the store redoes exactly those (not while a job writes the store)."),
+    workers: int = typer.Option(8, "--workers", help="Threads reading chunks in parallel."),
+    dataroot: Optional[Path] = typer.Option(None, "--dataroot", help="Also check that the store's samples are this "
+                                            "dataset's (the version and splits the store records)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Check every chunk of every finished sample (present, decodes, checksum) and the metadata; exit 1 if damaged."""
+    from bevctl.storage.verify import as_dict, format_report, verify_store
+
+    _check_urls(store)
+    if workers < 1:
+        raise BevctlError(f"--workers must be >= 1, got {workers}")
+    report = verify_store(store, workers=workers, repair=repair, progress=not as_json,
+                          dataroot=str(dataroot) if dataroot else None)
+    if as_json:
+        import json
+
+        print(json.dumps(as_dict(report), indent=2))
+    else:
+        print(format_report(report))
+    if not report.ok:
+        raise typer.Exit(1)
+
+
 # ---- train-labeler ----------------------------------------------------------------------------
 
 
@@ -316,7 +347,8 @@ def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Op
                    labels: Optional[str] = None, gt: Optional[str] = None, init: Optional[str] = None,
                    fraction: Optional[float] = None, epochs: Optional[int], max_steps: Optional[int],
                    checkpoint_every: Optional[int], batch_size: Optional[int], lr: Optional[float],
-                   seed: Optional[int], resume: bool, gpus: int, device: str, workers: Optional[int]) -> None:
+                   seed: Optional[int], resume: bool, gpus: int, device: str, workers: Optional[int],
+                   on_corrupt: Optional[str] = None) -> None:
     from bevctl.storage.location import absolute
     from bevctl.train.build import resolve
     from bevctl.train.config import load_train_config
@@ -332,7 +364,7 @@ def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Op
         arch = {k: saved[k] for k in ("model", "grid", "class_set", "image_hw") if k in saved}
     cfg = load_train_config(config or "demo", epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every,
                             batch_size=batch_size, lr=lr, seed=seed, fraction=fraction, num_workers=workers,
-                            **arch)
+                            on_corrupt=on_corrupt, **arch)
     resolve(cfg)  # an unknown model preset or a bad model file fails before any data is read
     if gpus < 1:
         raise BevctlError(f"--gpus must be >= 1, got {gpus}")
@@ -362,11 +394,14 @@ def pretrain(
     gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes." + _from_preset("num_workers")),
+    on_corrupt: Optional[str] = typer.Option(
+        None, "--on-corrupt", help="A missing/corrupt chunk of a finished sample: fail (stop, name it; default) or "
+        "skip (ignore its labels, count and log them)."),
 ) -> None:
     """Self-supervised pretraining: BEV logits reprojected into the cameras vs pseudo-labels (+ temporal)."""
     _train_command("pretrain", dataroot, version, out, config, labels=labels, epochs=epochs, max_steps=max_steps,
                    checkpoint_every=checkpoint_every, batch_size=batch_size, lr=lr, seed=seed, resume=resume,
-                   gpus=gpus, device=device, workers=workers)
+                   gpus=gpus, device=device, workers=workers, on_corrupt=on_corrupt)
 
 
 @app.command()
@@ -392,11 +427,14 @@ def finetune(
     gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
     workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes." + _from_preset("num_workers")),
+    on_corrupt: Optional[str] = typer.Option(
+        None, "--on-corrupt", help="A missing/corrupt chunk of a finished sample: fail (stop, name it; default) or "
+        "skip (ignore its labels, count and log them)."),
 ) -> None:
     """Supervised fine-tuning on a fraction of the BEV labels (from a pretrained checkpoint or scratch)."""
     _train_command("finetune", dataroot, version, out, config, gt=gt, init=init, fraction=fraction, epochs=epochs,
                    max_steps=max_steps, checkpoint_every=checkpoint_every, batch_size=batch_size, lr=lr, seed=seed,
-                   resume=resume, gpus=gpus, device=device, workers=workers)
+                   resume=resume, gpus=gpus, device=device, workers=workers, on_corrupt=on_corrupt)
 
 
 @app.command()

@@ -36,8 +36,9 @@ def test_create_write_read_and_stats(tmp_path) -> None:
     assert created and store.tokens == ["t0", "t1", "t2"] and store.resolution == (H, W)
     assert store.cameras == CAMERAS and store.id2label == {0: "road", 1: "lane", 2: "sky"}
     assert [store.status(t) for t in store.tokens] == ["todo"] * 3
-    codecs = [c.to_dict()["name"] for c in store._masks.metadata.codecs]
-    assert codecs == ["bytes", "bevctl_rle", "zstd"]  # masks: run-length then zstd
+    codecs = [c.to_dict() for c in store._masks.metadata.codecs]
+    assert [c["name"] for c in codecs] == ["bytes", "zstd"] and codecs[1]["configuration"]["checksum"]
+    assert store._masks.fill_value == 255  # a missing chunk reads as ignore, never as a class
     rng = np.random.default_rng(0)
     m0 = _fill(path, 0, lambda c: rng.integers(0, 3, (H, W)))
     m2 = _fill(path, 2, lambda c: np.full((H, W), 1))
@@ -148,3 +149,92 @@ def test_run_length_codec_roundtrip_and_size(tmp_path) -> None:
         png += buf.tell()
     assert sizes["rle"] < 0.5 * png and sizes["rle"] < sizes["blosc"]
     assert 225 * 400 * 6 / sizes["rle"] > 50
+
+
+def test_missing_or_corrupt_chunk_names_the_sample(tmp_path) -> None:
+    from bevctl.storage.codecs import CorruptChunk
+
+    path = tmp_path / "labels.zarr"
+    store, _ = LabelStore.open_for_writing(path, _spec(), "/a")
+    assert store._masks.chunks == (1, 6, H, W)  # one object per sample
+    for i in range(3):
+        _fill(path, i, lambda c: np.zeros((H, W)))  # class 0 everywhere: the old fill value
+    store.mark([0, 1, 2], DONE)
+    (path / "masks" / "c" / "1" / "0" / "0" / "0").unlink()  # sample t1: deleted
+    chunk = path / "masks" / "c" / "2" / "0" / "0" / "0"  # sample t2: one bit flipped
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x04
+    chunk.write_bytes(bytes(data))
+    reader = LabelStore.open(path)
+    assert (reader.get("t0") == 0).all()
+    with pytest.raises(CorruptChunk, match="sample 't1': missing masks chunk") as e:
+        reader.get("t1")
+    assert (e.value.token, e.value.camera) == ("t1", None)
+    with pytest.raises(CorruptChunk, match="sample 't2': corrupt masks chunk"):
+        reader.get("t2")
+    with pytest.raises(BevctlError, match="sample 't1': missing masks chunk"):
+        label_stats(path)
+
+
+def test_old_layout_chunk_per_camera_names_the_camera(tmp_path) -> None:
+    """Stores of the old layout (a chunk per (sample, camera)) still open; damage names the camera."""
+    import zarr
+
+    from bevctl.storage.codecs import CorruptChunk, IGNORE, mask_compressors, read_sample
+
+    arr = zarr.create_array(str(tmp_path / "m.zarr"), shape=(2, 6, H, W), chunks=(1, 1, H, W), dtype="uint8",
+                            fill_value=IGNORE, compressors=mask_compressors())
+    arr[:] = 1
+    (tmp_path / "m.zarr" / "c" / "1" / "2" / "0" / "0").unlink()
+    assert (read_sample(arr, 0, "s", "t0", CAMERAS) == 1).all()
+    with pytest.raises(CorruptChunk, match=f"sample 't1' camera {CAMERAS[2]}: missing"):
+        read_sample(arr, 1, "s", "t1", CAMERAS)
+
+
+PLAIN_READER = """
+import sys
+sys.modules["bevctl"] = None  # this interpreter cannot import bevctl: plain zarr only
+try:
+    import bevctl  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("bevctl is importable")
+import numpy as np
+import zarr
+
+group = zarr.open_consolidated(sys.argv[1], zarr_format=3)  # the job's consolidated metadata
+masks = group["masks"]
+print([c.to_dict()["name"] for c in masks.metadata.codecs], masks.fill_value)
+np.save(sys.argv[2], masks[:])
+"""
+
+
+def test_masks_open_with_plain_zarr_without_bevctl(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    import zarr
+
+    from bevctl.storage.rle import RunLengthCodec
+
+    path = tmp_path / "labels.zarr"
+    store, _ = LabelStore.open_for_writing(path, _spec(), "/a")
+    rng = np.random.default_rng(2)
+    written = np.stack([_fill(path, i, lambda c: rng.integers(0, 3, (H, W))) for i in range(3)])
+    store.mark([0, 1, 2], DONE)
+    store.consolidate()
+    cmd = [sys.executable, "-I", "-c", PLAIN_READER, str(path), str(tmp_path / "out.npy")]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["['bytes',", "'zstd']", "255"]
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), written)
+
+    # the same reader fails on masks of the old layout (bevctl's own run-length codec)
+    old = zarr.open_group(str(tmp_path / "old.zarr"), mode="w", zarr_format=3)
+    old.create_array("masks", shape=(1, 6, H, W), chunks=(1, 1, H, W), dtype="uint8", compressors=(RunLengthCodec(),))
+    with pytest.warns(UserWarning, match="Consolidated metadata"):
+        zarr.consolidate_metadata(str(tmp_path / "old.zarr"))
+    cmd[-2] = str(tmp_path / "old.zarr")
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode != 0 and "No module named 'bevctl" in res.stderr, res.stderr[-2000:]  # needs bevctl

@@ -354,3 +354,30 @@ def test_kill_9_of_a_ray_job_writing_to_s3_then_rerun_is_byte_identical(
     assert res.returncode == 0, res.stderr
     gt = GTStore.open(gt_url)
     assert gt.done_tokens == gt.tokens and len(gt) == n
+
+
+def test_verify_and_repair_a_label_store_on_s3(s3: str) -> None:
+    from bevctl.storage.labels import DONE, LabelStore, LabelStoreSpec, open_mask_arrays
+    from bevctl.storage.verify import format_report, verify_store
+
+    url = f"{s3}/verify/labels.zarr"
+    spec = LabelStoreSpec(model_id="m", weights_hash="h", id2label={0: "road", 1: "lane"}, resolution=(8, 12),
+                          dataset_version="v", splits=("train",), tokens=("t0", "t1", "t2"), confidence=True)
+    store, _ = LabelStore.open_for_writing(url, spec, "/data")
+    masks, conf = open_mask_arrays(url, confidence=True)
+    for i in range(3):
+        masks[i] = np.full((6, 8, 12), i % 2, np.uint8)
+        conf[i] = np.zeros((6, 8, 12), np.uint8)  # equal to its fill value: still written
+    store.mark([0, 1, 2], DONE)
+    store.consolidate()
+    report = verify_store(url, workers=4, progress=False)
+    assert report.ok and report.chunks_checked == 3 * 2, format_report(report)  # one object per sample and array
+
+    fs, path = location.remote(url)
+    fs.rm_file(f"{path}/masks/c/1/0/0/0")
+    fs.pipe_file(f"{path}/confidence/c/2/0/0/0", b"\0" * 16)
+    report = verify_store(url, workers=4, repair=True, progress=False)
+    assert sorted(report.damaged) == ["t1", "t2"], format_report(report)
+    assert "masks: chunk c/1/0/0/0 missing" in report.damaged["t1"][0]
+    assert "confidence: chunk c/2/0/0/0 corrupt" in report.damaged["t2"][0]
+    assert LabelStore.open(url).statuses().tolist() == [DONE, 0, 0]

@@ -241,8 +241,9 @@ def test_labeler_breaking_its_contract_is_one_clear_error(tiny_synth, tmp_path, 
     real = SynthGTLabeler.predict
     monkeypatch.setattr(SynthGTLabeler, "predict",
                         lambda self, b, hw, c: (real(self, b, hw, c)[0].astype(np.int64), None))
-    with pytest.raises(BevctlError, match=r"labeler synth-gt: predict returned labels int64\(4, 45, 80\), "
-                                          r"expected uint8\(4, 45, 80\)"):
+    # batch size 4 rounds up to one whole sample: 6 images
+    with pytest.raises(BevctlError, match=r"labeler synth-gt: predict returned labels int64\(6, 45, 80\), "
+                                          r"expected uint8\(6, 45, 80\)"):
         run_pseudolabel(_cfg(root, version, tmp_path / "l.zarr", resolution=(45, 80)))
 
 

@@ -10,8 +10,8 @@ Driver (this process)
     its images written, FAILED if one of them could not be read (``on_error="skip"``).
 Actors (:class:`LabelWorker`)
     are threaded (``max_concurrency = inflight``): each call decodes and preprocesses its batch
-    in its own thread, then takes the model lock for ``predict``, then writes its images as
-    whole ``(sample, camera)`` chunks. So the next batches decode while the model runs and the
+    in its own thread, then takes the model lock for ``predict``, then writes each sample as
+    one whole ``(1, 6, H, W)`` chunk (batches hold whole samples). So the next batches decode while the model runs and the
     model never waits on JPEG decoding. Nothing but small reports travels back to the driver.
 Faults
     An actor that dies (``RayActorError``: its process crashed or its node was lost) is
@@ -21,7 +21,8 @@ Faults
     Which of its batches killed it is unknown, so each is resubmitted *alone* to an idle actor:
     a death with one batch in flight is charged to that batch, and a batch charged
     ``MAX_ATTEMPTS`` times stops the job with its images named. A killed
-    driver takes its actors with it; a rerun resumes from the DONE record and rewrites
+    driver takes its actors with it (and the local Ray cluster it started, even on SIGKILL:
+    :mod:`bevctl.pseudolabel.reaper`); a rerun resumes from the DONE record and rewrites
     everything else whole.
 Multi-node
     Actors are placed with Ray's ``SPREAD`` strategy, so ``--address`` of a cluster puts them on
@@ -69,6 +70,8 @@ from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.pseudolabel import ray_auth
 from bevctl.pseudolabel.labeler import load_labeler
 from bevctl.storage.base import CompletionLog
+from bevctl.pseudolabel.reaper import start_reaper, stop_reaper
+from bevctl.storage.codecs import MAX_CLASS_ID
 from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
 from bevctl.storage.location import is_local as location_is_local
 from bevctl.storage.location import join
@@ -215,18 +218,29 @@ class LabelWorker:
                 model_s = time.perf_counter() - t_in
             _check_output(lab, labels, conf, (len(inputs), *out_hw), confidence)
         t2 = time.perf_counter()
+        rows: dict[int, dict[int, int]] = {}  # sample -> camera -> row of `labels`
         for k, (i, c) in enumerate(good):
+            rows.setdefault(i, {})[c] = k
+        for i, cams in rows.items():
+            if len(cams) < masks.shape[1]:
+                continue  # a camera could not be read: the sample is FAILED, nothing is written
+            order = [cams[c] for c in range(masks.shape[1])]
             try:
-                masks[i, c] = labels[k]  # one whole (sample, camera) chunk
+                masks[i] = labels[order]  # the whole sample: one chunk (1, 6, H, W)
                 if conf_arr is not None:
-                    conf_arr[i, c] = conf[k]
+                    conf_arr[i] = conf[order]
             except OSError as e:
                 if is_disk_full(e):
-                    raise disk_full_error(f"{store_path} (sample #{i}, camera {c})") from None
+                    raise disk_full_error(f"{store_path} (sample #{i})") from None
                 raise
         t3 = time.perf_counter()
         return {"ok": good, "errors": errors, "decode_s": t1 - t0, "model_s": model_s, "write_s": t3 - t2,
                 "node": self.node}
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def _ray_node_id() -> str:
@@ -397,14 +411,15 @@ class _Batch:
 
 
 def _batches(todo: np.ndarray, image_paths: list[list[str]], size: int) -> Iterator[_Batch]:
-    """Lazily: the images of the samples in ``todo``, in store order, ``size`` at a time."""
+    """Lazily: the images of the samples in ``todo``, in store order, whole samples at a time
+    and at least ``size`` images per batch (a sample's masks are one chunk, written whole by
+    the one actor that labels all its cameras)."""
     buf: list[Item] = []
     for i in todo:
-        for c, path in enumerate(image_paths[int(i)]):
-            buf.append((int(i), c, path))
-            if len(buf) == size:
-                yield _Batch(buf)
-                buf = []
+        buf.extend((int(i), c, path) for c, path in enumerate(image_paths[int(i)]))
+        if len(buf) >= size:
+            yield _Batch(buf)
+            buf = []
     if buf:
         yield _Batch(buf)
 
@@ -452,7 +467,14 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
             del probe[key]
         LabelStore.precheck(cfg.out, probe, tokens)
 
-    pool: _RayPool | _InlinePool = _InlinePool(cfg) if (cfg.workers == 0 and not cfg.gpus) else _RayPool(cfg)
+    inline = cfg.workers == 0 and not cfg.gpus
+    # a local Ray cluster that this process starts goes down with it, even on SIGKILL (reaper.py)
+    reaper = start_reaper() if not inline and not cfg.address and not _ray_running() else None
+    try:
+        pool: _RayPool | _InlinePool = _InlinePool(cfg) if inline else _RayPool(cfg)
+    except BaseException:
+        stop_reaper(reaper)
+        raise
     try:
         info = pool.info()
         spec = LabelStoreSpec(
@@ -466,8 +488,9 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
             confidence=cfg.confidence,
             cameras=cameras,
         )
-        if spec.id2label and max(spec.id2label) > 255:
-            raise BevctlError(f"labeler {spec.model_id}: class ids above 255 do not fit uint8 masks")
+        if spec.id2label and max(spec.id2label) > MAX_CLASS_ID:
+            raise BevctlError(f"labeler {spec.model_id}: class ids above {MAX_CLASS_ID} do not fit uint8 masks "
+                              f"({MAX_CLASS_ID + 1} is the store's fill value, read as ignore)")
         store, created = LabelStore.open_for_writing(cfg.out, spec, str(index.dataroot), overwrite=cfg.overwrite)
         log.info("%s store %s for %d samples", "created" if created else "resuming", cfg.out, len(tokens))
         if not created and location_is_local(cfg.out):
@@ -475,6 +498,7 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
         return _drive(cfg, pool, store, image_paths, out_hw, len(cameras))
     finally:
         pool.close()
+        stop_reaper(reaper)
 
 
 def _drive(
@@ -650,6 +674,7 @@ def _drive(
     if counts["failed"] == 0 and counts["todo"] == 0:
         run["completed"] = run["updated"]
     store.set_run_info(run)
+    store.consolidate()  # consolidated metadata for other Zarr readers (xarray, dask)
     return summary
 
 

@@ -37,7 +37,9 @@ object store writes each chunk with one PUT, which is never seen half-written ei
 
 Chunking rule for data arrays: put whole samples in chunks (``chunks[0]`` samples per chunk)
 and assign work in units of whole chunks; with ``chunks[0] == 1`` any partition of samples
-is safe. Compression default: Blosc zstd level 5 with bitshuffle (:func:`default_compressors`).
+is safe. Compression default: Blosc zstd level 5 with bitshuffle and a crc32c checksum
+(:func:`~bevctl.storage.codecs.default_compressors`); fill values and checksums follow
+:mod:`bevctl.storage.codecs`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,12 +58,12 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
 
 from bevctl import __version__
 from bevctl.errors import BevctlError
 from bevctl.io import is_disk_full
 from bevctl.storage import location
+from bevctl.storage.codecs import default_compressors, string_compressors
 
 STORE_FORMAT = 1
 ATTRS_KEY = "bevctl"
@@ -68,11 +71,6 @@ CREATING_KEY = "bevctl_creating"  # set while a store on object storage is being
 
 TODO, DONE, FAILED = 0, 1, 2
 STATUS_NAMES = {TODO: "todo", DONE: "done", FAILED: "failed"}
-
-
-def default_compressors() -> tuple[BloscCodec, ...]:
-    """Blosc zstd level 5 with bitshuffle: 66-237x on mask-like uint8 data (STACK.md)."""
-    return (BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),)
 
 
 @dataclass(frozen=True)
@@ -140,7 +138,7 @@ def _fill(group: zarr.Group, tokens: list[str], arrays: Sequence[ArraySpec]) -> 
     """Create ``tokens``, ``done`` and the data arrays of a new store in ``group``."""
     n = len(tokens)
     chunk_n = max(1, min(n, 1 << 16))
-    tok = group.create_array("tokens", shape=(n,), dtype=str, chunks=(chunk_n,))
+    tok = group.create_array("tokens", shape=(n,), dtype=str, chunks=(chunk_n,), compressors=string_compressors())
     if n:
         tok[:] = np.array(tokens, dtype=object)
     group.create_array(
@@ -214,7 +212,11 @@ class SampleStore:
         self.info: dict[str, Any] = info
         self.kind: str = info.get("kind", "?")
         self.metadata: dict[str, Any] = info.get("metadata", {})
-        self.tokens: list[str] = [str(t) for t in group["tokens"][:]] if "tokens" in group else []
+        try:
+            self.tokens: list[str] = [str(t) for t in group["tokens"][:]] if "tokens" in group else []
+        except Exception as e:  # noqa: BLE001 - a torn tokens chunk or zarr.json raises many kinds
+            raise BevctlError(f"{path}: the 'tokens' array does not read ({type(e).__name__}); run bevctl verify "
+                              f"{path}") from None
         self._index = {t: i for i, t in enumerate(self.tokens)}
         if len(self._index) != len(self.tokens):
             raise BevctlError(f"{path}: duplicate sample tokens in the store")
@@ -386,7 +388,11 @@ class SampleStore:
 
     def status(self) -> np.ndarray:
         """uint8 (N,) completion record: TODO 0, DONE 1, FAILED 2 (read fresh each call)."""
-        return np.asarray(self.array("done")[:], dtype=np.uint8)
+        try:
+            return np.asarray(self.array("done")[:], dtype=np.uint8)
+        except Exception as e:  # noqa: BLE001 - a torn done chunk or zarr.json raises many kinds
+            raise BevctlError(f"{self.path}: the 'done' record does not read ({type(e).__name__}); run bevctl "
+                              f"verify {self.path}") from None
 
     def is_done(self, token: str) -> bool:
         return bool(self.array("done")[self.index_of(token)] == DONE)
@@ -398,6 +404,15 @@ class SampleStore:
     def counts(self) -> dict[str, int]:
         status = self.status()
         return {name: int((status == code).sum()) for code, name in STATUS_NAMES.items()}
+
+    def consolidate(self) -> None:
+        """Write consolidated metadata (every array's ``zarr.json`` copied into the group's) so
+        that readers (xarray, dask) open the store with one GET. Driver only, at the end of a
+        job; array metadata never changes after creation, so it cannot go stale."""
+        with warnings.catch_warnings():  # "not part of the Zarr format 3 specification" (zarr-python reads it)
+            warnings.simplefilter("ignore")
+            with location.storage_errors(self.path):
+                zarr.consolidate_metadata(location.zarr_store(self.path), zarr_format=3)
 
     def mark(self, indices: Sequence[int] | np.ndarray, status: int) -> None:
         """Record ``status`` for ``indices``. Driver only, and DONE only after the worker

@@ -5,7 +5,8 @@ Layout (a :class:`~bevctl.storage.base.SampleStore` of kind ``bev_gt``)::
     gt.zarr/
       tokens   str   (N,)        sample tokens, split by split, scene order
       done     uint8 (N,)        0 todo, 1 done, 2 failed (driver only)
-      bev      uint8 (N, X, Y)   one sample per chunk; 0 background, class k -> k + 1
+      bev      uint8 (N, X, Y)   one sample per chunk; 0 background, class k -> k + 1; zstd with
+                                 checksum, fill 255 = ignore (bevctl.storage.codecs)
       attrs.bevctl.metadata = {grid, class_set (classes, layers, line width), dataset
                                (version, splits)}   -- validated on reopen
       attrs.bevctl.provenance = {dataroot}          -- recorded only
@@ -46,7 +47,7 @@ from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
 from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, CompletionLog, SampleStore
-from bevctl.storage.labels import read_chunk
+from bevctl.storage.codecs import IGNORE, WRITE_CONFIG, mask_compressors, read_sample
 from bevctl.storage.location import is_local, join, zarr_store
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def class_set_metadata(class_set: BEVClassSet) -> dict[str, Any]:
 def bev_spec(n: int, grid: BEVGrid) -> ArraySpec:
     return ArraySpec(
         name="bev", shape=(n, *grid.shape), dtype="uint8", chunks=(1, *grid.shape),
-        fill_value=0, dimension_names=("sample", "x", "y"),
+        fill_value=IGNORE, dimension_names=("sample", "x", "y"), compressors=mask_compressors(),
     )
 
 
@@ -158,7 +159,7 @@ class GTStore:
                 f"{self.path}: sample '{token}' is not prepared yet ({'failed' if self._status[i] == FAILED else 'todo'});"
                 " rerun bevctl prepare-gt"
             )
-        return read_chunk(self._array(), i, self.path, token)
+        return read_sample(self._array(), i, self.path, token)
 
     def get_many(self, tokens: list[str]) -> np.ndarray:
         """uint8 (B, X, Y) for a batch of tokens."""
@@ -202,7 +203,8 @@ def _init_worker(dataroot: str, grid: BEVGrid, class_set: BEVClassSet, out: str)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _W.clear()
     _W.update(dataroot=dataroot, grid=grid, class_set=class_set,
-              bev=zarr.open_array(zarr_store(join(out, "bev")), mode="r+", zarr_format=3), out=out)
+              bev=zarr.open_array(zarr_store(join(out, "bev")), mode="r+", zarr_format=3).with_config(WRITE_CONFIG),
+              out=out)
 
 
 def _run_task(items: list[tuple[int, SampleRecord]]) -> list[tuple[int, str | None]]:
@@ -361,6 +363,7 @@ def prepare_gt(
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         summary.seconds = time.perf_counter() - start
+    store.consolidate()  # consolidated metadata for other Zarr readers (xarray, dask)
     if summary.done_now:
         summary.class_fractions = class_fractions(store, class_set, sample_limit=200)
     return summary

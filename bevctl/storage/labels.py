@@ -6,9 +6,14 @@ Layout (a :class:`~bevctl.storage.base.SampleStore` of kind ``pseudolabels``)::
       tokens      str   (N,)              sample tokens in store order
       done        uint8 (N,)              TODO 0 / DONE 1 / FAILED 2, written by the driver only
       cameras     str   (6,)              camera order of axis 1
-      masks       uint8 (N, 6, H, W)      the labeler's OWN class ids, one chunk per (sample, camera),
-                                          run-length + zstd (bevctl.storage.rle)
-      confidence  uint8 (N, 6, H, W)      optional: max class probability * 255
+      masks       uint8 (N, 6, H, W)      the labeler's OWN class ids (0..254), one chunk (object) per
+                                          sample (1, 6, H, W), zstd with checksum, fill 255 = ignore
+                                          (a missing chunk is never a class: bevctl.storage.codecs)
+      confidence  uint8 (N, 6, H, W)      optional: max class probability * 255 (Blosc + crc32c)
+
+Stores written before 2026-12-04 (one chunk per (sample, camera), fill 0, ``bevctl_rle`` +
+zstd without checksum) still open and resume: the ``bevctl_rle`` codec stays registered
+(bevctl.storage.rle) and workers write whole samples, whatever the chunking.
 
 The group attributes hold, under ``bevctl.metadata``, everything that makes two stores
 interchangeable (labeler id + weights hash, id2label, resolution, cameras, dataset version +
@@ -16,7 +21,7 @@ splits, confidence on/off) — a rerun against a store with other values is refu
 under ``bevctl_run``, what may change between runs (dataroot, timestamps, last summary,
 failure reasons).
 
-Workers write whole ``(sample, camera)`` chunks with :func:`open_mask_arrays`; the driver
+Workers write whole samples (``masks[i] = (6, H, W)``) with :func:`open_mask_arrays`; the driver
 alone marks samples done (:meth:`SampleStore.mark`). Readers use :meth:`LabelStore.open`.
 """
 
@@ -35,8 +40,9 @@ import zarr
 from bevctl.data.records import CAMERAS
 from bevctl.errors import BevctlError
 from bevctl.storage import location
+from bevctl.storage import rle as _rle  # noqa: F401 - registers bevctl_rle: stores of the old layout open
 from bevctl.storage.base import DONE, FAILED, STATUS_NAMES, TODO, ArraySpec, SampleStore, is_incomplete
-from bevctl.storage.rle import mask_compressors  # also registers the bevctl_rle codec with zarr
+from bevctl.storage.codecs import IGNORE, WRITE_CONFIG, is_checked, mask_compressors, read_sample, string_compressors
 
 KIND = "pseudolabels"
 RUN_KEY = "bevctl_run"
@@ -77,11 +83,12 @@ class LabelStoreSpec:
         n, c = len(self.tokens), len(self.cameras)
         h, w = self.resolution
         names = ("sample", "camera", "y", "x")
-        # masks: run-length + zstd (~0.45x PNG, where Blosc alone is ~1x PNG); confidence: default
-        specs = [ArraySpec("masks", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names,
+        # masks: zstd with checksum, fill IGNORE (bench/results/store_codecs.md); confidence: default
+        # one chunk per sample (six cameras): 1/6 of the objects, -14 % bytes (bench/results/store_layout.md)
+        specs = [ArraySpec("masks", (n, c, h, w), "uint8", (1, c, h, w), fill_value=IGNORE, dimension_names=names,
                            compressors=mask_compressors())]
         if self.confidence:
-            specs.append(ArraySpec("confidence", (n, c, h, w), "uint8", (1, 1, h, w), dimension_names=names))
+            specs.append(ArraySpec("confidence", (n, c, h, w), "uint8", (1, c, h, w), dimension_names=names))
         return specs
 
 
@@ -152,7 +159,8 @@ class LabelStore:
             provenance={"dataroot": str(dataroot)},
         )
         if created:
-            cams = store.group.create_array("cameras", shape=(len(spec.cameras),), dtype=str, chunks=(len(spec.cameras),))
+            cams = store.group.create_array("cameras", shape=(len(spec.cameras),), dtype=str,
+                                            chunks=(len(spec.cameras),), compressors=string_compressors())
             cams[:] = np.array(spec.cameras, dtype=object)
         elif location.is_local(path):
             _remove_partials(Path(location.local_path(path)))  # type: ignore[arg-type]
@@ -212,7 +220,7 @@ class LabelStore:
 
     def get_index(self, i: int) -> np.ndarray:
         self._require_done(i)
-        return read_chunk(self._masks, i, self.path, self.tokens[i])
+        return read_sample(self._masks, i, self.path, self.tokens[i], self.cameras)
 
     def get_confidence(self, token: str) -> np.ndarray | None:
         """uint8 (6, H, W) confidence (255 = certain), or None if the store has none."""
@@ -220,7 +228,7 @@ class LabelStore:
             return None
         i = self.index_of(token)
         self._require_done(i)
-        return read_chunk(self._conf, i, self.path, self.tokens[i])
+        return read_sample(self._conf, i, self.path, self.tokens[i], self.cameras)
 
     def _require_done(self, i: int) -> None:
         # A cached snapshot of the done record (readers call this per sample); re-read once on a
@@ -257,21 +265,15 @@ class LabelStore:
     def set_run_info(self, info: Mapping[str, Any]) -> None:
         self._store.group.attrs[RUN_KEY] = dict(info)
 
-
-def read_chunk(array: zarr.Array, i: int, store_path: Any, token: str) -> np.ndarray:
-    """``array[i]`` as numpy; a torn or corrupt chunk is one BevctlError line naming the sample."""
-    try:
-        return np.asarray(array[i])
-    except Exception as e:  # noqa: BLE001 - codecs and stores raise many kinds on torn chunks
-        name = str(array.name).strip("/") or "array"
-        raise BevctlError(f"{store_path}: sample '{token}': unreadable {name} chunk ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:120] if str(e) else ''}); rebuild the store") from None
+    def consolidate(self) -> None:
+        self._store.consolidate()
 
 
 def open_mask_arrays(path: str | Path, confidence: bool) -> tuple[zarr.Array, zarr.Array | None]:
-    """Workers: the masks (and confidence) arrays, for whole-chunk writes ``masks[i, c] = m``."""
+    """Workers: the masks (and confidence) arrays, for whole-sample writes ``masks[i] = m``."""
     def open_one(name: str) -> zarr.Array:
-        return zarr.open_array(location.zarr_store(location.join(path, name)), mode="r+", zarr_format=3)
+        array = zarr.open_array(location.zarr_store(location.join(path, name)), mode="r+", zarr_format=3)
+        return array.with_config(WRITE_CONFIG)  # every chunk written, even one equal to the fill value
 
     return open_one("masks"), (open_one("confidence") if confidence else None)
 
@@ -293,8 +295,11 @@ def dir_bytes(path: str | Path) -> int:
     return location.du(path)
 
 
-def _chunk_hist(block: np.ndarray) -> np.ndarray:
-    """(1, 1, H, W) uint8 -> (1, 1, 1, 256) pixel counts per class id."""
+def _chunk_hist(block: np.ndarray, checked: bool) -> np.ndarray:
+    """(1, 1, H, W) uint8 -> (1, 1, 1, 256) pixel counts per class id. ``checked``: an all-IGNORE
+    chunk is a missing one (raises; the caller names it with read_sample)."""
+    if checked and block.size and bool((np.asarray(block) == IGNORE).all()):
+        raise ValueError("missing chunk")
     counts = np.bincount(np.asarray(block, dtype=np.uint8).ravel(), minlength=256)
     return counts.reshape(1, 1, 1, 256).astype(np.int64)
 
@@ -326,14 +331,14 @@ def label_stats(path: str | Path) -> dict[str, Any]:
     }
     if done_idx.size == 0:
         return result
-    arr = da.from_zarr(store._masks)  # (N, 6, H, W), chunks (1, 1, H, W)
-    arr = arr[done_idx]
-    per_chunk = arr.map_blocks(_chunk_hist, chunks=(1, 1, 1, 256), dtype=np.int64)
+    arr = da.from_zarr(store._masks)  # (N, 6, H, W), chunks (1, 6, H, W) (old layout: (1, 1, H, W))
+    arr = arr[done_idx].rechunk((1, 1, h, w))  # one block per image (each zarr chunk is still read once)
+    per_chunk = arr.map_blocks(_chunk_hist, is_checked(store._masks), chunks=(1, 1, 1, 256), dtype=np.int64)
     try:
         hist, present = da.compute(per_chunk.sum(axis=(0, 1, 2)), (per_chunk > 0).sum(axis=(0, 1, 2)))
     except Exception as e:  # noqa: BLE001 - a torn chunk: find and name its sample
         for i in done_idx:
-            read_chunk(store._masks, int(i), store.path, store.tokens[int(i)])
+            read_sample(store._masks, int(i), store.path, store.tokens[int(i)], store.cameras)
         raise BevctlError(f"{store.path}: cannot read the masks ({type(e).__name__}: {e})") from None
     total = float(hist.sum())
     n_images = done_idx.size * n_cams

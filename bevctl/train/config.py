@@ -55,6 +55,7 @@ class TrainConfig:
     prefetch_factor: int = 4
     # bookkeeping
     seed: int = 0
+    on_corrupt: str = "fail"  # a missing / corrupt label or GT chunk: fail (stop, name it) | skip (ignore its labels)
     checkpoint_every: int = 200  # steps
     keep_checkpoints: int = 3  # step checkpoints kept besides last.pt
     log_every: int = 1
@@ -75,6 +76,7 @@ class TrainConfig:
         need(self.checkpoint_every >= 1, "checkpoint_every must be >= 1")
         need(self.reproj_weight >= 0 and self.temporal_weight >= 0, "loss weights must be >= 0")
         need(self.num_workers >= 0, "num_workers must be >= 0")
+        need(self.on_corrupt in ("fail", "skip"), f"on_corrupt must be fail|skip, got {self.on_corrupt!r}")
         need(self.label_adjacent >= 0, f"label_adjacent must be >= 0, got {self.label_adjacent}")
         for name in ("image_hw", "label_hw"):
             v = getattr(self, name)

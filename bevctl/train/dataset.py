@@ -21,6 +21,11 @@ Per sample (one ``__getitem__``, run in DataLoader worker processes with prefetc
 
 Samples whose pseudo-labels or GT the store marks failed (or not done) are skipped when the
 dataset is built. Stores are opened lazily in each worker (nothing heavy is pickled).
+
+A missing or corrupt chunk of a finished sample (:class:`~bevctl.storage.codecs.CorruptChunk`)
+stops the run with one line naming the sample and camera (``on_corrupt="fail"``), or, with
+``"skip"``, that frame's labels (or the sample's GT) become all-ignore (255), the item's
+``corrupt`` field counts them and a warning names them.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from bevctl.storage.base import DONE
 from bevctl.storage.gt_store import GTStore
 from bevctl.storage.labels import LabelStore
 from bevctl.train.build import resolve
+from bevctl.storage.codecs import CorruptChunk
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +121,7 @@ class TrainDataset(Dataset):
         label_adjacent: int = 0,
         label_tokens: set[str] | None = None,
         label_map: dict[str, Any] | None = None,
+        on_corrupt: str = "fail",
     ) -> None:
         """``label_map``: provenance of ``lut`` (:func:`resolve_label_map_record`), for the run's record."""
         self.samples = samples
@@ -127,6 +134,7 @@ class TrainDataset(Dataset):
         self.label_adjacent = label_adjacent
         self.label_tokens = label_tokens  # samples whose pseudo-labels are usable (None = all)
         self.label_map = label_map
+        self.on_corrupt = on_corrupt  # "fail" | "skip": a CorruptChunk stops the run / is ignored
         self._next_token = ({r.prev_token: r.token for r in all_samples.values() if r.prev_token}
                             if label_adjacent else {})
         self._labels = None
@@ -153,6 +161,18 @@ class TrainDataset(Dataset):
         if self._gt is None:
             self._gt = GTStore.open(self.gt_path)
         return self._gt
+
+    def _gt_sample(self, token: str) -> tuple[np.ndarray, int]:
+        """(uint8 (X, Y) BEV GT of ``token``, 0); all-ignore (255) and 1 for a corrupt chunk with
+        on_corrupt skip."""
+        store = self._gt_store()
+        try:
+            return store.get(token), 0
+        except CorruptChunk as e:
+            if self.on_corrupt != "skip":
+                raise BevctlError(f"{e} (or train with --on-corrupt skip)") from None
+            log.warning("skipping the GT of a corrupt chunk: %s", e)
+            return np.full(store.grid.shape, 255, np.uint8), 1
 
     def _matrices(self, s: SampleRecord, ref: SampleRecord) -> dict[str, torch.Tensor]:
         """The cameras of ``s`` placed in the ego frame of ``ref`` (usually ``s`` itself)."""
@@ -202,23 +222,35 @@ class TrainDataset(Dataset):
                   for f in frames]
         labels: list[np.ndarray | None] = []
         confs: list[np.ndarray | None] = []
-        hw = None
+        hw = tuple(self.label_hw) if self.label_hw else tuple(store.resolution)
+        corrupt = 0
         for f in frames:
             if f is None:
                 labels.append(None)
                 confs.append(None)
                 continue
-            raw = store.get(f.token)  # (N, Hs, Ws) labeler ids
-            hw = hw or (tuple(self.label_hw) if self.label_hw else raw.shape[-2:])
+            try:
+                raw = store.get(f.token)  # (N, Hs, Ws) labeler ids
+                conf = store.get_confidence(f.token) if self.with_confidence else None
+            except CorruptChunk as e:
+                if self.on_corrupt != "skip":
+                    raise BevctlError(f"{e} (or train with --on-corrupt skip)") from None
+                log.warning("skipping the labels of a corrupt chunk: %s", e)
+                corrupt += 1
+                labels.append(None)
+                confs.append(None)
+                continue
             labels.append(np.ascontiguousarray(resize_nearest(self.lut[raw], hw)))
-            conf = store.get_confidence(f.token) if self.with_confidence else None
             confs.append(None if conf is None else resize_nearest(conf, hw).astype(np.float32) / 255.0)
-        # a neighbour past the scene's ends (or without labels): all-ignore, the sample's matrices
-        labels = [np.full_like(labels[0], 255) if m is None else m for m in labels]
+        # a neighbour past the scene's ends (or without labels, or corrupt): all-ignore, the sample's matrices
+        shape = (len(s.cameras), *hw)
+        labels = [np.full(shape, 255, np.uint8) if m is None else m for m in labels]
         out: dict[str, torch.Tensor] = {"labels": torch.from_numpy(np.concatenate(labels))}  # (N*F, h, w)
-        if confs[0] is not None:
-            confs = [np.zeros(labels[0].shape, np.float32) if c is None else c for c in confs]
+        if self.with_confidence:
+            confs = [np.zeros(shape, np.float32) if c is None else c for c in confs]
             out["confidence"] = torch.from_numpy(np.concatenate(confs))
+        if corrupt:
+            out["corrupt"] = corrupt
         if len(frames) > 1:
             mats = [own if f is None or f is s else self._matrices(f, s) for f in frames]
             for key in ("pix_T_cam", "calib_ego_T_cam", "sample_T_camego"):
@@ -228,13 +260,19 @@ class TrainDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         s = self.samples[i]
         item: dict[str, Any] = {"token": s.token, **self._cameras(s)}
+        corrupt = 0  # frames whose labels (or GT) were skipped as corrupt (on_corrupt="skip")
         if self.labels_path is not None:
-            item.update(self._pseudo_labels(s, item))
+            labels = self._pseudo_labels(s, item)
+            corrupt += int(labels.pop("corrupt", 0))
+            item.update(labels)
         if self.gt_path is not None:
-            item["bev_gt"] = torch.from_numpy(self._gt_store().get(s.token))
+            bev, bad = self._gt_sample(s.token)
+            item["bev_gt"] = torch.from_numpy(bev)
+            corrupt += bad
         elif self.rasterize is not None:
             dataroot, grid, class_set = self.rasterize
             item["bev_gt"] = torch.from_numpy(bev_gt_for_sample(dataroot, s, grid, class_set))
+        item["corrupt"] = corrupt
         if self.load_prev:
             prev = self.all_samples.get(s.prev_token) if s.prev_token else None
             item["has_prev"] = prev is not None
@@ -332,7 +370,7 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
             if old.get("scenes") != chosen:
                 raise BevctlError(f"--resume: {path} lists other scenes than this command selects")
         location.write_text_atomic(path, json.dumps(record, indent=2) + "\n")
-    return TrainDataset(samples, index.samples, setup.image_hw, **kwargs)
+    return TrainDataset(samples, index.samples, setup.image_hw, on_corrupt=cfg.on_corrupt, **kwargs)
 
 
 def gt_store_remedy(dataroot: str, version: str, grid: str, class_set: str) -> str:

@@ -66,7 +66,7 @@ from bevctl.train.tasks import make_task, to_device
 # config fields that may change on --resume: they do not change the results of the steps already
 # done (epochs and max_steps only move the end of the run; the rest of the LR schedule follows)
 RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every",
-                  "epochs", "max_steps")
+                  "epochs", "max_steps", "on_corrupt")
 
 log = logging.getLogger(__name__)
 
@@ -416,6 +416,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     if ckpt is not None:
         set_rng_state(ckpt["rng"])  # after that draw: the RNG continues exactly where it stopped
     t_run = time.perf_counter()
+    skipped_corrupt = 0  # label frames / GT samples ignored as corrupt (on_corrupt="skip")
     try:
         with progress:
             task_id = progress.add_task(spec.mode, total=total_steps, completed=start, loss=float("nan"))
@@ -428,7 +429,11 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                 opt.zero_grad(set_to_none=True)
                 for m in range(cfg.grad_accum):
                     t0 = time.perf_counter()
-                    batch = to_device(next(it), device)
+                    raw = next(it)
+                    corrupt = raw.pop("corrupt", None)
+                    if corrupt is not None and int(corrupt.sum()):
+                        skipped_corrupt += int(corrupt.sum())  # on_corrupt="skip": labels ignored
+                    batch = to_device(raw, device)
                     times["t_data"] += time.perf_counter() - t0
                     sync = net.no_sync() if info.distributed and m < cfg.grad_accum - 1 else contextlib.nullcontext()
                     with sync:
@@ -474,6 +479,8 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                            "samples_per_s": cfg.batch_size * cfg.grad_accum * info.world / max(times["t_step"], 1e-9)}
                     if device.type == "cuda":
                         row["max_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    if skipped_corrupt:  # this process since it started (absent when none)
+                        row["skipped_corrupt"] = skipped_corrupt
                     metrics_file.write(row)  # type: ignore[union-attr]
                     if tb is not None:
                         for k, v in row.items():
@@ -495,6 +502,9 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
             tb.close()
         del it
     _say(spec, info, f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s -> {last_pt}")
+    if skipped_corrupt:
+        log.warning("%s: ignored the labels of %d corrupt chunk(s) (--on-corrupt skip); run bevctl verify on the "
+                    "store and rerun the job that made it", spec.mode, skipped_corrupt)
 
 
 def _limits(cfg: TrainConfig, spe: int) -> str:

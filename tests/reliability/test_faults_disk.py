@@ -55,7 +55,7 @@ def test_disk_full_writing_a_store_chunk(command: str, fault_world: FaultWorld, 
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     if command == "pseudolabel":
         args, kind, array, n_chunks = (lambda out: fault_world.pseudolabel(out, model="synth-gt")), "pseudolabels", \
-            "masks", 48
+            "masks", 8  # one mask chunk per sample
     else:
         args, kind, array, n_chunks = fault_world.prepare_gt, "bev_gt", "bev", 8
     ref, out = tmp_path / "ref.zarr", tmp_path / "out.zarr"
