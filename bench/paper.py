@@ -250,6 +250,9 @@ def main() -> int:
     ap.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
                     help="start no run predicted to end later than SECONDS after the command started; the "
                          "table so far is kept, marked partial (default: no limit)")
+    ap.add_argument("--steps-scale", type=float, default=1.0, metavar="F",
+                    help="multiply the plan's three step budgets by F (the budget rule holds at any F; with "
+                         "another --out than an earlier run's), e.g. 0.5 where steps are slower than planned")
     ap.add_argument("--rehearse", choices=sorted(REHEARSALS), default=None,
                     help="the plan's code path on the CPU at a reduced size: toy (seconds) or small (minutes)")
     args = ap.parse_args()
@@ -272,12 +275,18 @@ def run(args: argparse.Namespace) -> int:
     base_plan = PLANS[args.plan]
     if args.rehearse:
         base_plan = dataclasses.replace(base_plan, **REHEARSALS[args.rehearse])
+    if args.steps_scale != 1.0:
+        if not 0 < args.steps_scale <= 10:
+            raise BevctlError(f"--steps-scale must be in (0, 10], got {args.steps_scale}")
+        base_plan = dataclasses.replace(base_plan, **{k: max(1, round(getattr(base_plan, k) * args.steps_scale))
+                                                      for k in ("pretrain_steps", "finetune_steps", "baseline_steps")})
     paths = Paths(args.out)
     args.out.mkdir(parents=True, exist_ok=True)
     phases = PhaseLog(args.out / "phases.json")
-    prepare_data(base_plan, paths, phases, runtime)
+    # pseudo-labels of the train split only: pretraining reads no others (evaluation uses the BEV GT)
+    prepare_data(base_plan, paths, phases, runtime, label_splits=("train",))
     if not args.no_ablations:
-        prepare_data(dataclasses.replace(base_plan, labeler="synth-gt"), paths, phases, runtime)
+        prepare_data(dataclasses.replace(base_plan, labeler="synth-gt"), paths, phases, runtime, label_splits=("train",))
 
     runs: dict[str, dict[str, Any]] = {}  # run name -> result row (a rerun skips finished runs)
 

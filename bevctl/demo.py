@@ -66,6 +66,7 @@ class Runtime:
     synth_workers: int = 0  # world render processes; 0 = one per CPU, 1 = in this process
     label_workers: int = 1  # labeler processes (Ray actors); 0 = in this process, without Ray
     label_batch_size: int = 6  # images per labeler call
+    label_threads: int = 3  # labeler calls in flight per process (decode and write beside the model)
     gt_workers: int = 1  # BEV GT rasterise processes
     eval_batch_size: int = 2
     eval_workers: int = 1  # evaluation data loader processes
@@ -74,8 +75,8 @@ class Runtime:
 CPU = Runtime()
 # One GPU with 16 cores (bench/paper.py --plan gpu): the labeler in this process on the GPU with
 # large batches (its launches, not its FLOPs, bound a small batch), GT on 12 processes.
-GPU = Runtime(device="cuda", label_workers=0, label_batch_size=48, gt_workers=12, eval_batch_size=16,
-              eval_workers=8)
+GPU = Runtime(device="cuda", label_workers=0, label_batch_size=48, label_threads=8, gt_workers=12,
+              eval_batch_size=16, eval_workers=8)
 
 
 PLANS: dict[str, DemoPlan] = {
@@ -127,12 +128,13 @@ PLANS: dict[str, DemoPlan] = {
     # world's scenes (192 train / 48 val), the demo-gpu model (4.4 M parameters, 49x the demo's
     # forward FLOPs) at the world's own 225x400 images, batch 16. The long plan's recipe (no
     # temporal loss, pretrain : fine-tune steps 2 : 1, together half of the baseline's steps),
-    # with the budgets sized so that 3 seeds of the headline arms fit in about 5 minutes of one
-    # H200 (bench/results/paper-gpu-estimate.md). Learning rates: the long plan's at batch 2,
-    # doubled for 8x the batch (untuned: no GPU run yet).
+    # with budgets sized so that 3 seeds of the headline arms fit in 8 minutes of one H200 with
+    # the shared phases (bench/results/paper-gpu-estimate.md: ~30 ms a step, bound by kernel
+    # launches); from scratch 900 x 16 = 14,400 samples, 2x the long plan's 3600 x 2. Learning
+    # rates: the long plan's at batch 2, doubled for 8x the batch (untuned: no GPU run yet).
     "gpu": DemoPlan(
         scenes=240, samples_per_scene=4, image_hw=(225, 400), label_hw=(112, 200), train_config="demo-gpu",
-        pretrain_steps=1000, finetune_steps=500, baseline_steps=3000, pretrain_lr=6e-3, temporal_weight=0.0,
+        pretrain_steps=300, finetune_steps=150, baseline_steps=900, pretrain_lr=6e-3, temporal_weight=0.0,
         batch_size=16, num_workers=12,
     ),
 }  # fmt: skip
@@ -202,9 +204,10 @@ def _timed(phases: PhaseLog, name: str, fn: Callable[[], Any]) -> float:
         raise
 
 
-def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog, runtime: Runtime = CPU) -> None:
+def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog, runtime: Runtime = CPU,
+                 label_splits: tuple[str, ...] | None = None) -> None:
     """synth -> pseudolabel -> prepare-gt (each skipped when done, resumed when interrupted).
-    The world renders on every core; on a GPU the labeler runs in this process (no Ray)."""
+    ``label_splits``: the splits to pseudo-label (None: all; pretraining reads the train split's)."""
     from bevctl.config import class_set_from_name, grid_from_name
     from bevctl.data.synth import SynthConfig, write_synthetic_dataset
     from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
@@ -223,7 +226,8 @@ def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog, runtime: Runtim
             PseudolabelConfig(
                 dataroot=str(paths.dataroot), version=VERSION, out=str(paths.labels(plan.labeler)),
                 model=plan.labeler, workers=runtime.label_workers, device=runtime.device,
-                batch_size=runtime.label_batch_size, resolution=plan.label_hw, confidence=True,
+                batch_size=runtime.label_batch_size, inflight=runtime.label_threads, splits=label_splits,
+                resolution=plan.label_hw, confidence=True,
             )  # fmt: skip
         )
 
