@@ -30,8 +30,9 @@ Everything is resumable (rerun the same command); results go to bench/results/pa
 paper.md (plan ``paper``) or paper-PLAN.json/.md (other plans; ``--results DIR`` elsewhere).
 
 ``--plan gpu`` runs on one CUDA GPU (bevctl.demo.GPU: the labeler in this process, no Ray):
-a 240-scene world, the ``demo-gpu`` model at 225x400, batch 16, AMP (bf16), one command of
-about 6 minutes on an H200 (bench/paper_gpu_estimate.py; ``make bench-paper-gpu``).
+a 240-scene world, the ``demo-gpu`` model at 225x400, batch 16, AMP (bf16); the headline arms
+over 3 seeds in about 6.3 minutes of an H200 (estimate: bench/paper_gpu_estimate.py), 10% and
+25% while ``--time-budget`` allows (``make bench-paper-gpu``).
 ``--time-budget S`` stops before a run that would end more than S seconds after the start
 (predicted from the runs so far) and leaves the partial table. ``--rehearse toy|small`` runs a
 plan's exact code path on the CPU at a reduced size (world, images, steps, batch), into its own

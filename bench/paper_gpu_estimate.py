@@ -148,15 +148,19 @@ def training_costs(plan: Any, root: Path) -> dict[str, Any]:
         items = [dataset[i] for i in range(min(4, len(dataset)))]
         out[f"{mode}_loader_cpu_s_per_sample"] = (time.process_time() - t0) / len(items)
         counts = []
+        def step(batch: dict[str, Any]) -> None:
+            loss, _ = task(model, batch, torch.device("cpu"))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
+            opt.step()
+
         for b in (1, 2):  # kernels grow with the batch where code loops over samples: extrapolated
             batch = _collate(items[:b])
+            step(batch)  # not counted: the optimizer's state and the loss's ray cache are made once
             ops = OpCounter()
             with ops:
-                loss, _ = task(model, batch, torch.device("cpu"))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], cfg.grad_clip)
-                opt.step()
+                step(batch)
             counts.append(ops.n)
         out[f"{mode}_ops_per_step_batch_1_2"] = counts
         out[f"{mode}_ops_per_step"] = counts[0] + (counts[1] - counts[0]) * (plan.batch_size - 1)

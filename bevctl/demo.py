@@ -129,8 +129,8 @@ PLANS: dict[str, DemoPlan] = {
     # forward FLOPs) at the world's own 225x400 images, batch 16. The long plan's recipe (no
     # temporal loss, pretrain : fine-tune steps 2 : 1, together half of the baseline's steps),
     # with budgets sized so that 3 seeds of the headline arms fit in 8 minutes of one H200 with
-    # the shared phases (bench/results/paper-gpu-estimate.md: ~30 ms a step, bound by kernel
-    # launches); from scratch 900 x 16 = 14,400 samples, 2x the long plan's 3600 x 2. Learning
+    # the shared phases (bench/results/paper-gpu-estimate.md: 29-36 ms a step, bound by
+    # kernel launches); from scratch 900 x 16 = 14,400 samples, 2x the long plan's 3600 x 2. Learning
     # rates: the long plan's at batch 2, doubled for 8x the batch (untuned: no GPU run yet).
     "gpu": DemoPlan(
         scenes=240, samples_per_scene=4, image_hw=(225, 400), label_hw=(112, 200), train_config="demo-gpu",
