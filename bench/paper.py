@@ -23,8 +23,9 @@ budget is counted into the pretrained rows' total time. Runs go in order of impo
 100% over all seeds, then 10% and 25%, then the ablations at 50%) and the tables are rewritten
 after every run, so a stopped run leaves a partial table (marked as such).
 
-    .venv/bin/python bench/paper.py [--plan paper|long|default|quick] [--fractions 0.5,1.0] [--seeds 3]
-        [--other-fraction-seeds N] [--ablation-seeds N] [--out DIR]
+    .venv/bin/python bench/paper.py [--plan paper|long|default|quick|gpu] [--fractions 0.5,1.0] [--seeds 3]
+        [--other-fraction-seeds N] [--ablation-seeds N] [--out DIR] [--results DIR]
+        [--time-budget S] [--steps-scale F] [--rehearse toy|small]
 
 Everything is resumable (rerun the same command); results go to bench/results/paper.json and
 paper.md (plan ``paper``) or paper-PLAN.json/.md (other plans; ``--results DIR`` elsewhere).
