@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long clean
+.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long bench-paper-gpu clean
 
 install: $(STAMP)
 
@@ -58,6 +58,14 @@ bench-paper: $(STAMP)
 # The same with 2x the from-scratch steps, 5 seeds (~2 h 15 min): bench/results/paper-long.{json,md}
 bench-paper-long: $(STAMP)
 	$(PY) bench/paper.py --plan long --seeds 5 --other-fraction-seeds 3 --ablation-seeds 1
+
+# The gpu plan, run ON THE GPU MACHINE (one CUDA GPU, 16 cores; no venv: bevctl and the wheels of
+# ../shared/tools/gpu-wheels.sh on PYTHONPATH, no Ray; README "At GPU scale"): stops itself before
+# 8 minutes with the table so far. GPU_RESULTS/paper-gpu.{json,md}
+GPU_RESULTS ?= bench/results
+bench-paper-gpu:
+	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) bench/paper.py --plan gpu --seeds 3 --no-ablations \
+		--time-budget 480 --out /tmp/bevctl-paper-gpu-run --results $(GPU_RESULTS)
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache

@@ -56,6 +56,7 @@ class DemoPlan:
     fraction: float = 0.5  # BEV-labelled fraction of the training scenes for fine-tuning
     labeler: str = "bevctl-synth"  # or "synth-gt" (perfect pseudo-labels, an ablation)
     train_config: str = "demo"
+    model_image_hw: tuple[int, int] | None = None  # model input (H, W); None = the model preset's
     temporal_weight: float | None = None  # None = the training preset's
     label_adjacent: int = 0  # pretraining also on the K adjacent keyframes' pseudo-labels (TrainConfig)
     seed: int = 0  # training seed (world seed is fixed: the demo shows one world)
@@ -65,6 +66,27 @@ class DemoPlan:
     pretrain_lr: float | None = None  # pretraining; None = ``lr``
     finetune_lr: float | None = None  # fine-tuning a pretrained model; None = ``lr``
     num_workers: int = 1
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where the phases run: not part of the experiment (the same plan runs on either)."""
+
+    device: str = "cpu"  # training, evaluation and the labeler: cpu | cuda
+    synth_workers: int = 0  # world render processes; 0 = one per CPU, 1 = in this process
+    label_workers: int = 1  # labeler processes (Ray actors); 0 = in this process, without Ray
+    label_batch_size: int = 6  # images per labeler call
+    label_threads: int = 3  # labeler calls in flight per process (decode and write beside the model)
+    gt_workers: int = 1  # BEV GT rasterise processes
+    eval_batch_size: int = 2
+    eval_workers: int = 1  # evaluation data loader processes
+
+
+CPU = Runtime()
+# One GPU with 16 cores (bench/paper.py --plan gpu): the labeler in this process on the GPU with
+# large batches (its launches, not its FLOPs, bound a small batch), GT on 12 processes.
+GPU = Runtime(device="cuda", label_workers=0, label_batch_size=48, label_threads=8, gt_workers=12,
+              eval_batch_size=16, eval_workers=8)
 
 
 PLANS: dict[str, DemoPlan] = {
@@ -111,6 +133,19 @@ PLANS: dict[str, DemoPlan] = {
     "long": DemoPlan(
         scenes=60, samples_per_scene=4, image_hw=(225, 400), label_hw=(112, 200),
         pretrain_steps=1200, finetune_steps=600, baseline_steps=3600, pretrain_lr=3e-3, temporal_weight=0.0,
+    ),
+    # One GPU (bench/paper.py --plan gpu; docs/demo_tuning.md, "At GPU scale"): 4x the paper
+    # world's scenes (192 train / 48 val), the demo-gpu model (4.4 M parameters, 49x the demo's
+    # forward FLOPs) at the world's own 225x400 images, batch 16. The long plan's recipe (no
+    # temporal loss, pretrain : fine-tune steps 2 : 1, together half of the baseline's steps),
+    # with budgets sized so that 3 seeds of the headline arms fit in 8 minutes of one H200 with
+    # the shared phases (bench/results/paper-gpu-estimate.md: 29-36 ms a step, bound by
+    # kernel launches); from scratch 900 x 16 = 14,400 samples, 2x the long plan's 3600 x 2. Learning
+    # rates: the long plan's at batch 2, doubled for 8x the batch (untuned: no GPU run yet).
+    "gpu": DemoPlan(
+        scenes=240, samples_per_scene=4, image_hw=(225, 400), label_hw=(112, 200), train_config="demo-gpu",
+        pretrain_steps=300, finetune_steps=150, baseline_steps=900, pretrain_lr=6e-3, temporal_weight=0.0,
+        batch_size=16, num_workers=12,
     ),
 }  # fmt: skip
 
@@ -179,12 +214,15 @@ def _timed(phases: PhaseLog, name: str, fn: Callable[[], Any]) -> float:
         raise
 
 
-def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog) -> None:
-    """synth -> pseudolabel -> prepare-gt (each skipped when done, resumed when interrupted)."""
+def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog, runtime: Runtime = CPU,
+                 label_splits: tuple[str, ...] | None = None) -> None:
+    """synth -> pseudolabel -> prepare-gt (each skipped when done, resumed when interrupted).
+    ``label_splits``: the splits to pseudo-label (None: all; pretraining reads the train split's)."""
+
     def synth() -> None:
         cfg = SynthConfig(
             scenes=plan.scenes, samples_per_scene=plan.samples_per_scene,
-            image_hw=plan.image_hw, seed=plan.world_seed, version=VERSION,
+            image_hw=plan.image_hw, seed=plan.world_seed, version=VERSION, workers=runtime.synth_workers,
         )  # fmt: skip
         write_synthetic_dataset(cfg, paths.dataroot, overwrite=True)
 
@@ -192,8 +230,9 @@ def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog) -> None:
         run_pseudolabel(
             PseudolabelConfig(
                 dataroot=str(paths.dataroot), version=VERSION, out=str(paths.labels(plan.labeler)),
-                model=plan.labeler, workers=1, batch_size=6, resolution=plan.label_hw,
-                confidence=True,
+                model=plan.labeler, workers=runtime.label_workers, device=runtime.device,
+                batch_size=runtime.label_batch_size, inflight=runtime.label_threads, splits=label_splits,
+                resolution=plan.label_hw, confidence=True,
             )  # fmt: skip
         )
 
@@ -201,7 +240,7 @@ def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog) -> None:
         cfg = load_train_config(plan.train_config)
         prepare_gt(
             paths.dataroot, VERSION, grid_from_name(cfg.grid), class_set_from_name(cfg.class_set),
-            paths.gt, workers=1,
+            paths.gt, workers=runtime.gt_workers,
         )
 
     _timed(phases, "synth", synth)
@@ -213,6 +252,7 @@ def train_phase(
     plan: DemoPlan, paths: Paths, phases: PhaseLog, name: str, *, mode: str, steps: int,
     fraction: float = 1.0, init: Path | None = None, labeler: str | None = None,
     temporal_weight: float | None = None, lr: float | None = None, label_adjacent: int | None = None,
+    runtime: Runtime = CPU,
 ) -> Path:
     """One training run into ``runs/<name>`` (resumed if interrupted). Returns its last.pt."""
     run_dir = paths.run(name)
@@ -224,6 +264,7 @@ def train_phase(
             max_steps=steps, epochs=100_000, seed=plan.seed, batch_size=plan.batch_size,
             num_workers=plan.num_workers, checkpoint_every=max(10, steps // 4),
             lr=lr if lr is not None else plan.lr, warmup_steps=max(1, steps // 20),
+            image_hw=plan.model_image_hw,
         )  # fmt: skip
         if mode == "finetune":
             overrides["fraction"] = fraction
@@ -238,7 +279,7 @@ def train_phase(
             mode=mode, cfg=cfg, run_dir=run_dir, dataroot=str(paths.dataroot), version=VERSION,
             labels=str(paths.labels(labeler or plan.labeler)) if mode == "pretrain" else None,
             gt=str(paths.gt) if mode == "finetune" else None,
-            init=str(init) if init else None, resume=(run_dir / "last.pt").exists(), device="cpu",
+            init=str(init) if init else None, resume=(run_dir / "last.pt").exists(), device=runtime.device,
         )  # fmt: skip
         train(spec)
 
@@ -246,12 +287,14 @@ def train_phase(
     return run_dir / "last.pt"
 
 
-def evaluate_phase(paths: Paths, phases: PhaseLog, name: str, checkpoint: Path) -> dict[str, Any]:
+def evaluate_phase(paths: Paths, phases: PhaseLog, name: str, checkpoint: Path,
+                   runtime: Runtime = CPU) -> dict[str, Any]:
     out = paths.root / "eval" / f"{name}.json"
 
     def fn() -> None:
         evaluate(checkpoint, str(paths.dataroot), VERSION, "val", str(paths.gt), out,
-                 device="cpu", num_workers=1, progress=False)
+                 device=runtime.device, batch_size=runtime.eval_batch_size, num_workers=runtime.eval_workers,
+                 progress=False)
 
     _timed(phases, f"eval:{name}", fn)
     return json.loads(out.read_text())
@@ -297,7 +340,9 @@ def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     plan_file = out / "plan.json"
     plan_json = json.dumps(dataclasses.asdict(plan), indent=2)
-    if plan_file.exists() and plan_file.read_text() != plan_json:
+    # a field added since the run was started counts at its default
+    defaults = {f.name: f.default for f in dataclasses.fields(DemoPlan) if f.default is not dataclasses.MISSING}
+    if plan_file.exists() and {**defaults, **json.loads(plan_file.read_text())} != {**defaults, **json.loads(plan_json)}:
         raise BevctlError(
             f"{out} holds a demo run with another plan ({'--quick' if not quick else 'default'}?); "
             "pick another --out or delete it"

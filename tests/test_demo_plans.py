@@ -65,3 +65,29 @@ def test_train_phase_label_adjacent_applies_to_pretraining_only(tmp_path, monkey
     train_phase(plan, paths, phases, "pre-own", mode="pretrain", steps=4, label_adjacent=0)  # an ablation
     train_phase(plan, paths, phases, "ft", mode="finetune", steps=4, fraction=0.5)
     assert seen == {"pre": 1, "pre-own": 0, "ft": 0}
+
+
+def test_demo_resume_accepts_a_plan_json_without_newer_fields(tmp_path, monkeypatch) -> None:
+    """A demo run started before a DemoPlan field existed resumes (the field counts at its
+    default); a run of another plan is refused."""
+    import dataclasses
+    import json
+
+    import bevctl.demo as demo
+    from bevctl.errors import BevctlError
+
+    class Reached(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(demo, "prepare_data", stop)
+    old = dataclasses.asdict(PLANS["quick"])
+    del old["model_image_hw"]  # a field added later
+    (tmp_path / "plan.json").write_text(json.dumps(old, indent=2))
+    with pytest.raises(Reached):
+        demo.run_demo(tmp_path, quick=True)
+    (tmp_path / "plan.json").write_text(json.dumps({**old, "scenes": 99}, indent=2))
+    with pytest.raises(BevctlError, match="another plan"):
+        demo.run_demo(tmp_path, quick=True)

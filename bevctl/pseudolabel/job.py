@@ -32,7 +32,8 @@ Authentication
     A local cluster uses Ray's token authentication with a token file only this user can read;
     ``--address`` uses the cluster's own settings (:mod:`bevctl.pseudolabel.ray_auth`).
 
-``workers=0`` runs the same worker in this process without Ray (debugging, fast tests).
+``workers=0`` runs the same worker in this process without Ray, its calls on ``inflight`` threads
+(one GPU without Ray, debugging, fast tests).
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,29 +377,37 @@ class _Done:
 
 
 class _InlinePool:
-    """workers=0: one LabelWorker in this process, calls run synchronously."""
+    """workers=0: one LabelWorker in this process, without Ray. As in a Ray actor
+    (``max_concurrency = inflight``), its ``label`` calls run on ``inflight`` threads, so batches
+    decode and write while the model (one call at a time) runs: on a GPU the CPU work would
+    otherwise leave it idle most of the time."""
 
     def __init__(self, cfg: PseudolabelConfig) -> None:
         self.worker = LabelWorker(cfg.model, cfg.device, cfg.threads)
         self.actors = [self.worker]
+        self.threads = ThreadPoolExecutor(max_workers=cfg.inflight, thread_name_prefix="labeler")
 
     def info(self) -> dict[str, Any]:
         return self.worker.info()
 
-    def submit(self, actor: int, args: tuple) -> _Done:
-        try:
-            return _Done(self.worker.label(*args))
-        except Exception as e:  # noqa: BLE001 - re-raised by get
-            return _Done(error=e)
+    def submit(self, actor: int, args: tuple) -> Future:
+        return self.threads.submit(self.worker.label, *args)
 
     def probe(self, actor: int) -> _Done:
         return _Done(self.worker.info())
 
     def wait(self, refs: list[Any], timeout: float) -> list[Any]:
-        return refs[:1]
+        done = [r for r in refs if isinstance(r, _Done)]
+        if done:
+            return done[:1]
+        # the oldest call first (the driver lists them in submission order), so results are
+        # recorded in order, as when calls ran one at a time: a failing batch stops the job
+        # before any later one is marked done
+        finished, _ = futures_wait(refs[:1], timeout=timeout)
+        return list(finished)
 
     def close(self) -> None:
-        pass
+        self.threads.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -688,6 +699,8 @@ def _get(pool: _RayPool | _InlinePool, ref: Any) -> dict[str, Any]:
         if ref.error is not None:
             raise ref.error
         return ref.value
+    if isinstance(ref, Future):  # _InlinePool: the call's own exception, as raised in it
+        return ref.result()
     ray = pool.ray  # type: ignore[union-attr]
     try:
         return ray.get(ref)

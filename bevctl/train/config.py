@@ -92,6 +92,11 @@ TRAIN_PRESETS: dict[str, dict] = {
     # pretrain-only val mIoU 2.1% -> 9.2%, supervised 100% at 1000 steps 67% on the quick world).
     "demo": {"model": "demo", "grid": "demo", "batch_size": 2, "lr": 1e-3,
              "class_weights": (1.0, 8.0, 3.0, 8.0)},
+    # The demo preset's grid, classes and weights with the wider, deeper demo-gpu model at 225x400,
+    # batch 16 (bench/paper.py --plan gpu, one GPU with 16 cores). lr 2e-3: the demo's 1e-3 at
+    # batch 2, scaled by less than sqrt(8) for 8x the batch (untuned: no GPU run yet).
+    "demo-gpu": {"model": "demo-gpu", "grid": "demo", "batch_size": 16, "lr": 2e-3, "num_workers": 12,
+                 "class_weights": (1.0, 8.0, 3.0, 8.0)},
     # The stand-in IPM model (bevctl.train.toy) on the demo grid: trainer tests and benchmarks.
     "toy": {"model": "toy", "grid": "demo", "batch_size": 2, "lr": 3e-3, "num_workers": 0},
     # BEVFormer-tiny on the hdmapnet grid (one GPU).

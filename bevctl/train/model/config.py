@@ -1,4 +1,4 @@
-"""Model configuration: :class:`ModelConfig` and the presets ``demo``, ``tiny``, ``small``, ``base``.
+"""Model configuration: :class:`ModelConfig` and the presets ``demo``, ``demo-gpu``, ``tiny``, ``small``, ``base``.
 
 The ``tiny``/``small``/``base`` presets mirror the tiny, small and base configurations published
 with BEVFormer (Li et al., ECCV 2022):
@@ -144,6 +144,16 @@ MODEL_PRESETS: dict[str, ModelConfig] = {
         tsa_points=4,
         head_channels=32,
     ),
+    # The demo model widened and deepened for one GPU (bench/paper.py --plan gpu): a ResNet-18
+    # layout at half width (4 stages of 2 blocks, C3-C5 into 3 FPN levels), embed 128, 3 encoder
+    # layers (BEVFormer-tiny's count), queries 2x coarser than the target grid (demo grid -> 64x32,
+    # 4x the demo's), at the synthetic world's own 225x400 images (5.3x the demo's pixels).
+    "demo-gpu": ModelConfig(
+        name="demo-gpu", backbone_layer_type="basic", backbone_stem=32, backbone_widths=(32, 64, 128, 256),
+        backbone_depths=(2, 2, 2, 2), backbone_out_stages=(2, 3, 4), image_hw=(225, 400),
+        embed_dim=128, num_levels=3, num_heads=8, ffn_dim=256, num_layers=3, dropout=0.0,
+        bev_downsample=2, sca_points=8, tsa_points=4, head_channels=64,
+    ),  # fmt: skip
     "tiny": ModelConfig(
         name="tiny", **_RESNET50, backbone_out_stages=(4,), image_hw=(450, 800),
         embed_dim=256, num_levels=1, num_heads=8, ffn_dim=512, num_layers=3, dropout=0.1,
