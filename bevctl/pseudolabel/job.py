@@ -28,7 +28,10 @@ Multi-node
     as many nodes as fit; the summary counts the images each Ray node labeled. The dataroot and
     the output store must be on storage that every node sees at the same path.
 
-``workers=0`` runs the same worker in this process without Ray (debugging, fast tests).
+``workers=0`` runs the same worker in this process without Ray (no Ray installed, debugging,
+fast tests): ``inflight`` threads call it, so JPEG decoding overlaps the model there too, and its
+labeler goes on the GPU when there is one (``device="auto"``; bfloat16, or float16 where bf16 is
+missing).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait as wait_futures
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,6 +121,8 @@ class JobSummary:
     decode_s: float = 0.0  # summed: read + preprocess (overlaps the model in other threads)
     write_s: float = 0.0  # summed: Zarr chunk writes
     model_busy: float = 0.0  # model_s / (actors x seconds): 1.0 = the model never waited
+    labeler_device: str = ""  # the device of the first actor's model ("cuda", "cpu", ...)
+    labeler_dtype: str = ""  # its weights' dtype ("bfloat16", "float16", "float32"; "" for stand-ins)
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -183,6 +189,8 @@ class LabelWorker:
             "id2label": {int(k): str(v) for k, v in lab.id2label.items()},
             "pid": os.getpid(),
             "node": self.node,
+            "device": str(getattr(lab, "device", "")),  # where its model runs (stand-ins: may be "")
+            "dtype": str(getattr(lab, "dtype", "")).removeprefix("torch."),
         }
 
     def _prepare(self, lab: Any, path: str) -> np.ndarray:
@@ -360,29 +368,32 @@ class _Done:
 
 
 class _InlinePool:
-    """workers=0: one LabelWorker in this process, calls run synchronously."""
+    """workers=0: one LabelWorker in this process, called from ``inflight`` threads (as a Ray
+    actor's ``max_concurrency``): while one batch is in the model the next ones decode."""
 
     def __init__(self, cfg: PseudolabelConfig) -> None:
         self.worker = LabelWorker(cfg.model, cfg.device, cfg.threads)
         self.actors = [self.worker]
+        self._threads = ThreadPoolExecutor(max_workers=cfg.inflight, thread_name_prefix="bevctl-label")
 
     def info(self) -> dict[str, Any]:
         return self.worker.info()
 
-    def submit(self, actor: int, args: tuple) -> _Done:
-        try:
-            return _Done(self.worker.label(*args))
-        except Exception as e:  # noqa: BLE001 - re-raised by get
-            return _Done(error=e)
+    def submit(self, actor: int, args: tuple) -> Future:
+        return self._threads.submit(self.worker.label, *args)
 
     def probe(self, actor: int) -> _Done:
         return _Done(self.worker.info())
 
     def wait(self, refs: list[Any], timeout: float) -> list[Any]:
-        return refs[:1]
+        ready = [r for r in refs if isinstance(r, _Done)]
+        if ready:
+            return ready[:1]
+        done, _ = wait_futures(refs, timeout=timeout, return_when=FIRST_COMPLETED)
+        return [r for r in refs if r in done][:1]  # the oldest finished one first
 
     def close(self) -> None:
-        pass
+        self._threads.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,7 +491,7 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
         log.info("%s store %s for %d samples", "created" if created else "resuming", cfg.out, len(tokens))
         if not created and location_is_local(cfg.out):
             remove_stale_temp_files(cfg.out, recursive=True)  # chunk writes a killed run left half done
-        return _drive(cfg, pool, store, image_paths, out_hw, len(cameras))
+        return _drive(cfg, pool, store, image_paths, out_hw, len(cameras), info)
     finally:
         pool.close()
 
@@ -492,6 +503,7 @@ def _drive(
     image_paths: list[list[str]],
     out_hw: tuple[int, int],
     n_cams: int,
+    info: dict[str, Any],
 ) -> JobSummary:
     todo = store.todo_indices()
     n_total = len(store)
@@ -650,6 +662,8 @@ def _drive(
         decode_s=round(times["decode_s"], 3),
         write_s=round(times["write_s"], 3),
         model_busy=round(times["model_s"] / (len(pool.actors) * seconds), 3) if seconds > 0 else 0.0,
+        labeler_device=str(info.get("device", "")),
+        labeler_dtype=str(info.get("dtype", "")),
         failures=failures[:100],
     )
     run = store.run_info
@@ -671,6 +685,8 @@ def _get(pool: _RayPool | _InlinePool, ref: Any) -> dict[str, Any]:
         if ref.error is not None:
             raise ref.error
         return ref.value
+    if isinstance(ref, Future):  # an in-process call (_InlinePool): its exception as raised
+        return ref.result()
     ray = pool.ray  # type: ignore[union-attr]
     try:
         return ray.get(ref)
@@ -686,7 +702,7 @@ def _get(pool: _RayPool | _InlinePool, ref: Any) -> dict[str, Any]:
 def format_summary(s: JobSummary) -> str:
     lines = [
         f"store        {s.store}",
-        f"labeler      {s.model_id}",
+        f"labeler      {s.model_id}" + (f" ({s.labeler_device}, {s.labeler_dtype})" if s.labeler_dtype else ""),
         f"samples      {s.samples_done}/{s.samples_total} done, {s.samples_failed} failed, "
         f"{s.samples_skipped} skipped (already done)",
         f"images       {s.images_labeled} labeled, {s.images_failed} failed in {s.seconds:.1f} s "

@@ -391,7 +391,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
             raise BevctlError(f"--resume: schedule length changed ({ckpt['run']['total_steps']} -> {total_steps} "
                               f"steps); the dataset or its fraction differs from the original run")
     run_info = {"mode": spec.mode, "dataroot": spec.dataroot, "version": spec.version, "labels": spec.labels,
-                "gt": spec.gt, "init": spec.init, "world": info.world, "total_steps": total_steps,
+                "gt": spec.gt, "init": spec.init, "world": info.world, "backend": info.backend, "total_steps": total_steps,
                 "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": num_classes,
                 "image_hw": list(model_image_hw(cfg))}
     if info.is_main:
