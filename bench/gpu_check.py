@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -55,7 +56,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,6 +113,7 @@ class Sizes:
     gt_grid: str  # the grid of prepare-gt: the training configs' grid
     synth_labeler: str  # the shipped labeler (smoke: the synth-gt stand-in; the shipped one takes minutes on a CPU)
     cpu_workers: int  # synth and prepare-gt processes; 0 = every core
+    streets: tuple[int, int] = (5, 5)  # the synthetic world's street grid
 
 
 FULL = Sizes(scenes=4, samples_per_scene=8, image_hw=(900, 1600), label_hw=(450, 800), labeler_input_short=450,
@@ -121,7 +123,7 @@ SMOKE = Sizes(scenes=2, samples_per_scene=3, image_hw=(90, 160), label_hw=(45, 8
               mask2former=MASK2FORMER_TINY, warm_steps=1, steps=2, compare_steps=2, profile_steps=1,
               train_overrides={"model": "demo", "grid": "demo", "image_hw": (48, 80), "label_hw": (24, 40),
                                "num_workers": 0}, eval_workers=0, gt_grid="demo", synth_labeler="synth-gt",
-              cpu_workers=1)
+              cpu_workers=1, streets=(3, 3))
 
 # step name -> rough seconds on one H200 (used to skip a step that would not fit the budget)
 STEP_ESTIMATE_S = {
@@ -251,9 +253,7 @@ class Check:
 
     def step_gpu_tests(self) -> dict[str, Any]:
         log = self.out / f"{self.args.name}-pytest.txt"
-        try:
-            import pytest  # noqa: F401 - only to say plainly when it is missing
-        except ImportError:
+        if importlib.util.find_spec("pytest") is None:
             return {"status_note": "pytest is not installed here: tests/test_gpu.py not run"}
         cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=",
                str(ROOT / "tests" / "test_gpu.py")]
@@ -271,7 +271,7 @@ class Check:
 
         s = self.sizes
         cfg = SynthConfig(scenes=s.scenes, samples_per_scene=s.samples_per_scene, image_hw=s.image_hw, seed=0,
-                          version=self.version, val_fraction=0.25, workers=s.cpu_workers, chunk=2)
+                          version=self.version, val_fraction=0.25, workers=s.cpu_workers, chunk=2, grid=s.streets)
         t0 = time.perf_counter()
         summary = write_synthetic_dataset(cfg, self.dataroot, overwrite=True, progress=False)
         seconds = time.perf_counter() - t0

@@ -18,7 +18,8 @@ ablations and benchmarks (``load_labeler`` resolves these names too):
     ``synth-gt`` that also records, for every image it is given, the device it was asked to put
     its model on (``"auto"`` resolved as the real labeler does, ``cuda`` kept as given: it
     allocates nothing), ``CUDA_VISIBLE_DEVICES`` and the GPU ids Ray assigned to its process:
-    one JSON line per image appended to ``$BEVCTL_PROBE_LOG`` (required). Tests the GPU
+    JSON lines appended to ``$BEVCTL_PROBE_LOG`` (required), ``{"event": "load", ...}`` when it
+    is created and ``{"event": "image", "image": path, ...}`` per image. Tests the GPU
     placement of ``pseudolabel --gpus N`` on a machine without GPUs.
 ``crash-every:<k>``
     ``synth-gt`` that kills its own process on every ``k``-th ``predict`` call of that process
@@ -210,15 +211,19 @@ class DeviceProbeLabeler(SynthGTLabeler):
             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
             "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()] if in_ray else None,
         }
+        self._log({"event": "load"})
+
+    def _log(self, record: dict) -> None:
+        line = json.dumps({**self.placement, **record}) + "\n"
+        fd = os.open(self.log_path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, line.encode())  # one short O_APPEND write per line: processes never interleave
+        finally:
+            os.close(fd)
 
     def preprocess_file(self, image: np.ndarray, path: str) -> np.ndarray:
         mask = super().preprocess_file(image, path)
-        line = json.dumps({**self.placement, "image": str(path)}) + "\n"
-        fd = os.open(self.log_path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)
-        try:
-            os.write(fd, line.encode())  # one short O_APPEND write per line: actors never interleave
-        finally:
-            os.close(fd)
+        self._log({"event": "image", "image": str(path)})
         return mask
 
 
