@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long clean
+.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -58,6 +58,22 @@ bench-paper: $(STAMP)
 # The same with 2x the from-scratch steps, 5 seeds (~2 h 15 min): bench/results/paper-long.{json,md}
 bench-paper-long: $(STAMP)
 	$(PY) bench/paper.py --plan long --seeds 5 --other-fraction-seeds 3 --ablation-seeds 1
+
+# Every GPU path on one CUDA GPU, measured (docs/gpu_check.md): bench/results/gpu.{json,md}.
+# Runs with the python that has torch + CUDA (no .venv, no Ray, bevctl from this checkout):
+# on a GPU machine without internet, install the wheels of `make gpu-wheels` first.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PYTHON) bench/gpu_check.py --out bench/results $(GPU_CHECK_ARGS)
+
+# The wheels an offline GPU machine lacks (python 3.12, x86-64), into .whl/ (git-ignored locally:
+# `echo /.whl/ >> .git/info/exclude`): bevctl's dependencies (../shared/tools/gpu-wheels.sh when
+# present) plus pytest for `pytest -m gpu`.
+gpu-wheels:
+	bash ../shared/tools/gpu-wheels.sh .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  -d .whl pytest pluggy iniconfig
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache
