@@ -1,30 +1,32 @@
 """GPU check: every GPU path of bevctl run end to end on one GPU and measured, in one command.
 
 ``python3 bench/gpu_check.py`` (= ``make gpu-check``) on a machine with one CUDA GPU runs, in
-this order, through bevctl's own library functions (no copy of their logic):
+this order (most wanted figures first), through bevctl's own library functions (no copy of
+their logic):
 
 1.  ``env``: device, torch / CUDA / transformers versions, the measured bf16 matmul rate;
-2.  ``gpu_tests``: ``pytest -m gpu`` (CUDA vs CPU equality tests, tests/test_gpu.py);
-3.  ``synth``: a synthetic world at nuScenes image size (900x1600), written with every core;
-4.  ``labeler_mask2former``: a Mask2Former of the Swin-L Mapillary Vistas checkpoint's
+2.  ``synth``: a synthetic world at nuScenes image size (900x1600), written with every core;
+3.  ``labeler_mask2former``: a Mask2Former of the Swin-L Mapillary Vistas checkpoint's
     architecture and size (random weights built from a config, 200 queries, the 65 Mapillary
     Vistas v1.2 class names), written with ``save_pretrained`` and labelled through the same
     local-directory path as a downloaded checkpoint, in process (``--workers 0``) on the GPU in
     half precision, ``--resolution 450x800 --confidence``: images/s, model-busy fraction, peak
     memory, FLOPs per image (torch.utils.flop_counter) and the fraction of the bf16 rate;
-5.  ``labeler_synth``: the same for the shipped ``bevctl-synth`` labeler;
-6.  ``prepare_gt``: the ``hdmapnet`` grid;
-7.  ``pretrain_small`` / ``finetune_small`` / ``pretrain_base`` / ``finetune_base``: the recipe's
+4.  ``labeler_synth``: the same for the shipped ``bevctl-synth`` labeler (its labels feed pretraining);
+5.  ``prepare_gt``: the ``hdmapnet`` grid;
+6.  ``pretrain_small`` / ``finetune_small`` / ``pretrain_base`` / ``finetune_base``: the recipe's
     configs (``configs/nuscenes``; backbone random-init) for a fixed number of steps with AMP:
     s/step, samples/s, peak memory, data-wait fraction with the config's loader workers, phase
     split (data / forward / loss / backward / optimiser), FLOPs per step and fraction of the bf16
-    rate; ``profile`` adds the top GPU kernels of a few ``small`` pretraining steps;
-8.  ``amp_vs_fp32``: the first steps of ``pretrain_small`` again without AMP: losses must agree
+    rate;
+7.  ``amp_vs_fp32``: the first steps of ``pretrain_small`` again without AMP: losses must agree
     within :data:`AMP_LOSS_RTOL`;
-9.  ``torchrun``: ``torchrun --nproc-per-node 1 -m bevctl.cli pretrain`` (NCCL) must give the
+8.  ``torchrun``: ``torchrun --nproc_per_node 1 -m bevctl.cli pretrain`` (NCCL) must give the
     losses of the plain run within :data:`TORCHRUN_LOSS_RTOL`;
-10. ``evaluate_visualize``: ``evaluate`` and ``visualize`` on the GPU;
-11. ``compile``: ``pretrain_small`` with the model under ``torch.compile``: compile time,
+9.  ``evaluate_visualize``: ``evaluate`` and ``visualize`` on the GPU;
+10. ``gpu_tests``: ``pytest -m gpu`` (CUDA vs CPU equality tests, tests/test_gpu.py);
+11. ``profile``: the top GPU kernels of a few ``small`` pretraining steps (torch.profiler);
+12. ``compile``: ``pretrain_small`` with the model under ``torch.compile``: compile time,
     step-time speed-up.
 
 It stops itself before ``--budget-s`` of wall-clock time (a step that would not fit is skipped,
@@ -32,8 +34,9 @@ a running one is stopped) and writes ``<out>/<name>.json`` and ``.md`` after eve
 run still leaves its partial results. ``--only`` / ``--skip`` pick steps; a step's inputs (world,
 label store, GT store) are built on demand, so any subset runs on a fresh machine.
 
-``--device cpu --smoke`` runs every step at tiny sizes in well under a minute (tests/test_gpu_check.py
-runs it inside ``make test``), so this script cannot rot between GPU runs.
+``--device cpu --smoke`` runs every step at tiny sizes on a CPU (a few minutes on 2 cores, mostly
+imports, a torchrun subprocess and dynamo tracing; tests/test_gpu_check.py runs it, without those
+three, inside ``make test``), so this script cannot rot between GPU runs.
 
 Needs no Ray and no installed bevctl (``PYTHONPATH`` pointing at the checkout is enough).
 """
@@ -125,11 +128,11 @@ SMOKE = Sizes(scenes=2, samples_per_scene=3, image_hw=(90, 160), label_hw=(45, 8
                                "num_workers": 0}, eval_workers=0, gt_grid="demo", synth_labeler="synth-gt",
               cpu_workers=1, streets=(3, 3))
 
-# step name -> rough seconds on one H200 (used to skip a step that would not fit the budget)
+# step name -> rough seconds on one H200; the order is the run order, most wanted figures first
 STEP_ESTIMATE_S = {
-    "env": 10, "gpu_tests": 60, "synth": 20, "labeler_mask2former": 60, "labeler_synth": 15, "prepare_gt": 10,
-    "pretrain_small": 40, "finetune_small": 35, "amp_vs_fp32": 30, "torchrun": 45, "evaluate_visualize": 25,
-    "profile": 30, "pretrain_base": 50, "finetune_base": 45, "compile": 120,
+    "env": 10, "synth": 20, "labeler_mask2former": 60, "labeler_synth": 15, "prepare_gt": 10,
+    "pretrain_small": 40, "finetune_small": 35, "pretrain_base": 50, "finetune_base": 45, "amp_vs_fp32": 30,
+    "torchrun": 45, "evaluate_visualize": 25, "gpu_tests": 60, "profile": 30, "compile": 120,
 }
 STEPS = tuple(STEP_ESTIMATE_S)
 
@@ -187,12 +190,13 @@ class Check:
         return self.dataroot
 
     def labels(self) -> Path:
-        """The Swin-L store when that step ran, else the bevctl-synth one (built if missing)."""
-        for name in ("labels_mask2former.zarr", "labels_synth.zarr"):
-            if (self.work / name / "zarr.json").is_file():
-                return self.work / name
-        self.step_labeler_synth()
-        return self.work / "labels_synth.zarr"
+        """The pseudo-labels training reads: the shipped labeler's (built if missing). The
+        random-weight Swin-L's labels are noise with ~1/65 confidence, which the recipe's
+        ``min_confidence: 0.5`` would mask out entirely, leaving the reprojection loss at zero."""
+        store = self.work / "labels_synth.zarr"
+        if not (store / "zarr.json").is_file():
+            self.step_labeler_synth()
+        return store
 
     def gt(self) -> Path:
         if not (self.work / "gt.zarr" / "zarr.json").is_file():
@@ -243,7 +247,8 @@ class Check:
         self._sync()
         seconds = time.perf_counter() - t0
         self.peak_rate = 2 * n**3 * reps / seconds
-        env["matmul"] = {"n": n, "dtype": str(dtype).removeprefix("torch."), "tflop_per_s": round(self.peak_rate / 1e12, 2)}
+        env["matmul"] = {"n": n, "dtype": str(dtype).removeprefix("torch."),
+                         "tflop_per_s": float(f"{self.peak_rate / 1e12:.4g}")}
         self.results["env"] = env
         return env
 
@@ -516,7 +521,7 @@ class Check:
         rows = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
         backend = json.loads((run_dir / "run.json").read_text()).get("backend")
         want = "nccl" if self.cuda else "gloo"
-        out = {"command": "torchrun --standalone --nproc-per-node 1 -m bevctl.cli pretrain ...", "backend": backend,
+        out = {"command": "torchrun --standalone --nproc_per_node 1 -m bevctl.cli pretrain ...", "backend": backend,
                "wall_s": round(wall, 1), "torchrun_losses": [r["loss"] for r in rows],
                "plain_losses": plain["losses"][: len(rows)],
                **self._compare(plain["losses"], [r["loss"] for r in rows], TORCHRUN_LOSS_RTOL)}
@@ -594,10 +599,9 @@ class Check:
             if self.results["steps"].get(name, {}).get("status", "").startswith("ok"):
                 continue  # already built as another step's input
             estimate = STEP_ESTIMATE_S[name] if not self.args.smoke else 1
-            if self.remaining() < estimate:
-                for rest in steps[i:]:
-                    self.results["steps"].setdefault(rest, {"status": "skipped: wall-clock budget"})
-                break
+            if self.remaining() < estimate:  # would not fit: a later, shorter step still may
+                self.results["steps"].setdefault(name, {"status": "skipped: wall-clock budget"})
+                continue
             print(f"== {name}", flush=True)
             t0 = time.monotonic()
             signal.setitimer(signal.ITIMER_REAL, max(0.1, self.remaining()))
@@ -705,7 +709,8 @@ def markdown(r: dict[str, Any]) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for name, x in lab:
             hw = "x".join(map(str, x.get("model_input_hw", [])))
-            lines.append(f"| {name} | {x['labeler_device']}, {x['labeler_dtype']} | {hw} | {x['images_labeled']} | "
+            where = f"{x['labeler_device']}, {x['labeler_dtype']}" if x["labeler_dtype"] else "- (stand-in)"
+            lines.append(f"| {name} | {where} | {hw} | {x['images_labeled']} | "
                          f"{x['images_per_s']} | {_pct(x['model_busy'])} | {x['gflop_per_image']} | "
                          f"{_pct(x['fraction_of_matmul_rate'])} | {_fmt(x['peak_gib'])} | "
                          f"{x['decode_s']:.1f} / {x['model_s']:.1f} / {x['write_s']:.1f} |")
@@ -726,7 +731,7 @@ def markdown(r: dict[str, Any]) -> str:
                   "build: ~2.4 s per sample per A100; an H200 has ~3x its bf16 rate); the loss < 10% of a step."]
     for name, title in (("amp_vs_fp32", "AMP vs fp32"), ("torchrun", "torchrun (one process)"),
                         ("compile", "torch.compile"), ("evaluate_visualize", "evaluate + visualize"),
-                        ("prepare_gt", "prepare-gt (hdmapnet)"), ("synth", "synthetic world"),
+                        ("prepare_gt", "prepare-gt"), ("synth", "synthetic world"),
                         ("gpu_tests", "pytest -m gpu")):
         x = res(name)
         if x:

@@ -73,11 +73,14 @@ def test_smoke_mode_with_torchrun_compile_and_pytest(tmp_path: Path) -> None:
 
 
 def test_budget_stops_the_run_and_keeps_partial_results(tmp_path: Path) -> None:
-    proc, r = _smoke(tmp_path, "--only", "synth,prepare_gt", "--budget-s", "4")
+    """3 s cannot hold env (importing transformers) + synth + prepare-gt anywhere: the run stops
+    itself on time, names what it cut, and still writes its results."""
+    proc, r = _smoke(tmp_path, "--only", "synth,prepare_gt", "--budget-s", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert r["steps"]["env"]["status"] == "ok"
-    assert r["steps"]["synth"]["status"] in ("stopped: wall-clock budget", "skipped: wall-clock budget")
-    assert r["steps"]["prepare_gt"]["status"] == "skipped: wall-clock budget"
+    assert r["wall_s"] <= 5  # from the start (after imports) to the last write; a signal waits for a C call to return
+    statuses = [r["steps"][name]["status"] for name in ("env", "synth", "prepare_gt")]
+    cut = ("stopped: wall-clock budget", "skipped: wall-clock budget")
+    assert all(s == "ok" or s in cut for s in statuses) and statuses[-1] in cut, statuses
     assert "wall-clock budget" in (tmp_path / "out" / "gpu.md").read_text()
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -15,6 +17,7 @@ import pytest
 import torch
 
 from bevctl.data.nuscenes import load_index
+from bevctl.pseudolabel import job as job_mod
 from bevctl.pseudolabel import labeler as labeler_mod
 from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
 from bevctl.pseudolabel.standins import SynthGTLabeler
@@ -94,3 +97,37 @@ def test_in_process_labeler_goes_on_the_gpu_in_half_precision(tiny_synth, tmp_pa
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert labeler_mod._pick_dtype("auto", "cuda") == torch.float16
     assert labeler_mod._pick_dtype("auto", "cpu") == torch.float32
+
+
+class _CountingLabeler(SynthGTLabeler):
+    """synth-gt that counts how many images it is given at the same time; ``device`` is what the
+    job reads (nothing touches a GPU)."""
+
+    def __init__(self, device: str) -> None:
+        super().__init__()
+        self.device = device
+        self.lock = threading.Lock()
+        self.now = self.most = 0
+
+    def preprocess_file(self, image, path):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.03)  # a JPEG decode
+        with self.lock:
+            self.now -= 1
+        return super().preprocess_file(image, path)
+
+
+@pytest.mark.parametrize("device,most", [("cpu", 3), ("cuda", 6)])
+def test_in_process_decoding_widens_to_the_cores_when_the_model_is_on_a_gpu(
+        tiny_synth, tmp_path, monkeypatch, device, most) -> None:
+    root, version = tiny_synth
+    monkeypatch.setenv("BEVCTL_CACHE_DIR", str(tmp_path / "cache"))
+    lab = _CountingLabeler(device)
+    monkeypatch.setattr(labeler_mod, "load_labeler", lambda model, device="auto", dtype="auto": lab)
+    monkeypatch.setattr(job_mod, "_usable_cpus", lambda: 6)
+    summary = run_pseudolabel(PseudolabelConfig(dataroot=str(root), version=version, out=str(tmp_path / "l.zarr"),
+                                                model="x", workers=0, batch_size=1, progress=False))
+    assert summary.samples_done == summary.samples_total and summary.labeler_device == device
+    assert lab.most == most  # batches decoding at once: inflight (3), or one per usable core

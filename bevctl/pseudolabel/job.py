@@ -31,7 +31,8 @@ Multi-node
 ``workers=0`` runs the same worker in this process without Ray (no Ray installed, debugging,
 fast tests): ``inflight`` threads call it, so JPEG decoding overlaps the model there too, and its
 labeler goes on the GPU when there is one (``device="auto"``; bfloat16, or float16 where bf16 is
-missing).
+missing). With the model on a GPU the batches in flight (and threads) rise to the usable cores:
+one GPU eats JPEGs faster than three threads decode them.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait as wait_futures
 from collections.abc import Iterator, Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -374,12 +376,19 @@ class _InlinePool:
     def __init__(self, cfg: PseudolabelConfig) -> None:
         self.worker = LabelWorker(cfg.model, cfg.device, cfg.threads)
         self.actors = [self.worker]
-        self._threads = ThreadPoolExecutor(max_workers=cfg.inflight, thread_name_prefix="bevctl-label")
+        self.inflight = cfg.inflight
+        self._threads: ThreadPoolExecutor | None = None
 
     def info(self) -> dict[str, Any]:
-        return self.worker.info()
+        info = self.worker.info()
+        if self._threads is None:  # sized once the labeler says where its model runs
+            if info["device"].startswith("cuda"):
+                self.inflight = max(self.inflight, _usable_cpus())
+            self._threads = ThreadPoolExecutor(max_workers=self.inflight, thread_name_prefix="bevctl-label")
+        return info
 
     def submit(self, actor: int, args: tuple) -> Future:
+        assert self._threads is not None, "info() first"
         return self._threads.submit(self.worker.label, *args)
 
     def probe(self, actor: int) -> _Done:
@@ -393,7 +402,8 @@ class _InlinePool:
         return [r for r in refs if r in done][:1]  # the oldest finished one first
 
     def close(self) -> None:
-        self._threads.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,6 +501,8 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
         log.info("%s store %s for %d samples", "created" if created else "resuming", cfg.out, len(tokens))
         if not created and location_is_local(cfg.out):
             remove_stale_temp_files(cfg.out, recursive=True)  # chunk writes a killed run left half done
+        # a pool may take more batches at once than asked (in process with the model on a GPU)
+        cfg = dataclasses.replace(cfg, inflight=getattr(pool, "inflight", cfg.inflight))
         return _drive(cfg, pool, store, image_paths, out_hw, len(cameras), info)
     finally:
         pool.close()
