@@ -119,7 +119,7 @@ class Sizes:
     streets: tuple[int, int] = (5, 5)  # the synthetic world's street grid
 
 
-FULL = Sizes(scenes=4, samples_per_scene=8, image_hw=(900, 1600), label_hw=(450, 800), labeler_input_short=450,
+FULL = Sizes(scenes=4, samples_per_scene=6, image_hw=(900, 1600), label_hw=(450, 800), labeler_input_short=450,
              mask2former=MASK2FORMER_SWIN_L, warm_steps=3, steps=12, compare_steps=4, profile_steps=3,
              train_overrides={}, eval_workers=4, gt_grid="hdmapnet", synth_labeler="bevctl-synth", cpu_workers=0)
 SMOKE = Sizes(scenes=2, samples_per_scene=3, image_hw=(90, 160), label_hw=(45, 80), labeler_input_short=64,
@@ -130,7 +130,7 @@ SMOKE = Sizes(scenes=2, samples_per_scene=3, image_hw=(90, 160), label_hw=(45, 8
 
 # step name -> rough seconds on one H200; the order is the run order, most wanted figures first
 STEP_ESTIMATE_S = {
-    "env": 10, "synth": 20, "labeler_mask2former": 60, "labeler_synth": 15, "prepare_gt": 10,
+    "env": 10, "synth": 45, "labeler_mask2former": 60, "labeler_synth": 15, "prepare_gt": 10,
     "pretrain_small": 40, "finetune_small": 35, "pretrain_base": 50, "finetune_base": 45, "amp_vs_fp32": 30,
     "torchrun": 45, "evaluate_visualize": 25, "gpu_tests": 60, "profile": 30, "compile": 120,
 }
@@ -292,6 +292,8 @@ class Check:
         """A save_pretrained directory with the Swin-L Mapillary Vistas architecture (random weights)."""
         from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
 
+        from bevctl.pseudolabel.labeler import quiet_transformers
+
         spec = self.sizes.mask2former
         names = [n for n in yaml.safe_load(MAPILLARY_MAP.read_text())["classes"] if n != "Unlabeled"]
         if len(names) != 65:
@@ -307,7 +309,8 @@ class Check:
         with torch.device(self.device):  # random init on the GPU: seconds instead of a minute
             model = Mask2FormerForUniversalSegmentation(config)
         self._m2f_params = sum(p.numel() for p in model.parameters())
-        model.save_pretrained(str(path))
+        with quiet_transformers():  # no progress bar per shard in the log
+            model.save_pretrained(str(path))
         del model
         short = self.sizes.labeler_input_short
         processor = json.loads((ROOT / "bevctl" / "assets" / "labeler-synth" / "preprocessor_config.json").read_text())
