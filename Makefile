@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long bench-paper-gpu clean
+.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long bench-paper-gpu gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -66,6 +66,22 @@ GPU_RESULTS ?= bench/results
 bench-paper-gpu:
 	PYTHONPATH="$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH}" $(PYTHON) bench/paper.py --plan gpu --seeds 3 --no-ablations \
 		--time-budget 480 --out /tmp/bevctl-paper-gpu-run --results $(GPU_RESULTS)
+
+# Every GPU path on one CUDA GPU, measured (docs/gpu_check.md): bench/results/gpu.{json,md}.
+# Runs with the python that has torch + CUDA (no .venv, no Ray, bevctl from this checkout):
+# on a GPU machine without internet, install the wheels of `make gpu-wheels` first.
+GPU_PYTHON ?= python3
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=$(CURDIR):$$PYTHONPATH $(GPU_PYTHON) bench/gpu_check.py --out bench/results $(GPU_CHECK_ARGS)
+
+# The wheels an offline GPU machine lacks (python 3.12, x86-64), into .whl/ (git-ignored locally:
+# `echo /.whl/ >> .git/info/exclude`): bevctl's dependencies (../shared/tools/gpu-wheels.sh when
+# present) plus pytest for `pytest -m gpu`.
+gpu-wheels:
+	bash ../shared/tools/gpu-wheels.sh .whl
+	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  -d .whl pytest pluggy iniconfig
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache

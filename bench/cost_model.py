@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 from bevctl.io import atomic_write_text  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+GPU_RESULTS = RESULTS / "gpu.json"  # bench/gpu_check.py on one GPU; absent until it has run
 CONFIGS = ROOT / "configs" / "nuscenes"
 GPUS = (8, 32, 128)
 GPUS_PER_NODE = 8
@@ -104,6 +105,30 @@ def measured_inputs() -> dict[str, Any]:
     }
 
 
+def gpu_measurements(path: Path = GPU_RESULTS) -> dict[str, Any] | None:
+    """The figures of a full ``bench/gpu_check.py`` run (one GPU) that replace GPU assumptions:
+    ``labeler_img_s_per_gpu`` (the Swin-L labeler end to end in one process) and
+    ``s_per_sample[preset][mode]``; None without such a run (smoke runs do not count)."""
+    if not path.is_file():
+        return None
+    r = json.loads(path.read_text())
+    if r.get("mode") != "full":
+        return None
+
+    def ok(name: str) -> dict[str, Any] | None:
+        entry = r.get("steps", {}).get(name, {})
+        return entry.get("result") if entry.get("status") == "ok" else None
+
+    out: dict[str, Any] = {"gpu": r.get("env", {}).get("gpu"), "s_per_sample": {}}
+    if lab := ok("labeler_mask2former"):
+        out["labeler_img_s_per_gpu"] = float(lab["images_per_s"])
+    for preset in ("small", "base"):
+        for mode in ("pretrain", "finetune"):
+            if run := ok(f"{mode}_{preset}"):
+                out["s_per_sample"].setdefault(preset, {})[mode] = float(run["s_per_step"]) / int(run["batch_size"])
+    return out
+
+
 def seconds_per_sample(m: dict[str, Any], a: dict[str, float]) -> dict[str, dict[str, float]]:
     """GPU seconds per training sample at batch 1, per preset and phase."""
     ref = a["bevformer_base_ref_hours"] * 3600 * 8 / (24 * TRAIN_KEYFRAMES)  # per sample, 6 units
@@ -116,10 +141,19 @@ def seconds_per_sample(m: dict[str, Any], a: dict[str, float]) -> dict[str, dict
     return out
 
 
-def compute() -> dict[str, Any]:
+def compute(gpu_json: Path = GPU_RESULTS) -> dict[str, Any]:
     m = measured_inputs()
     a = {k: v.value for k, v in ASSUMPTIONS.items()}
     sps = seconds_per_sample(m, a)
+    gpu = gpu_measurements(gpu_json)
+    if gpu:  # measured on one GPU: these replace the assumptions (evaluation = 1 of fine-tuning's 3 forward units)
+        for preset, modes in gpu["s_per_sample"].items():
+            sps[preset].update(modes)
+            if "finetune" in modes:
+                sps[preset]["evaluate"] = modes["finetune"] / a["bevctl_forward_units_finetune"]
+        if "labeler_img_s_per_gpu" in gpu:
+            a["labeler_img_s_per_gpu"] = gpu["labeler_img_s_per_gpu"]
+            m["pipeline_efficiency"] = 1.0  # the measured rate is already end to end
     mask_b = m["mask_bytes_synthetic"] * a["real_mask_complexity"]
     conf_b = m["confidence_bytes_synthetic"] * a["real_confidence_complexity"]
     jpeg_b = m["jpeg_bytes"]
@@ -188,7 +222,7 @@ def compute() -> dict[str, Any]:
         "object_store_max_gpus_sharded_per_sample": a["object_store_put_per_s"] * CAMERAS
         / (2 * a["labeler_img_s_per_gpu"] * labeler_eff),
     }
-    return {"assumptions": {k: asdict(v) for k, v in ASSUMPTIONS.items()}, "measured": m,
+    return {"assumptions": {k: asdict(v) for k, v in ASSUMPTIONS.items()}, "measured": m, "gpu_measured": gpu,
             "seconds_per_sample": sps, "datasets_images": datasets, "bytes_per_image": {
                 "mask": mask_b, "confidence": conf_b, "jpeg": jpeg_b}, "rows": rows, "stores": stores,
             "limits": limits}
@@ -207,7 +241,9 @@ def to_markdown(r: dict[str, Any]) -> str:
         f"Images: {r['datasets_images']['keyframes']:,} keyframe camera images; "
         f"{r['datasets_images']['with sweeps']:,} with sweeps (6 cameras x 12 Hz x 20 s x 850 scenes). "
         f"Per image: mask {b['mask'] / 1e3:.1f} kB + confidence {b['confidence'] / 1e3:.1f} kB at 450x800, "
-        f"JPEG {b['jpeg'] / 1e3:.0f} kB. GPU s per training sample (batch 1): "
+        f"JPEG {b['jpeg'] / 1e3:.0f} kB. GPU s per training sample (batch 1"
+        + (f"; measured on one {r['gpu_measured']['gpu']} where bench/results/gpu.json has them, else assumed"
+           if r.get("gpu_measured") else "; assumed, see below") + "): "
         + ", ".join(f"{p} pretrain {v['pretrain']:.2f} / finetune {v['finetune']:.2f}"
                     for p, v in r["seconds_per_sample"].items()) + ".", "",
         "## Hours per phase", "",

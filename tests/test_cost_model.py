@@ -55,3 +55,25 @@ def test_cost_model_markdown_has_every_section(cost_model) -> None:
     md = cost_model.to_markdown(cost_model.compute())
     assert "| keyframes | small | 8 |" in md and "## Limits" in md and "## Assumptions (not measured)" in md
     assert "204,894 keyframe camera images" in md
+
+
+def test_cost_model_takes_the_gpu_check_figures_when_they_exist(cost_model, tmp_path) -> None:
+    """A full bench/gpu_check.py run replaces the GPU assumptions; smoke runs are ignored."""
+    ok = lambda result: {"status": "ok", "result": result}  # noqa: E731
+    gpu = {"mode": "full", "env": {"gpu": "NVIDIA H200"}, "steps": {
+        "labeler_mask2former": ok({"images_per_s": 20.0}),
+        "pretrain_small": ok({"s_per_step": 0.5, "batch_size": 1}),
+        "finetune_small": ok({"s_per_step": 0.3, "batch_size": 1}),
+        "pretrain_base": {"status": "skipped: wall-clock budget"}}}
+    path = tmp_path / "gpu.json"
+    path.write_text(__import__("json").dumps(gpu))
+    r = cost_model.compute(path)
+    sps = r["seconds_per_sample"]
+    assert sps["small"] == {"pretrain": 0.5, "finetune": 0.3, "evaluate": pytest.approx(0.1)}
+    assert sps["base"] == cost_model.compute(tmp_path / "none.json")["seconds_per_sample"]["base"]  # still assumed
+    row = next(x for x in r["rows"] if (x["data"], x["preset"], x["gpus"]) == ("keyframes", "small", 8))
+    eff = r["measured"]["actor_scaling_efficiency_8"]
+    assert row["hours"]["pseudolabel"] == pytest.approx(204_894 / (8 * 20.0 * eff) / 3600)
+    assert "measured on one NVIDIA H200" in cost_model.to_markdown(r)
+    path.write_text(__import__("json").dumps({**gpu, "mode": "smoke"}))
+    assert cost_model.compute(path)["gpu_measured"] is None

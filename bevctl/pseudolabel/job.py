@@ -32,12 +32,16 @@ Authentication
     A local cluster uses Ray's token authentication with a token file only this user can read;
     ``--address`` uses the cluster's own settings (:mod:`bevctl.pseudolabel.ray_auth`).
 
-``workers=0`` runs the same worker in this process without Ray, its calls on ``inflight`` threads
-(one GPU without Ray, debugging, fast tests).
+``workers=0`` runs the same worker in this process without Ray (no Ray installed, debugging,
+fast tests): ``inflight`` threads call it, so JPEG decoding overlaps the model there too, and its
+labeler goes on the GPU when there is one (``device="auto"``; bfloat16, or float16 where bf16 is
+missing). With the model on a GPU the batches in flight (and threads) rise to the usable cores:
+one GPU eats JPEGs faster than three threads decode them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -142,6 +146,8 @@ class JobSummary:
     decode_s: float = 0.0  # summed: read + preprocess (overlaps the model in other threads)
     write_s: float = 0.0  # summed: Zarr chunk writes
     model_busy: float = 0.0  # model_s / (actors x seconds): 1.0 = the model never waited
+    labeler_device: str = ""  # the device of the first actor's model ("cuda", "cpu", ...)
+    labeler_dtype: str = ""  # its weights' dtype ("bfloat16", "float16", "float32"; "" for stand-ins)
     failures: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -186,6 +192,8 @@ class LabelWorker:
             "id2label": {int(k): str(v) for k, v in lab.id2label.items()},
             "pid": os.getpid(),
             "node": self.node,
+            "device": str(getattr(lab, "device", "")),  # where its model runs (stand-ins: may be "")
+            "dtype": str(getattr(lab, "dtype", "")).removeprefix("torch."),
         }
 
     def _prepare(self, lab: Any, path: str) -> np.ndarray:
@@ -385,13 +393,20 @@ class _InlinePool:
     def __init__(self, cfg: PseudolabelConfig) -> None:
         self.worker = LabelWorker(cfg.model, cfg.device, cfg.threads)
         self.actors = [self.worker]
-        self.threads = ThreadPoolExecutor(max_workers=cfg.inflight, thread_name_prefix="labeler")
+        self.inflight = cfg.inflight
+        self._threads: ThreadPoolExecutor | None = None
 
     def info(self) -> dict[str, Any]:
-        return self.worker.info()
+        info = self.worker.info()
+        if self._threads is None:  # sized once the labeler says where its model runs
+            if info["device"].startswith("cuda"):
+                self.inflight = max(self.inflight, _usable_cpus())
+            self._threads = ThreadPoolExecutor(max_workers=self.inflight, thread_name_prefix="bevctl-label")
+        return info
 
     def submit(self, actor: int, args: tuple) -> Future:
-        return self.threads.submit(self.worker.label, *args)
+        assert self._threads is not None, "info() first"
+        return self._threads.submit(self.worker.label, *args)
 
     def probe(self, actor: int) -> _Done:
         return _Done(self.worker.info())
@@ -407,7 +422,8 @@ class _InlinePool:
         return list(finished)
 
     def close(self) -> None:
-        self.threads.shutdown(wait=True, cancel_futures=True)
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,7 +522,9 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
         log.info("%s store %s for %d samples", "created" if created else "resuming", cfg.out, len(tokens))
         if not created and location_is_local(cfg.out):
             remove_stale_temp_files(cfg.out, recursive=True)  # chunk writes a killed run left half done
-        return _drive(cfg, pool, store, image_paths, out_hw, len(cameras))
+        # a pool may take more batches at once than asked (in process with the model on a GPU)
+        cfg = dataclasses.replace(cfg, inflight=getattr(pool, "inflight", cfg.inflight))
+        return _drive(cfg, pool, store, image_paths, out_hw, len(cameras), info)
     finally:
         pool.close()
         stop_reaper(reaper)
@@ -519,6 +537,7 @@ def _drive(
     image_paths: list[list[str]],
     out_hw: tuple[int, int],
     n_cams: int,
+    info: dict[str, Any],
 ) -> JobSummary:
     todo = store.todo_indices()
     n_total = len(store)
@@ -677,6 +696,8 @@ def _drive(
         decode_s=round(times["decode_s"], 3),
         write_s=round(times["write_s"], 3),
         model_busy=round(times["model_s"] / (len(pool.actors) * seconds), 3) if seconds > 0 else 0.0,
+        labeler_device=str(info.get("device", "")),
+        labeler_dtype=str(info.get("dtype", "")),
         failures=failures[:100],
     )
     run = store.run_info
@@ -716,7 +737,7 @@ def _get(pool: _RayPool | _InlinePool, ref: Any) -> dict[str, Any]:
 def format_summary(s: JobSummary) -> str:
     lines = [
         f"store        {s.store}",
-        f"labeler      {s.model_id}",
+        f"labeler      {s.model_id}" + (f" ({s.labeler_device}, {s.labeler_dtype})" if s.labeler_dtype else ""),
         f"samples      {s.samples_done}/{s.samples_total} done, {s.samples_failed} failed, "
         f"{s.samples_skipped} skipped (already done)",
         f"images       {s.images_labeled} labeled, {s.images_failed} failed in {s.seconds:.1f} s "

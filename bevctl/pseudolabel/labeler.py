@@ -407,7 +407,7 @@ def _set_threads(device: str) -> None:
     torch.set_num_threads(max(1, n))
 
 
-def _standin(model: str) -> Any:
+def _standin(model: str, device: str = "auto") -> Any:
     """The stand-in labeler registered under ``model`` (bevctl.pseudolabel.standins), or None."""
     try:
         standins = importlib.import_module("bevctl.pseudolabel.standins")
@@ -416,13 +416,13 @@ def _standin(model: str) -> Any:
             raise
         return None
     if standins.is_standin(model):
-        return standins.load_standin(model)
+        return standins.load_standin(model, device=device)
     return None
 
 
 def load_labeler(model: str, device: str = "auto", dtype: str = "auto") -> Labeler:
     """A labeler by name: ``bevctl-synth``, a local directory, a hub id, or a stand-in name."""
-    standin = _standin(model)
+    standin = _standin(model, device)
     if standin is not None:
         return standin
     model_id, model_dir = resolve_model_dir(model)

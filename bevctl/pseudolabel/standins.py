@@ -14,6 +14,13 @@ ablations and benchmarks (``load_labeler`` resolves these names too):
     ``synth-gt`` that kills its own process (``os._exit``) on its ``k``-th ``predict`` call
     (1-based), once per marker file: the first crash creates ``$BEVCTL_FAULT_MARKER`` (required)
     and later calls — also in the restarted actor — behave like ``synth-gt``. Tests actor restart.
+``device-probe``
+    ``synth-gt`` that also records, for every image it is given, the device it was asked to put
+    its model on (``"auto"`` resolved as the real labeler does, ``cuda`` kept as given: it
+    allocates nothing), ``CUDA_VISIBLE_DEVICES`` and the GPU ids Ray assigned to its process:
+    JSON lines appended to ``$BEVCTL_PROBE_LOG`` (required), ``{"event": "load", ...}`` when it
+    is created and ``{"event": "image", "image": path, ...}`` per image. Tests the GPU
+    placement of ``pseudolabel --gpus N`` on a machine without GPUs.
 ``crash-every:<k>``
     ``synth-gt`` that kills its own process on every ``k``-th ``predict`` call of that process
     (k >= 2), so a restarted actor dies again after ``k - 1`` batches: an actor that keeps
@@ -26,7 +33,9 @@ Labelers that need the image file (the oracle) implement the optional hook
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -40,7 +49,9 @@ SYNTH_GT = "synth-gt"
 SLEEP_PREFIX = "sleep:"
 CRASH_PREFIX = "crash-once:"
 CRASH_EVERY_PREFIX = "crash-every:"
+DEVICE_PROBE = "device-probe"
 FAULT_MARKER_ENV = "BEVCTL_FAULT_MARKER"
+PROBE_LOG_ENV = "BEVCTL_PROBE_LOG"
 
 
 def _synth_classes() -> tuple[str, ...]:
@@ -172,8 +183,49 @@ class CrashEveryLabeler(SynthGTLabeler):
         return super().predict(batch, out_hw, confidence)
 
 
+def _probe_device(device: str) -> str:
+    """The device a real labeler would use for ``device``, without touching a GPU."""
+    if device != "auto":
+        return device
+    import torch  # only to resolve "auto" as the real labeler does
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class DeviceProbeLabeler(SynthGTLabeler):
+    """``synth-gt`` that logs, per image, the device and GPUs its process was given."""
+
+    def __init__(self, device: str, log_path: Path) -> None:
+        super().__init__()
+        self.model_id = DEVICE_PROBE
+        self.device = _probe_device(device)
+        self.log_path = log_path
+        ray = sys.modules.get("ray")  # imported by the Ray worker process that runs this labeler
+        in_ray = ray is not None and ray.is_initialized()
+        self.placement = {
+            "pid": os.getpid(),
+            "device": self.device,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "ray_gpu_ids": [str(g) for g in ray.get_gpu_ids()] if in_ray else None,
+        }
+        self._log({"event": "load"})
+
+    def _log(self, record: dict) -> None:
+        line = json.dumps({**self.placement, **record}) + "\n"
+        fd = os.open(self.log_path, os.O_CREAT | os.O_APPEND | os.O_WRONLY, 0o644)
+        try:
+            os.write(fd, line.encode())  # one short O_APPEND write per line: processes never interleave
+        finally:
+            os.close(fd)
+
+    def preprocess_file(self, image: np.ndarray, path: str) -> np.ndarray:
+        mask = super().preprocess_file(image, path)
+        self._log({"event": "image", "image": str(path)})
+        return mask
+
+
 def is_standin(model: str) -> bool:
-    return model == SYNTH_GT or model.startswith((SYNTH_GT + ":", SLEEP_PREFIX, CRASH_PREFIX, CRASH_EVERY_PREFIX))
+    return model in (SYNTH_GT, DEVICE_PROBE) or model.startswith((SYNTH_GT + ":", SLEEP_PREFIX, CRASH_PREFIX, CRASH_EVERY_PREFIX))
 
 
 def _seconds(model: str, text: str) -> float:
@@ -186,10 +238,16 @@ def _seconds(model: str, text: str) -> float:
     return seconds
 
 
-def load_standin(model: str) -> SynthGTLabeler | SleepLabeler:
-    """The stand-in labeler named ``model`` (see the module docstring)."""
+def load_standin(model: str, device: str = "auto") -> SynthGTLabeler | SleepLabeler:
+    """The stand-in labeler named ``model`` (see the module docstring); ``device`` is the one
+    the job asked for (only ``device-probe`` looks at it)."""
     if model == SYNTH_GT:
         return SynthGTLabeler()
+    if model == DEVICE_PROBE:
+        log_path = os.environ.get(PROBE_LOG_ENV)
+        if not log_path:
+            raise BevctlError(f"model '{model}': set {PROBE_LOG_ENV} to a log file path")
+        return DeviceProbeLabeler(device, Path(log_path))
     if model.startswith(SYNTH_GT + ":"):
         return SynthGTLabeler(_seconds(model, model[len(SYNTH_GT) + 1:]))
     if model.startswith(SLEEP_PREFIX):
@@ -209,4 +267,4 @@ def load_standin(model: str) -> SynthGTLabeler | SleepLabeler:
         marker = os.environ.get(FAULT_MARKER_ENV)
         return CrashEveryLabeler(int(text), Path(marker) if marker else None)
     raise BevctlError(f"'{model}' is not a stand-in labeler "
-                      "(synth-gt[:<s>], sleep:<s>, crash-once:<k>, crash-every:<k>)")
+                      "(synth-gt[:<s>], device-probe, sleep:<s>, crash-once:<k>, crash-every:<k>)")

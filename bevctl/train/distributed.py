@@ -1,7 +1,10 @@
 """Process groups for DDP: the same entry point runs as one process, under ``torchrun``
 (env ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``, one node or many,
 e.g. from SLURM), or spawns ``--gpus N`` local processes itself. CUDA uses NCCL; CPU uses gloo
-(``--device cpu --gpus 2`` runs two CPU processes, which is how the tests check equivalence)."""
+(``--device cpu --gpus 2`` runs two CPU processes, which is how the tests check equivalence).
+Under ``torchrun`` the group is formed even for one process, so a one-process launch runs the
+same DDP + NCCL (or gloo) path as a multi-process one (``bench/gpu_check.py`` compares it with
+the plain run)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ class DistInfo:
     world: int
     local_rank: int
     device: torch.device
+    backend: str | None = None  # "nccl" | "gloo" inside a process group, None for a plain run
 
     @property
     def is_main(self) -> bool:
@@ -30,7 +34,8 @@ class DistInfo:
 
     @property
     def distributed(self) -> bool:
-        return self.world > 1
+        """In a process group (DDP): more than one process, or any torchrun launch."""
+        return self.backend is not None
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -46,16 +51,18 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def setup(device: str) -> DistInfo:
-    """Join the process group described by the environment (a no-op for a single process)."""
+    """Join the process group described by the environment (``WORLD_SIZE`` set: torchrun or
+    :func:`launch`); a plain single process joins none."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     dev = resolve_device(device, local_rank)
-    if world > 1 and not dist.is_initialized():
+    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev)
+    backend = str(dist.get_backend()) if dist.is_initialized() else None
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=dev, backend=backend)
 
 
 def teardown() -> None:

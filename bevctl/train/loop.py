@@ -368,7 +368,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     absolute = {k: location.absolute(v) if v else v
                 for k, v in (("dataroot", spec.dataroot), ("labels", spec.labels), ("gt", spec.gt), ("init", spec.init))}
     label_map = getattr(dataset, "label_map", None)  # provenance of the pseudo-labels' mapping
-    run_info = {"mode": spec.mode, **absolute, "version": spec.version, "world": info.world,
+    run_info = {"mode": spec.mode, **absolute, "version": spec.version, "world": info.world, "backend": info.backend,
                 "total_steps": total_steps, "steps_per_epoch": spe, "num_samples": len(dataset),
                 "num_classes": setup.num_classes, "image_hw": list(setup.image_hw), "label_map": label_map}
     if info.is_main and label_map is not None:
