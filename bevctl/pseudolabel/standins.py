@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from bevctl.data.synth_world import SYNTH_CLASSES
@@ -187,8 +188,6 @@ def _probe_device(device: str) -> str:
     """The device a real labeler would use for ``device``, without touching a GPU."""
     if device != "auto":
         return device
-    import torch  # only to resolve "auto" as the real labeler does
-
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
