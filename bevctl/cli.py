@@ -386,6 +386,37 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory (uses last.pt)."
+                                   + _URL_HELP),
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    out: str = typer.Option(..., "--out", help="Prediction store (preds.zarr) to write or resume." + _URL_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Predict this split's samples."),
+    scenes: Optional[str] = typer.Option(None, "--scenes", help="Predict these scenes (comma-separated names)."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Predict these samples (comma-separated tokens or "
+                                          "SCENE:INDEX). Default (no --split/--scenes/--samples): every sample."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also store per-class probabilities (uint8)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass (a temporal model takes 1)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
+) -> None:
+    """Run a trained model over samples in scene order (with its temporal history) into a Zarr store."""
+    from bevctl.train.predict import format_summary, predict as run_predict
+
+    _check_urls(checkpoint, out)
+
+    def names(text: Optional[str]) -> Optional[list[str]]:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    summary = run_predict(checkpoint, str(dataroot), version, out, split=split, scenes=names(scenes),
+                          samples=names(samples), probabilities=probabilities, device=device, batch_size=batch_size,
+                          num_workers=workers, overwrite=overwrite)
+    print(format_summary(summary))
+
+
+@app.command()
 def visualize(
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint (.pt) or run directory." + _URL_HELP),
     sample: Optional[str] = typer.Option(None, "--sample", help="Sample token, or SCENE:INDEX (e.g. scene-0002:3); "
