@@ -69,7 +69,8 @@ def run_case(name: str, base: str, dataroot: Path) -> dict:
     from bevctl.storage.labels import LabelStore
     from bevctl.train.checkpoint import load_checkpoint, save_checkpoint
     from bevctl.train.config import load_train_config
-    from bevctl.train.loop import build_model, make_optimizer
+    from bevctl.train.build import build_model
+    from bevctl.train.loop import make_optimizer
 
     labels = location.join(base, "labels.zarr")
     cfg = PseudolabelConfig(dataroot=str(dataroot), version=VERSION, out=labels, model="synth-gt", workers=0,

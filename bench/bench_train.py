@@ -38,13 +38,14 @@ def run_one(model: str, steps: int, threads: int, device: str) -> dict:
 
     torch.set_num_threads(threads)
     from bevctl.train.config import TrainConfig
-    from bevctl.train.loop import RunSpec, model_image_hw, train
+    from bevctl.train.build import resolve
+    from bevctl.train.loop import RunSpec, train
     from bevctl.train.toy import toy_dataset_factory
 
     cfg = TrainConfig(model=model, grid="demo" if model in ("demo", "toy") else "hdmapnet", batch_size=1,
                       epochs=1, max_steps=steps, num_workers=0, temporal_weight=0.1, checkpoint_every=10**6,
                       warmup_steps=1)
-    hw = model_image_hw(cfg)
+    hw = resolve(cfg).image_hw
     label_hw = (hw[0] // 2, hw[1] // 2)
     with tempfile.TemporaryDirectory() as tmp:
         spec = RunSpec(mode="pretrain", cfg=cfg, run_dir=Path(tmp) / "run", device=device, progress=False,
@@ -73,8 +74,8 @@ def loader_throughput(dataroot: str, version: str, labels: str, workers: int, ba
     from torch.utils.data import DataLoader
 
     from bevctl.train.config import TrainConfig
-    from bevctl.train.dataset import build_train_dataset
-    from bevctl.train.loop import RunSpec, _collate
+    from bevctl.train.dataset import build_train_dataset, collate
+    from bevctl.train.loop import RunSpec
 
     torch.set_num_threads(1)
     cfg = TrainConfig(model=model, grid="demo", batch_size=1, temporal_weight=0.1)
@@ -84,7 +85,7 @@ def loader_throughput(dataroot: str, version: str, labels: str, workers: int, ba
         ds = build_train_dataset(spec, write_scenes=False)
     n = min(len(ds), batches)
     loader = DataLoader(torch.utils.data.Subset(ds, list(range(n))), batch_size=1, num_workers=workers,
-                        collate_fn=_collate, prefetch_factor=4 if workers else None)
+                        collate_fn=collate, prefetch_factor=4 if workers else None)
     t0 = time.perf_counter()
     first = None
     for i, _ in enumerate(loader):

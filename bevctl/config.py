@@ -90,7 +90,17 @@ def grid_from_name(name: str) -> BEVGrid:
     try:
         return GRID_PRESETS[name]
     except KeyError:
-        raise BevctlError(f"unknown BEV grid '{name}' (known: {', '.join(GRID_PRESETS)})") from None
+        raise BevctlError(f"unknown BEV grid '{name}' (known: {', '.join(GRID_PRESETS)}, or a YAML file)") from None
+
+
+def is_yaml_path(spec: str) -> bool:
+    """Whether a preset-or-file option names a YAML file (rather than a preset)."""
+    return spec.endswith((".yaml", ".yml"))
+
+
+def resolve_grid(spec: str) -> BEVGrid:
+    """A grid preset name (``hdmapnet``, ``demo``) or a YAML file with :class:`BEVGrid` fields."""
+    return load_dataclass(BEVGrid, spec) if is_yaml_path(spec) else grid_from_name(spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,7 +173,13 @@ def class_set_from_name(name: str) -> BEVClassSet:
     try:
         return CLASS_SETS[name]
     except KeyError:
-        raise BevctlError(f"unknown class set '{name}' (known: {', '.join(CLASS_SETS)})") from None
+        raise BevctlError(f"unknown class set '{name}' (known: {', '.join(CLASS_SETS)}, or a YAML file)") from None
+
+
+def resolve_class_set(spec: str) -> BEVClassSet:
+    """A class-set preset name (``hdmapnet``, ``markings``) or a YAML file with
+    :class:`BEVClassSet` fields."""
+    return load_dataclass(BEVClassSet, spec) if is_yaml_path(spec) else class_set_from_name(spec)
 
 
 # --------------------------------------------------------------------------------------------

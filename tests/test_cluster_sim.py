@@ -218,7 +218,7 @@ def test_equality_needs_a_batchnorm_free_model() -> None:
     from torch.nn.modules.batchnorm import _BatchNorm
 
     from bevctl.train.config import load_train_config
-    from bevctl.train.loop import build_model
+    from bevctl.train.build import build_model
 
     def has_bn(preset: str) -> bool:
         return any(isinstance(m, _BatchNorm) for m in build_model(load_train_config(preset)).modules())

@@ -16,7 +16,8 @@ from bevctl.errors import BevctlError
 from bevctl.storage.base import DONE, SampleStore
 from bevctl.storage.predictions import PredictionStore
 from bevctl.train.config import TrainConfig
-from bevctl.train.loop import RunSpec, build_model, train
+from bevctl.train.build import build_model
+from bevctl.train.loop import RunSpec, train
 from bevctl.train.predict import predict, work_indices
 
 from test_dataset import make_gt_store, make_label_store
@@ -94,23 +95,21 @@ def test_store_holds_what_evaluate_computes(tiny_synth, toy_runs, tmp_path: Path
 def test_a_frame_model_is_the_model_on_each_sample(tiny_synth, toy_runs, tmp_path: Path) -> None:
     """Frame by frame (fine-tuned): each stored map is the model's argmax on that sample alone."""
     from bevctl.train.dataset import TrainDataset
-    from bevctl.train.evaluate import load_trained_model
-    from bevctl.train.loop import model_image_hw
-    from bevctl.train.tasks import normalize_images
+    from bevctl.train.build import load_trained_model
 
     root, version = tiny_synth
     out = tmp_path / "p.zarr"
     predict(toy_runs["fin"], str(root), version, out, scenes=["scene-0002"], device="cpu", num_workers=0,
             batch_size=2, progress=False)
-    model, cfg, _ = load_trained_model(toy_runs["fin"], torch.device("cpu"))
+    trained = load_trained_model(toy_runs["fin"], torch.device("cpu"))
     index = load_index(root, version)
     samples = index.scene_samples("scene-0002")
-    ds = TrainDataset(samples, index.samples, model_image_hw(cfg))
+    ds = TrainDataset(samples, index.samples, trained.setup.image_hw)
     preds = _preds(out)
     for k, s in enumerate(samples):
         item = ds[k]
         with torch.no_grad():
-            logits = model(normalize_images(item["images"][None]), item["pix_T_cam"][None], item["ego_T_cam"][None]).logits
+            logits = trained.model(item["images"][None], item["pix_T_cam"][None], item["ego_T_cam"][None]).logits
         np.testing.assert_array_equal(preds[s.token], logits.argmax(1)[0].numpy())
 
 

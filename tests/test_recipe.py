@@ -31,20 +31,20 @@ def test_recipe_files_exist_and_readme_names_them() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_config_loads_and_model_builds_at_full_size(path: Path) -> None:
-    from bevctl.train.loop import model_config
+    from bevctl.train.build import resolve
     from bevctl.train.model import BEVFormer
 
     cfg = load_train_config(str(path))
     assert cfg.grid == "hdmapnet" and cfg.model in ("small", "base")
     grid = grid_from_name(cfg.grid)
     classes = class_set_from_name(cfg.class_set)
-    mc = dataclasses.replace(model_config(cfg), backbone_pretrained=None)  # no download in tests
+    mc = dataclasses.replace(resolve(cfg).model_config, backbone_pretrained=None)  # no download in tests
     with torch.device("meta"):
         model = BEVFormer(mc, grid, classes.num_classes)
         h, w = mc.image_hw
         out = model(torch.empty(1, 6, 3, h, w), torch.empty(1, 6, 3, 3), torch.empty(1, 6, 4, 4))
     assert out.logits.shape == (1, classes.num_classes, *grid.shape)
-    assert model_config(cfg).backbone_pretrained == cfg.backbone_pretrained
+    assert resolve(cfg).model_config.backbone_pretrained == cfg.backbone_pretrained
 
 
 def _help(command: list[str]) -> str:

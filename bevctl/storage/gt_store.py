@@ -33,11 +33,10 @@ import zarr
 from bevctl.config import (
     BEVClassSet,
     BEVGrid,
-    class_set_from_name,
     dataclass_from_dict,
     dataclass_to_dict,
-    grid_from_name,
-    load_dataclass,
+    resolve_class_set,
+    resolve_grid,
 )
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
@@ -55,20 +54,6 @@ def grid_metadata(grid: BEVGrid) -> dict[str, Any]:
 
 def class_set_metadata(class_set: BEVClassSet) -> dict[str, Any]:
     return dataclass_to_dict(class_set)
-
-
-def resolve_grid(text: str) -> BEVGrid:
-    """A preset name (``hdmapnet``, ``demo``) or a YAML file with BEVGrid fields."""
-    if text.endswith((".yaml", ".yml")):
-        return load_dataclass(BEVGrid, text)
-    return grid_from_name(text)
-
-
-def resolve_class_set(text: str) -> BEVClassSet:
-    """A preset name (``hdmapnet``, ``markings``) or a YAML file with BEVClassSet fields."""
-    if text.endswith((".yaml", ".yml")):
-        return load_dataclass(BEVClassSet, text)
-    return class_set_from_name(text)
 
 
 def bev_spec(n: int, grid: BEVGrid) -> ArraySpec:

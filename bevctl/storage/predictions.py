@@ -14,7 +14,7 @@ plain Zarr v3 with zarr's own ``zstd`` codec and its checksum, readable by any Z
       index_in_scene int32   (N,)           keyframe index in the scene  } store is made (known
       global_T_ego   float64 (N, 4, 4)      the sample's ego pose        } before any forward)
       history        uint8   (N,)           1: the model saw the previous frame's BEV (temporal)
-      attrs.bevctl.metadata = {grid, class_set, classes, checkpoint {sha256, model, mode, step},
+      attrs.bevctl.metadata = {grid, class_set, classes, checkpoint {sha256, model, mode},
                                dataset {version}, probabilities, temporal}  -- validated on resume
       attrs.bevctl.provenance = {dataroot, checkpoint path}                 -- recorded only
 

@@ -20,9 +20,11 @@ import torch
 from PIL import Image
 
 from bevctl import render
+from bevctl.data.nuscenes import load_index
 from bevctl.data.records import CAMERAS
 from bevctl.errors import BevctlError
-from bevctl.io import is_disk_full, disk_full_error
+from bevctl.io import disk_full_error, is_disk_full
+from bevctl.train.distributed import resolve_device
 from bevctl.train.visualize import (camera_images, data_paths, drawing_dataset, load_models, predict_items,
                                     pseudo_label_images, reprojection)
 
@@ -82,9 +84,6 @@ def animate_scene(
 ) -> tuple[Path, int]:
     """Render ``scene`` with every checkpoint side by side into ``out``; returns (path, frames).
     Data paths default to the ones the first checkpoint's run trained on."""
-    from bevctl.data.nuscenes import load_index
-    from bevctl.train.distributed import resolve_device
-
     out = check_output(out)
     if overlay not in OVERLAYS:
         raise BevctlError(f"--overlay must be one of {', '.join(OVERLAYS)}, got '{overlay}'")

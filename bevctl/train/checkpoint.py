@@ -7,6 +7,7 @@ link to the newest, or a copy where links are impossible; on object storage a se
 from __future__ import annotations
 
 import io
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,20 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         ckpt = torch.load(source, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, not a torch file, unsafe pickle
-        raise BevctlError(f"{path}: not a readable bevctl checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise BevctlError(f"{path}: not a readable bevctl checkpoint ({_why_unreadable(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise BevctlError(f"{path}: not a bevctl checkpoint (no model/config)")
     return ckpt
+
+
+def _why_unreadable(e: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words. Never torch's own advice to
+    retry with ``weights_only=False``: that runs arbitrary code from the file, and a bevctl
+    checkpoint never needs it."""
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):
+        return ("not a torch file of tensors and plain values; bevctl loads checkpoints safely and "
+                "refuses any other Python object")
+    if "zip archive" in str(e) or isinstance(e, EOFError):
+        return "truncated or not a torch file"
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {first[:160]}"

@@ -7,17 +7,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from bevctl.config import dataclass_from_dict, load_yaml
+from bevctl.config import dataclass_from_dict, is_yaml_path, load_yaml, resolve_class_set, resolve_grid
 from bevctl.errors import BevctlError
+from bevctl.train.model.config import resolve_model_config
 
 
 @dataclass
 class TrainConfig:
     """Everything a training run needs besides data paths. Saved into every run and checkpoint."""
 
-    model: str = "demo"  # model preset (bevctl.train.model.model_preset) or "toy" (stand-in)
-    grid: str = "demo"  # BEV grid preset
-    class_set: str = "hdmapnet"  # BEV class set preset
+    # Each of model, grid, class_set: a preset name or a YAML file (bevctl.train.build resolves them)
+    model: str = "demo"  # model preset (bevctl.train.model.model_preset), "toy" (stand-in) or YAML
+    grid: str = "demo"  # BEV grid preset or YAML
+    class_set: str = "hdmapnet"  # BEV class set preset or YAML
     image_hw: Optional[tuple[int, ...]] = None  # model input (H, W); None = the model preset's
     backbone_pretrained: Optional[str] = None  # hub id or local dir of ImageNet weights (None = random init)
     label_hw: Optional[tuple[int, ...]] = None  # reprojection-loss label resolution; None = store's
@@ -123,10 +125,17 @@ def load_train_config(spec: str | None, **overrides) -> TrainConfig:
         field = body.split(" ", 1)[0]
         source = f"--{field.replace('_', '-')}" if overrides.get(field) is not None else where
         raise BevctlError(f"{source}: {body}") from None
-    if cfg.model != "toy":  # an unknown preset name fails here, before any data is read
-        from bevctl.train.model import model_preset
-
-        model_preset(cfg.model)
+    # YAML files named for model, grid, class set, label map: absolute, so that the run's saved
+    # config still finds them from another directory
+    for key in ("model", "grid", "class_set", "label_map"):
+        value = getattr(cfg, key)
+        if value is not None and is_yaml_path(value):
+            setattr(cfg, key, str(Path(value).expanduser().resolve()))
+    # an unknown preset name or a bad file fails here, before any data is read
+    resolve_grid(cfg.grid)
+    resolve_class_set(cfg.class_set)
+    if cfg.model != "toy":
+        resolve_model_config(cfg.model)
     return cfg
 
 

@@ -32,12 +32,20 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from bevctl.config import BEVClassSet, BEVGrid
+from bevctl.data.bev_gt import bev_gt_for_sample
+from bevctl.data.nuscenes import load_index
 from bevctl.data.rig import scale_intrinsics  # noqa: F401  (re-exported)
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
+from bevctl.pseudolabel.label_maps import resolve_label_map
+from bevctl.storage import location
+from bevctl.storage.base import DONE
+from bevctl.storage.gt_store import GTStore
+from bevctl.storage.labels import LabelStore
+from bevctl.train.build import resolve
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,12 @@ def resize_nearest(masks: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
     rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * h / out_hw[0]).astype(np.int64), h - 1)
     cols = np.minimum(((np.arange(out_hw[1]) + 0.5) * w / out_hw[1]).astype(np.int64), w - 1)
     return masks[..., rows[:, None], cols[None, :]]
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Samples of :class:`TrainDataset` (or the toy dataset) -> one batch: tensors stacked
+    along a new first dimension, tokens as a list (the DataLoader's ``collate_fn``)."""
+    return default_collate(items)
 
 
 def choose_scenes(scenes: list[str], fraction: float, seed: int) -> list[str]:
@@ -140,15 +154,11 @@ class TrainDataset(Dataset):
 
     def _label_store(self):
         if self._labels is None:
-            from bevctl.storage.labels import LabelStore
-
             self._labels = LabelStore.open(self.labels_path)
         return self._labels
 
     def _gt_store(self):
         if self._gt is None:
-            from bevctl.storage.gt_store import GTStore
-
             self._gt = GTStore.open(self.gt_path)
         return self._gt
 
@@ -231,8 +241,6 @@ class TrainDataset(Dataset):
         if self.gt_path is not None:
             item["bev_gt"] = torch.from_numpy(self._gt_store().get(s.token))
         elif self.rasterize is not None:
-            from bevctl.data.bev_gt import bev_gt_for_sample
-
             dataroot, grid, class_set = self.rasterize
             item["bev_gt"] = torch.from_numpy(bev_gt_for_sample(dataroot, s, grid, class_set))
         if self.load_prev:
@@ -278,15 +286,11 @@ def _filter_done(samples: list[SampleRecord], tokens: list[str], status: np.ndar
 
 def build_train_dataset(spec, write_scenes: bool = True, split: str | None = None) -> TrainDataset:
     """The dataset of a :class:`~bevctl.train.loop.RunSpec`; writes ``RUN/scenes.json``."""
-    from bevctl.config import class_set_from_name, grid_from_name
-    from bevctl.data.nuscenes import load_index
-    from bevctl.storage.base import DONE
-    from bevctl.train.loop import model_image_hw
-
     cfg = spec.cfg
     if not spec.dataroot or not spec.version:
         raise BevctlError("training needs --dataroot and --version")
-    grid, class_set = grid_from_name(cfg.grid), class_set_from_name(cfg.class_set)
+    setup = resolve(cfg)
+    grid, class_set = setup.grid, setup.class_set
     index = load_index(spec.dataroot, spec.version)
     split = split or cfg.train_split
     chosen, samples = select_samples(index, split, cfg.fraction, cfg.seed)
@@ -295,9 +299,6 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
     if spec.mode == "pretrain":
         if not spec.labels:
             raise BevctlError("pretrain needs --labels labels.zarr")
-        from bevctl.pseudolabel.label_maps import resolve_label_map
-        from bevctl.storage.labels import LabelStore
-
         store = LabelStore.open(spec.labels)
         try:
             lut = resolve_label_map(store.id2label, class_set, cfg.label_map)
@@ -312,8 +313,6 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
                       load_prev=cfg.temporal_weight > 0, label_adjacent=cfg.label_adjacent)
     elif spec.mode == "finetune":
         if spec.gt:
-            from bevctl.storage.gt_store import GTStore
-
             gt = GTStore.open(spec.gt, expected_grid=grid, expected_classes=class_set)
             samples, skipped = _filter_done(samples, gt.tokens, gt.status(), DONE, str(spec.gt))
             kwargs["gt_path"] = str(spec.gt)
@@ -330,8 +329,6 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
                        else "") + f", {skipped['failed_or_todo']} failed or unfinished")
         raise BevctlError(f"no usable training samples in split '{split}' of {spec.dataroot}/{spec.version} ({why})")
     if write_scenes:
-        from bevctl.storage import location
-
         location.makedirs(spec.run_dir)
         record = {"split": split, "fraction": cfg.fraction, "seed": cfg.seed, "scenes": chosen,
                   "num_scenes_in_split": len(index.split_scenes[split]), "num_samples": len(samples),
@@ -342,7 +339,7 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
             if old.get("scenes") != chosen:
                 raise BevctlError(f"--resume: {path} lists other scenes than this command selects")
         location.write_text_atomic(path, json.dumps(record, indent=2) + "\n")
-    return TrainDataset(samples, index.samples, model_image_hw(cfg), **kwargs)
+    return TrainDataset(samples, index.samples, setup.image_hw, **kwargs)
 
 
 def eval_dataset(index: DatasetIndex, split: str, image_hw: tuple[int, int], grid: BEVGrid,
@@ -351,9 +348,6 @@ def eval_dataset(index: DatasetIndex, split: str, image_hw: tuple[int, int], gri
     samples = index.samples_in(split)
     kwargs: dict[str, Any] = {}
     if gt_path:
-        from bevctl.storage.base import DONE
-        from bevctl.storage.gt_store import GTStore
-
         gt = GTStore.open(gt_path, expected_grid=grid, expected_classes=class_set)
         samples, _ = _filter_done(samples, gt.tokens, gt.status(), DONE, gt_path)
         kwargs["gt_path"] = gt_path

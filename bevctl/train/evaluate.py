@@ -25,30 +25,21 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from bevctl.config import BEVGrid, class_set_from_name, dataclass_from_dict, grid_from_name
+from bevctl.config import BEVGrid
+from bevctl.data.nuscenes import load_index
 from bevctl.errors import BevctlError
 from bevctl.geometry import bev_cell_centers
-from bevctl.train.checkpoint import load_checkpoint
-from bevctl.train.config import TrainConfig
+from bevctl.storage import location
+from bevctl.train.build import load_trained_model
+from bevctl.train.dataset import eval_dataset
+from bevctl.train.distributed import resolve_device
+from bevctl.train.inference import forward_in_order, make_loader, uses_history
 
 RULES = ("argmax over all channels incl. background; every grid cell of every sample with GT counts "
          "(GT 255 = ignore); IoU = TP/(TP+FP+FN) summed over the split; mIoU = mean over BEV classes "
          "without background; classes absent from GT and prediction are null and excluded")
-
-
-def load_trained_model(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, TrainConfig, dict]:
-    """(model in eval mode on ``device``, its TrainConfig, the checkpoint dict)."""
-    from bevctl.train.loop import build_model
-
-    ckpt = load_checkpoint(checkpoint)
-    cfg = dataclass_from_dict(TrainConfig, ckpt["config"], where=f"{checkpoint}: config")
-    model = build_model(cfg)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise BevctlError(f"{checkpoint}: weights do not fit model '{cfg.model}' ({str(e).splitlines()[0][:160]})") from None
-    return model.to(device).eval(), cfg, ckpt
 
 
 def default_range_edges(grid: BEVGrid) -> tuple[float, ...]:
@@ -154,31 +145,23 @@ def evaluate(
     model saw in training. Default: on for pretraining runs with a temporal loss (they train
     with ``prev_bev``), off for fine-tuned ones (trained frame by frame). ``range_edges``: the
     distance bands of ``by_range`` in metres (default :func:`default_range_edges`)."""
-    from bevctl.data.nuscenes import load_index
-    from bevctl.train.dataset import eval_dataset
-    from bevctl.train.distributed import resolve_device
-    from bevctl.train.inference import forward_in_order, make_loader, uses_history
-    from bevctl.train.loop import model_image_hw
-
     dev = resolve_device(device)
     if out is not None:  # a bad --out URL fails before the evaluation, not after it
-        from bevctl.storage import location
-
         location.check(out)
     if range_edges:  # bad edges fail before the model and the index are loaded
         check_range_edges(tuple(float(e) for e in range_edges))
-    model, cfg, ckpt = load_trained_model(checkpoint, dev)
+    trained = load_trained_model(checkpoint, dev)
+    model, cfg = trained.model, trained.cfg
     if temporal is None:
-        temporal = uses_history(cfg, ckpt)
-    grid, class_set = grid_from_name(cfg.grid), class_set_from_name(cfg.class_set)
+        temporal = uses_history(cfg, trained.run)
+    grid, class_set = trained.setup.grid, trained.setup.class_set
     index = load_index(dataroot, version)
-    ds = eval_dataset(index, split, model_image_hw(cfg), grid, class_set, gt)
+    ds = eval_dataset(index, split, trained.setup.image_hw, grid, class_set, gt)
     loader = make_loader(ds, batch_size, num_workers, temporal)
     c = class_set.num_classes
     edges = tuple(float(e) for e in range_edges) if range_edges else default_range_edges(grid)
     bands = range_bands(grid, edges)
     conf_bands = torch.zeros(len(edges) + 1, c, c, dtype=torch.int64)
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as bar:
@@ -194,8 +177,6 @@ def evaluate(
               "confusion": conf.tolist(),
               "by_range": by_range_results(conf_bands.numpy(), edges, names)}
     if out is not None:  # a local path or a URL; each file written whole
-        from bevctl.storage import location
-
         location.write_text_atomic(out, json.dumps(result, indent=2) + "\n")
         location.write_text_atomic(location.with_suffix(out, ".md"), format_markdown(result))
     return result

@@ -20,13 +20,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from bevctl.data.records import SampleRecord
 from bevctl.train.config import TrainConfig
-from bevctl.train.tasks import cur_T_prev, normalize_images, to_device
+from bevctl.train.dataset import collate
+from bevctl.train.loop import loader_worker_init
+from bevctl.train.tasks import cur_T_prev, to_device
 
 
-def uses_history(cfg: TrainConfig, ckpt: dict[str, Any]) -> bool:
-    """Pretraining runs with a temporal loss were trained with ``prev_bev``; fine-tuned runs
-    frame by frame."""
-    return ckpt.get("run", {}).get("mode") == "pretrain" and cfg.temporal_weight > 0
+def uses_history(cfg: TrainConfig, run: dict[str, Any]) -> bool:
+    """Pretraining runs with a temporal loss were trained with ``prev_bev`` (``run``: the
+    checkpoint's run record); fine-tuned runs frame by frame."""
+    return run.get("mode") == "pretrain" and cfg.temporal_weight > 0
 
 
 def history_flags(samples: Sequence[SampleRecord], temporal: bool) -> list[bool]:
@@ -47,9 +49,7 @@ class Forward:
 def make_loader(ds: Dataset, batch_size: int, num_workers: int, temporal: bool) -> DataLoader:
     """Frames in dataset order; a temporal model takes them one at a time (each needs its
     predecessor's BEV)."""
-    from bevctl.train.loop import _collate, loader_worker_init
-
-    return DataLoader(ds, batch_size=1 if temporal else batch_size, num_workers=num_workers, collate_fn=_collate,
+    return DataLoader(ds, batch_size=1 if temporal else batch_size, num_workers=num_workers, collate_fn=collate,
                       prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=loader_worker_init)
 
 
@@ -57,7 +57,8 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, temporal: bool) 
 def forward_in_order(model: torch.nn.Module, loader: DataLoader, samples: Sequence[SampleRecord],
                      device: torch.device, temporal: bool) -> Iterator[Forward]:
     """Run ``model`` over ``loader`` (whose items are ``samples``, in this order), feeding
-    history per :func:`history_flags`. bfloat16 autocast on CUDA, float32 on CPU."""
+    history per :func:`history_flags`. Images go in as uint8 (the models normalise them).
+    bfloat16 autocast on CUDA, float32 on CPU."""
     flags = history_flags(samples, temporal)
     prev: tuple[torch.Tensor, torch.Tensor] | None = None  # (bev, global_T_ego) of the last frame
     i = 0
@@ -68,7 +69,7 @@ def forward_in_order(model: torch.nn.Module, loader: DataLoader, samples: Sequen
         if temporal and flags[i] and prev is not None:
             kwargs = {"prev_bev": prev[0], "cur_T_prev": cur_T_prev(b["global_T_ego"], prev[1])}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out = model(normalize_images(b["images"]), b["pix_T_cam"], b["ego_T_cam"], **kwargs)
+            out = model(b["images"], b["pix_T_cam"], b["ego_T_cam"], **kwargs)
         if temporal:
             prev = (out.bev, b["global_T_ego"])
         yield Forward(batch=batch, logits=out.logits.float(), history=flags[i:i + n])

@@ -41,13 +41,15 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import bevctl
-from bevctl.config import BEVGrid, class_set_from_name, dataclass_to_dict, dataclass_from_dict, grid_from_name
+from bevctl.config import dataclass_from_dict, dataclass_to_dict
 from bevctl.errors import BevctlError
 from bevctl.io import remove_stale_temp_files
 from bevctl.storage import location
 from bevctl.train import distributed as D
+from bevctl.train.build import build_model, resolve
 from bevctl.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from bevctl.train.config import TrainConfig, config_diff
+from bevctl.train.dataset import build_train_dataset, collate
 from bevctl.train.tasks import make_task, to_device
 
 # config fields that may change on --resume without changing the result
@@ -85,45 +87,6 @@ class RunSpec:
 # --------------------------------------------------------------------------------------------
 # Building blocks
 # --------------------------------------------------------------------------------------------
-
-
-def grid_and_classes(cfg: TrainConfig) -> tuple[BEVGrid, int]:
-    return grid_from_name(cfg.grid), class_set_from_name(cfg.class_set).num_classes
-
-
-def build_model(cfg: TrainConfig) -> nn.Module:
-    """The BEVFormer of preset ``cfg.model`` (or the toy stand-in) for the configured grid."""
-    grid, c = grid_and_classes(cfg)
-    if cfg.model == "toy":
-        from bevctl.train.toy import ToyBEVModel
-
-        return ToyBEVModel(grid, c, model_image_hw(cfg))
-    from bevctl.train.model import BEVFormer
-
-    return BEVFormer(model_config(cfg), grid, c)
-
-
-def model_config(cfg: TrainConfig):
-    from bevctl.train.model import model_preset
-
-    mc = model_preset(cfg.model)
-    if cfg.image_hw is not None and tuple(cfg.image_hw) != tuple(mc.image_hw):
-        import dataclasses
-
-        mc = dataclasses.replace(mc, image_hw=tuple(cfg.image_hw))
-    if cfg.backbone_pretrained is not None:
-        import dataclasses
-
-        mc = dataclasses.replace(mc, backbone_pretrained=cfg.backbone_pretrained, backbone_norm_eval=True)
-    return mc
-
-
-def model_image_hw(cfg: TrainConfig) -> tuple[int, int]:
-    if cfg.image_hw is not None:
-        return tuple(cfg.image_hw)  # type: ignore[return-value]
-    if cfg.model == "toy":
-        return (64, 112)
-    return tuple(model_config(cfg).image_hw)  # type: ignore[return-value]
 
 
 def lr_lambda(total_steps: int, warmup: int, min_ratio: float) -> Callable[[int], float]:
@@ -294,12 +257,6 @@ def loader_worker_init(worker_id: int) -> None:
     sys.excepthook = sys_hook
 
 
-def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    from torch.utils.data import default_collate
-
-    return default_collate(items)
-
-
 # --------------------------------------------------------------------------------------------
 # The loop
 # --------------------------------------------------------------------------------------------
@@ -335,7 +292,7 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     cfg = spec.cfg
     run_dir = str(spec.run_dir)
     last_pt = location.join(run_dir, "last.pt")
-    grid, num_classes = grid_and_classes(cfg)
+    setup = resolve(cfg)
     device = info.device
     if device.type == "cpu" and os.environ.get("OMP_NUM_THREADS") is None and info.distributed:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.world))
@@ -358,13 +315,11 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     if spec.dataset_factory is not None:
         dataset = spec.dataset_factory(spec)
     else:
-        from bevctl.train.dataset import build_train_dataset
-
         dataset = build_train_dataset(spec, write_scenes=info.is_main)
     spe, total_steps = steps_for(len(dataset), cfg, info.world)
 
     torch.manual_seed(cfg.seed)
-    model = spec.model_factory(spec) if spec.model_factory is not None else build_model(cfg)
+    model = spec.model_factory(spec) if spec.model_factory is not None else build_model(setup)
     if spec.init and ckpt is None:
         init = load_checkpoint(spec.init)
         try:
@@ -392,8 +347,8 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
                               f"steps); the dataset or its fraction differs from the original run")
     run_info = {"mode": spec.mode, "dataroot": spec.dataroot, "version": spec.version, "labels": spec.labels,
                 "gt": spec.gt, "init": spec.init, "world": info.world, "total_steps": total_steps,
-                "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": num_classes,
-                "image_hw": list(model_image_hw(cfg))}
+                "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": setup.num_classes,
+                "image_hw": list(setup.image_hw)}
     if info.is_main:
         location.makedirs(run_dir)
         if location.is_local(run_dir):  # temp files of a checkpoint a killed run was writing
@@ -408,10 +363,10 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
     net: nn.Module = model
     if info.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    task = make_task(spec.mode, cfg, grid, num_classes, profile=spec.profile)
+    task = make_task(spec.mode, cfg, setup.grid, setup.num_classes, profile=spec.profile)
     sampler = StepBatchSampler(len(dataset), cfg.batch_size, info.world, info.rank, cfg.grad_accum,
                                cfg.seed, start, total_steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=_collate,
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=collate,
                         pin_memory=device.type == "cuda",
                         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
                         persistent_workers=False, worker_init_fn=loader_worker_init)

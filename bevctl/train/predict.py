@@ -27,13 +27,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bevctl.config import class_set_from_name, dataclass_to_dict, grid_from_name
+from bevctl.config import dataclass_to_dict
+from bevctl.data.nuscenes import load_index
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
+from bevctl.io import remove_stale_temp_files
 from bevctl.storage import location
 from bevctl.storage.base import CompletionLog, SampleStore
 from bevctl.storage.predictions import KIND, prediction_arrays, quantize_probabilities
+from bevctl.train.build import load_trained_model
 from bevctl.train.dataset import TrainDataset
+from bevctl.train.distributed import resolve_device
 from bevctl.train.inference import forward_in_order, history_flags, make_loader, uses_history
 
 log = logging.getLogger(__name__)
@@ -118,28 +122,23 @@ def predict(
 ) -> PredictSummary:
     """Predict every chosen sample not yet done into ``out`` (a local path or a URL).
     ``limit`` (tests, benchmarks) stops after writing that many samples, as an interruption would."""
-    from bevctl.data.nuscenes import load_index
-    from bevctl.train.distributed import resolve_device
-    from bevctl.train.evaluate import load_trained_model
-    from bevctl.train.loop import model_image_hw
-
     out = str(out)
     location.check(out)
     if batch_size < 1:
         raise BevctlError(f"--batch-size must be >= 1, got {batch_size}")
     dev = resolve_device(device)
-    model, cfg, ckpt = load_trained_model(checkpoint, dev)
+    trained = load_trained_model(checkpoint, dev)
+    model, cfg = trained.model, trained.cfg
     ckpt_file = str(checkpoint) if not location.is_dir(str(checkpoint)) else location.join(str(checkpoint), "last.pt")
-    temporal = uses_history(cfg, ckpt)
-    grid, class_set = grid_from_name(cfg.grid), class_set_from_name(cfg.class_set)
+    temporal = uses_history(cfg, trained.run)
+    grid, class_set = trained.setup.grid, trained.setup.class_set
     index = load_index(dataroot, version)
     chosen = choose_samples(index, split, scenes, samples)
     history = history_flags(chosen, temporal)
     metadata = {
         "grid": dataclass_to_dict(grid), "class_set": dataclass_to_dict(class_set),
         "classes": list(class_set.names_with_background),
-        "checkpoint": {"sha256": file_sha256(ckpt_file), "model": cfg.model, "mode": ckpt.get("run", {}).get("mode"),
-                       "step": ckpt.get("step")},
+        "checkpoint": {"sha256": file_sha256(ckpt_file), "model": cfg.model, "mode": trained.run.get("mode")},
         "dataset": {"version": version}, "probabilities": probabilities, "temporal": temporal,
     }  # fmt: skip
     arrays = prediction_arrays(chosen, grid, class_set.num_classes, probabilities, history)
@@ -151,12 +150,10 @@ def predict(
     if not todo:
         return summary
     if not created and location.is_local(out):
-        from bevctl.io import remove_stale_temp_files
-
         remove_stale_temp_files(out, recursive=True)  # chunk writes a killed run left half done
     work = work_indices(todo, history)
     todo_set = set(todo)
-    ds = TrainDataset([chosen[i] for i in work], index.samples, model_image_hw(cfg))
+    ds = TrainDataset([chosen[i] for i in work], index.samples, trained.setup.image_hw)
     loader = make_loader(ds, batch_size, num_workers, temporal)
     pred_arr = store.array("pred")
     prob_arr = store.array("probabilities") if probabilities else None

@@ -22,21 +22,8 @@ from bevctl.config import BEVGrid
 from bevctl.train import losses
 from bevctl.train.config import TrainConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 ``(..., 3, H, W)`` -> ImageNet-normalised float32; float input is passed through."""
-    if images.dtype != torch.uint8:
-        return images.float()
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
-    return (images.float() / 255.0 - mean) / std
 
 
 def cur_T_prev(global_T_cur: torch.Tensor, global_T_prev: torch.Tensor) -> torch.Tensor:
@@ -60,12 +47,12 @@ class PretrainTask:
 
     def __call__(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         t0 = time.perf_counter()
-        images = normalize_images(batch["images"])
+        images = batch["images"]  # uint8: the model normalises them
         prev_out = None
         kwargs: dict[str, Any] = {}
         if self.use_prev and "prev_images" in batch:
             with torch.no_grad():
-                prev_out = model(normalize_images(batch["prev_images"]), batch["prev_pix_T_cam"],
+                prev_out = model(batch["prev_images"], batch["prev_pix_T_cam"],
                                  batch["prev_ego_T_cam"])
             kwargs = {"prev_bev": prev_out.bev.detach(),
                       "cur_T_prev": cur_T_prev(batch["global_T_ego"], batch["prev_global_T_ego"])}
@@ -111,7 +98,7 @@ class FinetuneTask:
 
     def __call__(self, model: nn.Module, batch: dict[str, Any], device: torch.device):
         t0 = time.perf_counter()
-        out = model(normalize_images(batch["images"]), batch["pix_T_cam"], batch["ego_T_cam"])
+        out = model(batch["images"], batch["pix_T_cam"], batch["ego_T_cam"])
         if self.profile:
             _sync(device)
         t1 = time.perf_counter()

@@ -1,63 +1,18 @@
-"""A small stand-in for the BEVFormer and an in-memory dataset, with the real interfaces.
-
-``ToyBEVModel`` has BEVFormer's forward signature and output (``logits``, ``bev``) and is a real
-(if simple) camera-to-BEV model: a few image convolutions, then every BEV cell centre on the
-ground is projected into the six cameras and the image features are sampled there and averaged
-over the cameras that see it (inverse perspective mapping), then BEV convolutions. Trainer
-tests, benchmarks and DDP checks use it so they do not depend on the full model's cost.
+"""An in-memory dataset with the real sample interface, and ``RunSpec`` hooks that train the
+toy stand-in model (:mod:`bevctl.train.model.toy`) on it: trainer tests, benchmarks and DDP
+checks use them so they depend neither on data on disk nor on the full model's cost.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from bevctl import geometry
 from bevctl.config import BEVGrid
-
-
-@dataclass
-class ToyOutput:
-    logits: torch.Tensor  # (B, C, X, Y)
-    bev: torch.Tensor  # (B, D, X, Y)
-
-
-class ToyBEVModel(nn.Module):
-    def __init__(self, grid: BEVGrid, num_classes: int, image_hw: tuple[int, int], dim: int = 16,
-                 dropout: float = 0.0) -> None:
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.grid = grid
-        self.image_hw = tuple(image_hw)
-        self.img = nn.Sequential(
-            nn.Conv2d(3, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU()
-        )
-        self.bev = nn.Sequential(nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU())
-        self.prev_gate = nn.Conv2d(dim, dim, 1)
-        self.head = nn.Conv2d(dim, num_classes, 1)
-        centers = geometry.bev_cell_centers(grid)  # (X, Y, 2)
-        self.register_buffer("centers", torch.cat([centers, torch.zeros_like(centers[..., :1])], -1).reshape(-1, 3),
-                             persistent=False)
-
-    def forward(self, images, pix_T_cam, ego_T_cam, prev_bev=None, cur_T_prev=None) -> ToyOutput:
-        b, n, _, h, w = images.shape
-        feats = self.img(images.reshape(b * n, 3, h, w))  # (BN, D, H, W)
-        pts = self.centers.to(pix_T_cam.dtype).expand(b, n, -1, -1)  # (B, N, XY, 3)
-        uv, depth = geometry.ego_to_pixels(pix_T_cam, ego_T_cam, pts)
-        vis = geometry.in_image(uv, depth, w, h).to(feats.dtype)  # (B, N, XY)
-        g = torch.stack([(uv[..., 0] + 0.5) / w * 2 - 1, (uv[..., 1] + 0.5) / h * 2 - 1], -1)
-        sampled = F.grid_sample(feats, g.reshape(b * n, 1, -1, 2).to(feats.dtype), align_corners=False)
-        sampled = sampled.reshape(b, n, -1, g.shape[2]) * vis.unsqueeze(2)  # (B, N, D, XY)
-        bev = sampled.sum(1) / vis.sum(1).clamp(min=1).unsqueeze(1)  # (B, D, XY)
-        bev = self.drop(self.bev(bev.reshape(b, -1, self.grid.nx, self.grid.ny)))
-        if prev_bev is not None:
-            bev = bev + 0.1 * self.prev_gate(prev_bev)
-        return ToyOutput(logits=self.head(bev), bev=bev)
+from bevctl.train.build import resolve
+from bevctl.train.model.toy import ToyBEVModel
 
 
 class ToyDataset(Dataset):
@@ -128,17 +83,13 @@ def default_rig(image_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
 
 def toy_dataset_factory(spec) -> ToyDataset:
     """``RunSpec.dataset_factory`` for tests/benchmarks: ``spec.extra`` may set n, nan_at, label_hw."""
-    from bevctl.train.loop import grid_and_classes, model_image_hw
-
-    grid, c = grid_and_classes(spec.cfg)
-    return ToyDataset(spec.extra.get("n", 16), grid, c, image_hw=model_image_hw(spec.cfg),
+    setup = resolve(spec.cfg)
+    return ToyDataset(spec.extra.get("n", 16), setup.grid, setup.num_classes, image_hw=setup.image_hw,
                       label_hw=tuple(spec.extra.get("label_hw", (16, 28))), seed=spec.extra.get("data_seed", 0),
                       nan_at=spec.extra.get("nan_at"))
 
 
 def toy_model_with_dropout(spec) -> ToyBEVModel:
     """``RunSpec.model_factory``: the toy model with dropout 0.2 (RNG-dependent training)."""
-    from bevctl.train.loop import grid_and_classes, model_image_hw
-
-    grid, c = grid_and_classes(spec.cfg)
-    return ToyBEVModel(grid, c, model_image_hw(spec.cfg), dropout=0.2)
+    setup = resolve(spec.cfg)
+    return ToyBEVModel(setup.grid, setup.num_classes, setup.image_hw, dropout=0.2)

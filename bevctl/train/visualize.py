@@ -28,11 +28,19 @@ import torch
 from PIL import Image
 
 from bevctl import render
-from bevctl.config import BEVClassSet, BEVGrid, class_set_from_name, grid_from_name
+from bevctl.config import BEVClassSet, BEVGrid
+from bevctl.data.nuscenes import load_index
 from bevctl.data.records import CAMERAS, DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
+from bevctl.pseudolabel.label_maps import resolve_label_map
+from bevctl.storage import location
+from bevctl.storage.labels import LabelStore
+from bevctl.train.build import load_trained_model
 from bevctl.train.config import TrainConfig
 from bevctl.train.dataset import TrainDataset
+from bevctl.train.distributed import resolve_device
+from bevctl.train.inference import forward_in_order, make_loader, uses_history
+from bevctl.train.losses import RayGrid, compute_ray_grid, reproject_logits
 
 
 @dataclass
@@ -47,6 +55,7 @@ class DrawModel:
     temporal: bool
     grid: BEVGrid
     class_set: BEVClassSet
+    image_hw: tuple[int, int]  # model input (H, W)
 
 
 def model_name(checkpoint: str) -> str:
@@ -61,16 +70,13 @@ def model_name(checkpoint: str) -> str:
 
 def load_models(checkpoints: Sequence[str], device: torch.device) -> list[DrawModel]:
     """Load each checkpoint; all must share one grid and class set (to be drawn side by side)."""
-    from bevctl.train.evaluate import load_trained_model
-    from bevctl.train.inference import uses_history
-
     models = []
     for ckpt_path in checkpoints:
-        model, cfg, ckpt = load_trained_model(ckpt_path, device)
-        models.append(DrawModel(model_name(str(ckpt_path)), str(ckpt_path), model, cfg, ckpt.get("run", {}),
-                                uses_history(cfg, ckpt), grid_from_name(cfg.grid), class_set_from_name(cfg.class_set)))
+        t = load_trained_model(ckpt_path, device)
+        models.append(DrawModel(model_name(str(ckpt_path)), str(ckpt_path), t.model, t.cfg, t.run,
+                                uses_history(t.cfg, t.run), t.setup.grid, t.setup.class_set, t.setup.image_hw))
     for m in models[1:]:
-        if (m.cfg.grid, m.cfg.class_set) != (models[0].cfg.grid, models[0].cfg.class_set):
+        if (m.grid, m.class_set) != (models[0].grid, models[0].class_set):
             raise BevctlError(f"{m.checkpoint}: grid '{m.cfg.grid}' / classes '{m.cfg.class_set}' differ from "
                               f"{models[0].checkpoint}'s ('{models[0].cfg.grid}' / '{models[0].cfg.class_set}'); "
                               "models drawn side by side must share them")
@@ -91,14 +97,8 @@ def drawing_dataset(m: DrawModel, index: DatasetIndex, samples: list[SampleRecor
                     gt: str | None) -> TrainDataset:
     """Images, BEV GT (cache, else rasterised) and, where the store has them, the pseudo-labels
     through ``m``'s label map."""
-    from bevctl.storage import location
-    from bevctl.train.loop import model_image_hw
-
     kwargs: dict[str, Any] = {}
     if labels and location.exists(labels):
-        from bevctl.pseudolabel.label_maps import resolve_label_map
-        from bevctl.storage.labels import LabelStore
-
         store = LabelStore.open(labels)
         if all(s.token in store and store.status(s.token) == "done" for s in samples):
             kwargs.update(labels_path=str(labels), lut=resolve_label_map(store.id2label, m.class_set, m.cfg.label_map),
@@ -107,13 +107,11 @@ def drawing_dataset(m: DrawModel, index: DatasetIndex, samples: list[SampleRecor
         kwargs["gt_path"] = str(gt)
     else:
         kwargs["rasterize"] = (index.dataroot, m.grid, m.class_set)
-    return TrainDataset(samples, index.samples, model_image_hw(m.cfg), **kwargs)
+    return TrainDataset(samples, index.samples, m.image_hw, **kwargs)
 
 
 def predict_items(m: DrawModel, ds: TrainDataset, device: torch.device) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """``(item, prediction (X, Y) uint8)`` per sample of ``ds``, in order, with history."""
-    from bevctl.train.inference import forward_in_order, make_loader
-
     loader = make_loader(ds, 1, 0, m.temporal)
     for fwd in forward_in_order(m.model, loader, ds.samples, device, m.temporal):
         item = {k: (v[0] if torch.is_tensor(v) or isinstance(v, list) else v) for k, v in fwd.batch.items()}
@@ -123,8 +121,6 @@ def predict_items(m: DrawModel, ds: TrainDataset, device: torch.device) -> Itera
 def reprojection(pred: np.ndarray, item: dict[str, Any], grid: BEVGrid, num_classes: int) -> np.ndarray:
     """The BEV map ``(X, Y)`` seen from every camera: ``(6, H, W)`` class ids at the image
     resolution, 255 where the ray misses the ground or the grid."""
-    from bevctl.train.losses import RayGrid, compute_ray_grid, reproject_logits
-
     image_hw = tuple(item["images"].shape[-2:])
     rays = compute_ray_grid(item["pix_T_cam"].cpu(), item["ego_T_cam"].cpu(), image_hw, image_hw, grid)
     onehot = torch.nn.functional.one_hot(torch.from_numpy(pred).long(), num_classes).permute(2, 0, 1)[None].float()
@@ -167,9 +163,6 @@ def visualize(
 ) -> list[Path]:
     """Write the PNGs of ``sample`` (a token or ``SCENE:INDEX``) into ``out``; data paths
     default to the ones the run trained on."""
-    from bevctl.data.nuscenes import load_index
-    from bevctl.train.distributed import resolve_device
-
     dev = resolve_device(device)
     (m,) = load_models([str(checkpoint)], dev)
     dataroot, version, labels, gt = data_paths(m, dataroot, version, labels, gt)

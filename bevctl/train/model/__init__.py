@@ -6,7 +6,8 @@ Interface (the trainer relies on it; keep it stable)::
     cfg = model_preset("demo")           # ModelConfig; override with dataclasses.replace or
                                          # model_config_from_dict({"preset": "tiny", ...}) from YAML
     model = BEVFormer(cfg, grid, num_classes)   # grid: BEVGrid (target), num_classes incl. background
-    out = model(images,        # (B, N, 3, H, W) float, normalised, (H, W) = cfg.image_hw
+    out = model(images,        # (B, N, 3, H, W) uint8 RGB (the model normalises it) or float
+                               # already normalised; (H, W) = cfg.image_hw
                 pix_T_cam,     # (B, N, 3, 3) intrinsics already scaled to (H, W)
                 ego_T_cam,     # (B, N, 4, 4) camera (optical frame) -> ego
                 prev_bev=None, # (B, D, Xq, Yq) previous frame's out.bev (or None)
@@ -33,7 +34,13 @@ from bevctl.train.model.bevformer import (
     load_model,
     save_model,
 )
-from bevctl.train.model.config import MODEL_PRESETS, ModelConfig, model_config_from_dict, model_preset
+from bevctl.train.model.config import (
+    MODEL_PRESETS,
+    ModelConfig,
+    model_config_from_dict,
+    model_preset,
+    resolve_model_config,
+)
 
 __all__ = [
     "BEVFormer",
@@ -46,5 +53,6 @@ __all__ = [
     "load_model",
     "model_config_from_dict",
     "model_preset",
+    "resolve_model_config",
     "save_model",
 ]

@@ -3,7 +3,8 @@
 Random init by default (a ``ResNetConfig`` built from the model config); with
 ``backbone_pretrained`` set, ``AutoBackbone.from_pretrained(id_or_dir, trust_remote_code=False)``
 (e.g. ``microsoft/resnet-50`` or a directory written by ``save_pretrained``). Pretrained ResNets
-expect ImageNet-normalised RGB input; that is the data pipeline's job.
+expect ImageNet-normalised RGB input: the models normalise the data pipeline's uint8 images
+themselves (:func:`normalize_images`, the one place that does it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from bevctl.errors import BevctlError
 from bevctl.train.model.config import ModelConfig
 
 Tensor = torch.Tensor
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize_images(images: Tensor) -> Tensor:
+    """uint8 RGB ``(..., 3, H, W)`` -> ImageNet-normalised float32. Float input is taken as
+    already normalised and passed through (as float32)."""
+    if images.dtype != torch.uint8:
+        return images.float()
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(3, 1, 1)
+    return (images.float() / 255.0 - mean) / std
 
 
 def build_backbone(cfg: ModelConfig, hf_config: dict | None = None) -> nn.Module:

@@ -16,7 +16,7 @@ from bevctl import geometry
 from bevctl.config import BEVGrid, dataclass_from_dict, dataclass_to_dict
 from bevctl.errors import BevctlError
 from bevctl.train.model.attention import no_autocast
-from bevctl.train.model.backbone import ImageEncoder, backbone_hf_config
+from bevctl.train.model.backbone import ImageEncoder, backbone_hf_config, normalize_images
 from bevctl.train.model.config import ModelConfig
 from bevctl.train.model.encoder import BEVEncoder
 from bevctl.train.model.head import SegHead
@@ -123,13 +123,14 @@ class BEVFormer(nn.Module):
 
     def forward(
         self,
-        images: Tensor,  # (B, N, 3, H, W)
+        images: Tensor,  # (B, N, 3, H, W) uint8 RGB, or float already normalised
         pix_T_cam: Tensor,  # (B, N, 3, 3) for (H, W)
         ego_T_cam: Tensor,  # (B, N, 4, 4)
         prev_bev: Tensor | None = None,  # (B, D, Xq, Yq)
         cur_T_prev: Tensor | None = None,  # (B, 4, 4)
     ) -> BEVFormerOutput:
         self._check_inputs(images, pix_T_cam, ego_T_cam, prev_bev, cur_T_prev)
+        images = normalize_images(images)
         b, n, _, h, w = images.shape
         xq, yq = self.query_grid.shape
         d = self.cfg.embed_dim

@@ -34,7 +34,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from bevctl.config import dataclass_from_dict
+from bevctl.config import dataclass_from_dict, is_yaml_path, load_yaml
 from bevctl.errors import BevctlError
 
 
@@ -189,3 +189,11 @@ def model_config_from_dict(data: dict[str, Any], where: str = "model") -> ModelC
     base = dataclasses.asdict(model_preset(preset))
     checked = dataclass_from_dict(ModelConfig, {**base, **data}, where)
     return checked
+
+
+def resolve_model_config(spec: str) -> ModelConfig:
+    """A model preset name or a YAML file of :class:`ModelConfig` keys (``preset:`` to start
+    from a preset, see :func:`model_config_from_dict`)."""
+    if is_yaml_path(spec):
+        return model_config_from_dict(load_yaml(spec), where=spec)
+    return model_preset(spec)
