@@ -11,7 +11,7 @@ scene in training. Models trained frame by frame never get history.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,9 +54,10 @@ def make_loader(ds: Dataset, batch_size: int, num_workers: int, temporal: bool) 
 
 
 @torch.no_grad()
-def forward_in_order(model: torch.nn.Module, loader: DataLoader, samples: Sequence[SampleRecord],
+def forward_in_order(model: torch.nn.Module, loader: Iterable[dict[str, Any]], samples: Sequence[SampleRecord],
                      device: torch.device, temporal: bool) -> Iterator[Forward]:
-    """Run ``model`` over ``loader`` (whose items are ``samples``, in this order), feeding
+    """Run ``model`` over ``loader`` (a DataLoader, or any iterable of collated batches) whose
+    items are ``samples``, in this order, feeding
     history per :func:`history_flags`. Images go in as uint8 (the models normalise them).
     bfloat16 autocast on CUDA, float32 on CPU."""
     flags = history_flags(samples, temporal)

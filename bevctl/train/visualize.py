@@ -199,3 +199,40 @@ def visualize(
         "cameras.png": "per camera: image | BEV prediction reprojected onto the ground | pseudo-labels",
         "pseudo_labels": pseudo is not None}, indent=2) + "\n")
     return written
+
+
+@torch.no_grad()
+def compare_samples(
+    checkpoints: dict[str, str],
+    samples: Sequence[str],
+    out: str | Path,
+    dataroot: str | None = None,
+    version: str | None = None,
+    gt: str | None = None,
+    device: str = "auto",
+) -> list[Path]:
+    """One PNG per sample (token or ``SCENE:INDEX``): the ground truth, then each model's
+    prediction (``checkpoints``: title -> checkpoint) with its error view, side by side.
+    Written as ``out/<scene>_<index>.png``."""
+    dev = resolve_device(device)
+    models = load_models(list(checkpoints.values()), dev)
+    for m, title in zip(models, checkpoints):
+        m.name = title
+    dataroot, version, _, gt = data_paths(models[0], dataroot, version, None, gt)
+    index = load_index(dataroot, version)
+    names = models[0].class_set.names_with_background
+    written = []
+    for ref in samples:
+        target = index.find_sample(ref)
+        scene = index.scene_samples(target.scene_name)
+        maps: list[render.BevMap] = []
+        for m in models:
+            todo = scene[: target.index_in_scene + 1] if m.temporal else [target]
+            for item, pred in predict_items(m, drawing_dataset(m, index, todo, None, gt), dev):
+                pass  # the last one is the target
+            if not maps:
+                maps.append(render.BevMap("ground truth", item["bev_gt"].numpy()))
+            maps.append(render.BevMap(m.name, pred, maps[0].ids))
+        path = Path(out) / f"{target.scene_name}_{target.index_in_scene}.png"
+        written.append(render.save_png(render.bev_figure(maps, models[0].grid, names, sample_title(target)), path))
+    return written
