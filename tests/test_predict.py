@@ -231,3 +231,4 @@ def test_a_store_of_another_kind_is_refused(tiny_synth, toy_runs, tmp_path: Path
         PredictionStore.open(toy_runs["gt"])
     with pytest.raises(BevctlError, match="expected a .bev_predictions. store"):
         predict(toy_runs["fin"], str(root), version, toy_runs["gt"], device="cpu", num_workers=0, progress=False)
+
