@@ -51,10 +51,18 @@ class PredictSummary:
     done_now: int = 0
     forwards: int = 0  # frames run (more than done_now when a resumed chain rebuilds its history)
     seconds: float = 0.0
+    first_batch_seconds: float = 0.0  # until the first batch was through the model (loader start-up)
+    first_batch_samples: int = 0
 
     @property
     def samples_per_s(self) -> float:
         return self.forwards / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def steady_samples_per_s(self) -> float:
+        """Rate after the first batch (excludes the DataLoader's start-up)."""
+        span, n = self.seconds - self.first_batch_seconds, self.forwards - self.first_batch_samples
+        return n / span if span > 0 and n > 0 else self.samples_per_s
 
 
 def choose_samples(index: DatasetIndex, split: str | None = None, scenes: Sequence[str] | None = None,
@@ -199,6 +207,9 @@ def predict(
                         pending.append(writer.submit(write, i, ids[b], None if probs is None else probs[b]))
                         submitted += 1
                 summary.forwards += ids.shape[0]
+                if not summary.first_batch_samples:
+                    summary.first_batch_seconds = time.perf_counter() - start
+                    summary.first_batch_samples = ids.shape[0]
                 harvest(block=False)
                 elapsed = time.perf_counter() - start
                 bar.update(task, advance=ids.shape[0], rate=f"{summary.forwards / max(elapsed, 1e-9):.1f} samples/s")
