@@ -327,10 +327,10 @@ def scene_frame(cameras: Sequence[tuple[str, np.ndarray]], maps: Sequence[BevMap
     cams_w = cols * camera_width_in + 0.2
     bev_w = len(maps) * (panel_w + 0.5) + 0.5
     legend_in = legend_height_in(False)
-    height = max(panel_height_in + 1.1, 2 * (camera_width_in * h / w + 0.3) + 0.4) + legend_in + (0.35 if title else 0)
+    height = max(panel_height_in + 1.1, 2 * (camera_width_in * h / w + 0.3) + 0.4) + legend_in + (0.6 if title else 0.3)
     fig = Figure(figsize=(cams_w + bev_w, height), dpi=DPI)
     FigureCanvasAgg(fig)
-    top = 1 - (0.5 if title else 0.15) / height
+    top = 1 - (0.75 if title else 0.45) / height  # suptitle, two-line panel titles
     bottom = (legend_in + 0.45) / height
     cams_h = 2 * camera_width_in * h / w + 0.35  # two rows of images and their names
     cam_top = top - max(0.0, (top - bottom) * height - cams_h) / 2 / height  # centred beside the BEV panels

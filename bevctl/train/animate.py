@@ -26,7 +26,7 @@ from bevctl.errors import BevctlError
 from bevctl.io import disk_full_error, is_disk_full
 from bevctl.train.distributed import resolve_device
 from bevctl.train.visualize import (camera_images, data_paths, drawing_dataset, load_models, predict_items,
-                                    pseudo_label_images, reprojection)
+                                    pseudo_label_ids, reprojection)
 
 FORMATS = (".gif", ".mp4")
 OVERLAYS = ("prediction", "pseudo-labels")
@@ -109,10 +109,10 @@ def animate_scene(
             reproj = reprojection(results[0][1], item, first.grid, first.class_set.num_classes)
             shown = [render.overlay(images[n], reproj[n]) for n in range(len(CAMERAS))]
         else:
-            pseudo = pseudo_label_images(item)
+            pseudo = pseudo_label_ids(item)
             if pseudo is None:
                 raise BevctlError(f"--overlay pseudo-labels: {labels} has no finished pseudo-labels for scene '{scene}'")
-            shown = [(0.45 * images[n] + 0.55 * pseudo[n]).astype(np.uint8) for n in range(len(CAMERAS))]
+            shown = [render.overlay(images[n], pseudo[n]) for n in range(len(CAMERAS))]
         maps = [render.BevMap(f"{m.name}", pred, gt_ids) for m, (_, pred) in zip(models, results)]
         maps.append(render.BevMap("ground truth", gt_ids))
         title = (f"{scene}  frame {s.index_in_scene + 1}/{len(samples)}  (sample {s.token[:8]});  cameras: "

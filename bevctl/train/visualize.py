@@ -133,14 +133,19 @@ def camera_images(item: dict[str, Any]) -> np.ndarray:
     return item["images"].numpy().transpose(0, 2, 3, 1)
 
 
-def pseudo_label_images(item: dict[str, Any]) -> list[np.ndarray] | None:
-    """The pseudo-labels (BEV ids) of the six cameras as RGB at the image size, or None."""
+def pseudo_label_ids(item: dict[str, Any]) -> list[np.ndarray] | None:
+    """The pseudo-labels (BEV ids, 255 ignore) of the six cameras at the image size, or None."""
     labels = item.get("labels")
     if labels is None:
         return None
     h, w = item["images"].shape[-2:]
-    return [render.colorize(np.asarray(Image.fromarray(lab.numpy()).resize((w, h), Image.NEAREST)))
-            for lab in labels[: len(CAMERAS)]]
+    return [np.asarray(Image.fromarray(lab.numpy()).resize((w, h), Image.NEAREST)) for lab in labels[: len(CAMERAS)]]
+
+
+def pseudo_label_images(item: dict[str, Any]) -> list[np.ndarray] | None:
+    """:func:`pseudo_label_ids` in the class colours (ignore black), or None."""
+    ids = pseudo_label_ids(item)
+    return None if ids is None else [render.colorize(x) for x in ids]
 
 
 NO_PSEUDO_LABELS = "no pseudo-labels:\nthis run was trained on\nBEV ground truth\n(pass --labels to show some)"
