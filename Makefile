@@ -37,6 +37,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check
 	$(PY) -m pytest -q -m "not slow" --timeout 600
 
 test-slow: $(STAMP)

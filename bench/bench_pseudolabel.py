@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 from PIL import Image  # noqa: E402
 
 from bevctl.data.nuscenes import load_index  # noqa: E402
-from bevctl.pseudolabel.job import PseudolabelConfig, read_image, run_pseudolabel  # noqa: E402
+from bevctl.data.images import read_image  # noqa: E402
+from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel  # noqa: E402
 from bevctl.storage.labels import LabelStore, dir_bytes  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"

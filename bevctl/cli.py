@@ -3,7 +3,7 @@
 Library code raises :class:`bevctl.errors.BevctlError` for user mistakes; :func:`main` turns it
 into one ``error: ...`` line and exit code 2 (no traceback). Ctrl-C exits with 130.
 Imports of heavy modules (torch, ray, transformers) happen inside the commands so that
-``bevctl --help`` stays fast.
+``bevctl --help`` stays fast. Usage errors (a bad option value) are one ``error:`` line too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from typing import Optional
 
 import typer
 
+import bevctl
 from bevctl.errors import BevctlError, one_line
+from bevctl.train.config import TRAIN_PRESETS, TrainConfig
 
 app = typer.Typer(
     name="bevctl",
@@ -25,11 +27,22 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: flags without a <bool> metavar, long defaults not cut off
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"bevctl {bevctl.__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages.")) -> None:
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the bevctl version and exit."),
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
@@ -80,10 +93,11 @@ def synth(
     image_size: str = typer.Option("225x400", "--image-size", help="Camera image size HxW."),
     seed: int = typer.Option(0, "--seed", help="Random seed; same seed, same bytes."),
     version: str = typer.Option("v1.0-synth", "--version", help="nuScenes version folder name."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset in OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Replace an existing dataset in OUT."),
 ) -> None:
     """Write a synthetic world in nuScenes format (tables, JPEGs, map expansion, image GT)."""
-    from bevctl.data.synth import SynthConfig, parse_hw, write_synthetic_dataset
+    from bevctl.config import parse_hw
+    from bevctl.data.synth import SynthConfig, write_synthetic_dataset
 
     cfg = SynthConfig(
         scenes=scenes,
@@ -92,7 +106,13 @@ def synth(
         seed=seed,
         version=version,
     )
-    write_synthetic_dataset(cfg, out, overwrite=overwrite)
+    summary = write_synthetic_dataset(cfg, out, overwrite=overwrite)
+    root, ver = summary["out"], summary["version"]
+    print(f"wrote {summary['samples']} samples of {scenes} scenes to {root} (version folder {ver}); next:\n"
+          f"  bevctl pseudolabel --dataroot {root} --version {ver} --model bevctl-synth --out labels.zarr\n"
+          f"  bevctl prepare-gt --dataroot {root} --version {ver} --config demo --out gt.zarr\n"
+          f"  bevctl pretrain --dataroot {root} --version {ver} --labels labels.zarr --out runs/pre\n"
+          f"  bevctl finetune --dataroot {root} --version {ver} --gt gt.zarr --init runs/pre --out runs/ft")
 
 
 # ---- demo -------------------------------------------------------------------------------------
@@ -101,7 +121,7 @@ def synth(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-run"), "--out", help="Directory for everything the demo writes."),
-    quick: bool = typer.Option(False, "--quick", help="A smaller world and shorter training (a few minutes)."),
+    quick: bool = typer.Option(False, "--quick/--no-quick", help="A smaller world and shorter training (a few minutes)."),
     labeler: Optional[str] = typer.Option(
         None, "--labeler", help="Pseudo-labeler: bevctl-synth (default, the shipped Mask2Former) or synth-gt (perfect labels)."
     ),
@@ -120,21 +140,34 @@ def demo(
 def prepare_gt_cmd(
     dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot (with maps/expansion/)."),
     version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
-    grid: str = typer.Option("hdmapnet", "--grid", help="BEV grid preset (hdmapnet, demo) or YAML file."),
-    classes: str = typer.Option("hdmapnet", "--classes", help="BEV class set preset (hdmapnet, markings) or YAML file."),
+    config: Optional[str] = typer.Option(
+        None, "--config", help="Take grid and class set from this training preset (demo, toy, tiny, hdmapnet) or "
+        "YAML file: the GT store then fits the training runs of that config. Not with --grid/--classes."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="BEV grid preset (hdmapnet, demo) or YAML file.  "
+                                       "[default: hdmapnet]"),
+    classes: Optional[str] = typer.Option(None, "--classes", help="BEV class set preset (hdmapnet, markings) or "
+                                          "YAML file.  [default: hdmapnet]"),
     out: str = typer.Option(..., "--out", help="Output Zarr store, e.g. gt.zarr." + _URL_HELP),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
     workers: Optional[int] = typer.Option(None, "--workers", help="Worker processes (default: CPU count; 0 = in process)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the store from scratch."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Rebuild the store from scratch."),
 ) -> None:
     """Rasterise map-expansion BEV ground truth of every sample once into a Zarr cache (resumable)."""
+    from bevctl.config import resolve_class_set, resolve_grid
     from bevctl.data.nuscenes import load_index, parse_splits
-    from bevctl.storage.gt_store import format_summary, prepare_gt, resolve_class_set, resolve_grid
+    from bevctl.storage.gt_store import format_summary, prepare_gt
+    from bevctl.train.config import load_train_config
 
     _check_urls(out)
 
-    bev_grid = resolve_grid(grid)
-    class_set = resolve_class_set(classes)
+    if config is not None:
+        if grid is not None or classes is not None:
+            raise BevctlError("--config takes the grid and class set from the training config; "
+                              "pass either --config or --grid/--classes")
+        train_cfg = load_train_config(config)
+        grid, classes = train_cfg.grid, train_cfg.class_set
+    bev_grid = resolve_grid(grid or "hdmapnet")
+    class_set = resolve_class_set(classes or "hdmapnet")
     if workers is not None and workers < 0:
         raise BevctlError(f"--workers must be >= 0, got {workers}")
     index = load_index(dataroot, version)
@@ -165,9 +198,9 @@ def pseudolabel(
     batch_size: int = typer.Option(6, "--batch-size", help="Images per model call."),
     splits: Optional[str] = typer.Option(None, "--splits", help="Comma-separated splits (default: all)."),
     resolution: Optional[str] = typer.Option(None, "--resolution", help="Stored mask size HxW (default: the image size)."),
-    confidence: bool = typer.Option(False, "--confidence", help="Also store per-pixel confidence (uint8)."),
+    confidence: bool = typer.Option(False, "--confidence/--no-confidence", help="Also store per-pixel confidence (uint8)."),
     on_error: str = typer.Option("fail", "--on-error", help="Unreadable image: fail (stop, name it) or skip (record the sample as failed)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild the store from scratch."),
+    overwrite: bool = typer.Option(False, "--overwrite/--no-overwrite", help="Rebuild the store from scratch."),
 ) -> None:
     """Label every camera image with a semantic segmenter (Ray job) into a Zarr store (resumable)."""
     from bevctl.pseudolabel.job import PseudolabelConfig, format_summary, parse_resolution, run_pseudolabel
@@ -195,7 +228,7 @@ app.add_typer(labels_app, name="labels")
 @labels_app.command("stats")
 def labels_stats_cmd(
     store: str = typer.Argument(..., help="Pseudo-label Zarr store." + _URL_HELP),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = typer.Option(False, "--json/--no-json", help="Print JSON."),
 ) -> None:
     """Class histogram and coverage, sample counts, bytes on disk, compression ratio."""
     from bevctl.pseudolabel.show import format_stats
@@ -263,10 +296,19 @@ def train_labeler_cmd(
 
 # ---- training / evaluation (bevctl.train) -------------------------------------------------------
 
+
+def _from_preset(key: str) -> str:
+    """The help's default of an option that the --config preset sets, e.g. ' [default: from the preset (demo: 1)]'."""
+    value = TRAIN_PRESETS["demo"].get(key, getattr(TrainConfig, key))
+    return f"  [default: from the preset (demo: {value})]"
+
+
 _TRAIN_HELP = {
     "config": "Training preset (demo, toy, tiny, hdmapnet) or YAML file of TrainConfig keys.",
-    "epochs": "Epochs (with --max-steps: whichever ends first; fixes the LR schedule).",
-    "max_steps": "Stop after this many optimiser steps (0 = epochs decide).",
+    "epochs": "Epochs (with --max-steps: whichever ends first; fixes the LR schedule; with --resume a higher "
+              "value continues the run).",
+    "max_steps": "Stop after this many optimiser steps (0 = epochs decide; if the epochs end first, a line says "
+                 "so and which --epochs runs them all).",
 }
 
 
@@ -275,10 +317,12 @@ def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Op
                    fraction: Optional[float] = None, epochs: Optional[int], max_steps: Optional[int],
                    checkpoint_every: Optional[int], batch_size: Optional[int], lr: Optional[float],
                    seed: Optional[int], resume: bool, gpus: int, device: str, workers: Optional[int]) -> None:
+    from bevctl.storage.location import absolute
+    from bevctl.train.build import resolve
     from bevctl.train.config import load_train_config
+    from bevctl.train.loop import RunSpec, train
 
     _check_urls(out, labels, gt, init)
-    from bevctl.train.loop import RunSpec, train
 
     arch: dict = {}
     if init is not None and config is None:  # same architecture as the pretrained checkpoint
@@ -289,11 +333,13 @@ def _train_command(mode: str, dataroot: Path, version: str, out: str, config: Op
     cfg = load_train_config(config or "demo", epochs=epochs, max_steps=max_steps, checkpoint_every=checkpoint_every,
                             batch_size=batch_size, lr=lr, seed=seed, fraction=fraction, num_workers=workers,
                             **arch)
+    resolve(cfg)  # an unknown model preset or a bad model file fails before any data is read
     if gpus < 1:
         raise BevctlError(f"--gpus must be >= 1, got {gpus}")
-    spec = RunSpec(mode=mode, cfg=cfg, run_dir=out, dataroot=str(dataroot), version=version,
-                   labels=str(labels) if labels else None, gt=str(gt) if gt else None,
-                   init=str(init) if init else None, resume=resume, device=device, gpus=gpus)
+    # absolute paths: the run records them, and visualize/evaluate may read it from elsewhere
+    spec = RunSpec(mode=mode, cfg=cfg, run_dir=out, dataroot=absolute(dataroot), version=version,
+                   labels=absolute(labels) if labels else None, gt=absolute(gt) if gt else None,
+                   init=absolute(init) if init else None, resume=resume, device=device, gpus=gpus)
     with _writing(out):
         train(spec)
 
@@ -306,16 +352,16 @@ def pretrain(
     out: str = typer.Option(..., "--out", help="Run directory (config, scenes, metrics, checkpoints, last.pt)."
                             + _URL_HELP),
     config: Optional[str] = typer.Option("demo", "--config", help=_TRAIN_HELP["config"]),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"]),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"]),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per process per micro-batch."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, data order)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"] + _from_preset("epochs")),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"] + _from_preset("max_steps")),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps." + _from_preset("checkpoint_every")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per process per micro-batch." + _from_preset("batch_size")),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate." + _from_preset("lr")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, data order)." + _from_preset("seed")),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help="Continue the run in --out from last.pt."),
     gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes." + _from_preset("num_workers")),
 ) -> None:
     """Self-supervised pretraining: BEV logits reprojected into the cameras vs pseudo-labels (+ temporal)."""
     _train_command("pretrain", dataroot, version, out, config, labels=labels, epochs=epochs, max_steps=max_steps,
@@ -332,20 +378,20 @@ def finetune(
     init: Optional[str] = typer.Option(None, "--init", help="Pretrained checkpoint (omit: supervised baseline from scratch)."
                                        + _URL_HELP),
     fraction: Optional[float] = typer.Option(
-        None, "--fraction", help="Fraction of labelled training scenes (seeded, scene-level); default: the config's (1.0)."),
+        None, "--fraction", help="Fraction of labelled training scenes (seeded, scene-level)." + _from_preset("fraction")),
     out: str = typer.Option(..., "--out", help="Run directory." + _URL_HELP),
     config: Optional[str] = typer.Option(None, "--config", help=_TRAIN_HELP["config"]
                                          + " Default: demo; with --init, the init checkpoint's model/grid/classes."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"]),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"]),
-    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per process per micro-batch."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, scene subset, data order)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from last.pt."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help=_TRAIN_HELP["epochs"] + _from_preset("epochs")),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", help=_TRAIN_HELP["max_steps"] + _from_preset("max_steps")),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps." + _from_preset("checkpoint_every")),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Samples per process per micro-batch." + _from_preset("batch_size")),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate." + _from_preset("lr")),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed (init, scene subset, data order)." + _from_preset("seed")),
+    resume: bool = typer.Option(False, "--resume/--no-resume", help="Continue the run in --out from last.pt."),
     gpus: int = typer.Option(1, "--gpus", help="Local processes (DDP); under torchrun leave at 1."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
-    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="DataLoader worker processes." + _from_preset("num_workers")),
 ) -> None:
     """Supervised fine-tuning on a fraction of the BEV labels (from a pretrained checkpoint or scratch)."""
     _train_command("finetune", dataroot, version, out, config, gt=gt, init=init, fraction=fraction, epochs=epochs,
@@ -489,9 +535,12 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as e:
-        # usage errors arrive as ClickException (typer vendors click, so match by class name)
+        # usage errors arrive as ClickException (typer vendors click, so match by class name): one
+        # line naming the command's --help, as for every other bad input
         if any(c.__name__ == "ClickException" for c in type(e).__mro__):
-            e.show()  # type: ignore[attr-defined]
+            ctx = getattr(e, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            print(f"error: {one_line(e.format_message())}{where}", file=sys.stderr)  # type: ignore[attr-defined]
             sys.exit(e.exit_code)  # type: ignore[attr-defined]
         from bevctl.io import disk_full_error, is_disk_full
 

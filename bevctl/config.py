@@ -8,6 +8,7 @@ the same checks: unknown keys, wrong types and impossible values are one clear e
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -180,6 +181,17 @@ def resolve_class_set(spec: str) -> BEVClassSet:
     """A class-set preset name (``hdmapnet``, ``markings``) or a YAML file with
     :class:`BEVClassSet` fields."""
     return load_dataclass(BEVClassSet, spec) if is_yaml_path(spec) else class_set_from_name(spec)
+
+
+def parse_hw(text: str, option_name: str = "--image-size") -> tuple[int, int]:
+    """``"225x400"`` -> ``(225, 400)`` (an option such as --image-size); BevctlError on anything else."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
+    if not m:
+        raise BevctlError(f"{option_name} '{text}': expected HxW, e.g. 225x400")
+    h, w = int(m.group(1)), int(m.group(2))
+    if h <= 0 or w <= 0:
+        raise BevctlError(f"{option_name} '{text}': height and width must be positive")
+    return h, w
 
 
 # --------------------------------------------------------------------------------------------

@@ -26,7 +26,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bevctl.config import class_set_from_name, grid_from_name
+from bevctl.data.nuscenes import load_index
+from bevctl.data.synth import SynthConfig, write_synthetic_dataset
+from bevctl.errors import BevctlError
 from bevctl.io import atomic_write_text
+from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
+from bevctl.storage.gt_store import prepare_gt
+from bevctl.train.config import load_train_config
+from bevctl.train.animate import animate_scene
+from bevctl.train.evaluate import evaluate
+from bevctl.train.loop import RunSpec, train
+from bevctl.train.visualize import compare_samples, visualize
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +183,6 @@ def _timed(phases: PhaseLog, name: str, fn: Callable[[], Any]) -> float:
 
 def prepare_data(plan: DemoPlan, paths: Paths, phases: PhaseLog) -> None:
     """synth -> pseudolabel -> prepare-gt (each skipped when done, resumed when interrupted)."""
-    from bevctl.config import class_set_from_name, grid_from_name
-    from bevctl.data.synth import SynthConfig, write_synthetic_dataset
-    from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
-    from bevctl.storage.gt_store import prepare_gt
-    from bevctl.train.config import load_train_config
-
     def synth() -> None:
         cfg = SynthConfig(
             scenes=plan.scenes, samples_per_scene=plan.samples_per_scene,
@@ -212,9 +217,6 @@ def train_phase(
     temporal_weight: float | None = None, lr: float | None = None, label_adjacent: int | None = None,
 ) -> Path:
     """One training run into ``runs/<name>`` (resumed if interrupted). Returns its last.pt."""
-    from bevctl.train.config import load_train_config
-    from bevctl.train.loop import RunSpec, train
-
     run_dir = paths.run(name)
     if lr is None and mode == "pretrain":
         lr = plan.pretrain_lr
@@ -247,8 +249,6 @@ def train_phase(
 
 
 def evaluate_phase(paths: Paths, phases: PhaseLog, name: str, checkpoint: Path) -> dict[str, Any]:
-    from bevctl.train.evaluate import evaluate
-
     out = paths.root / "eval" / f"{name}.json"
 
     def fn() -> None:
@@ -293,8 +293,6 @@ def format_table(entries: list[dict[str, Any]]) -> str:
 
 
 def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict[str, Any]:
-    from bevctl.data.nuscenes import load_index
-
     plan = PLANS["quick" if quick else "default"]
     if labeler:
         plan = dataclasses.replace(plan, labeler=labeler)
@@ -302,8 +300,6 @@ def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict
     plan_file = out / "plan.json"
     plan_json = json.dumps(dataclasses.asdict(plan), indent=2)
     if plan_file.exists() and plan_file.read_text() != plan_json:
-        from bevctl.errors import BevctlError
-
         raise BevctlError(
             f"{out} holds a demo run with another plan ({'--quick' if not quick else 'default'}?); "
             "pick another --out or delete it"
@@ -386,9 +382,6 @@ class Pictures:
 def _pictures(paths: Paths, index: Any, models: dict[str, Path], pretrain: Path, labels: Path) -> Pictures:
     """The report's figures (a few val samples compared, one reprojection, a scene animation)
     and, in ``pictures/<model>/<sample>/``, every sample's individual PNGs."""
-    from bevctl.train.animate import animate_scene
-    from bevctl.train.visualize import compare_samples, visualize
-
     val = index.samples_in("val")
     picks = [val[i] for i in sorted({0, len(val) // 2, len(val) - 1})]
     pics = paths.root / "pictures"

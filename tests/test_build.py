@@ -79,7 +79,7 @@ def test_bad_grid_or_model_file_fails_when_the_config_loads(tmp_path: Path) -> N
     with pytest.raises(BevctlError, match="unknown BEV grid 'nope'"):
         load_train_config("toy", grid="nope")
     with pytest.raises(BevctlError, match="unknown model preset"):
-        load_train_config("demo", model="huge")
+        resolve(load_train_config("demo", model="huge"))
 
 
 def test_load_trained_model_refuses_a_file_that_is_no_checkpoint(tmp_path: Path) -> None:

@@ -37,11 +37,11 @@ def test_train_phase_learning_rate_per_regime(tmp_path, monkeypatch) -> None:
     """pretrain_lr for pretraining, an explicit lr (fine-tuning) over it, ``lr`` / the preset otherwise."""
     import dataclasses
 
-    import bevctl.train.loop as loop
+    import bevctl.demo as demo  # the trainer as the demo imports it
     from bevctl.demo import Paths, PhaseLog, train_phase
 
     seen: dict[str, float] = {}
-    monkeypatch.setattr(loop, "train", lambda spec: seen.__setitem__(spec.run_dir.name, spec.cfg.lr))
+    monkeypatch.setattr(demo, "train", lambda spec: seen.__setitem__(spec.run_dir.name, spec.cfg.lr))
     plan = dataclasses.replace(PLANS["paper"], pretrain_lr=6e-3, finetune_lr=2e-3, lr=None)
     paths, phases = Paths(tmp_path), PhaseLog(tmp_path / "phases.json")
     train_phase(plan, paths, phases, "pre", mode="pretrain", steps=4)
@@ -54,11 +54,11 @@ def test_train_phase_learning_rate_per_regime(tmp_path, monkeypatch) -> None:
 def test_train_phase_label_adjacent_applies_to_pretraining_only(tmp_path, monkeypatch) -> None:
     import dataclasses
 
-    import bevctl.train.loop as loop
+    import bevctl.demo as demo  # the trainer as the demo imports it
     from bevctl.demo import Paths, PhaseLog, train_phase
 
     seen: dict[str, int] = {}
-    monkeypatch.setattr(loop, "train", lambda spec: seen.__setitem__(spec.run_dir.name, spec.cfg.label_adjacent))
+    monkeypatch.setattr(demo, "train", lambda spec: seen.__setitem__(spec.run_dir.name, spec.cfg.label_adjacent))
     plan = dataclasses.replace(PLANS["paper"], label_adjacent=1)
     paths, phases = Paths(tmp_path), PhaseLog(tmp_path / "phases.json")
     train_phase(plan, paths, phases, "pre", mode="pretrain", steps=4)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pyquaternion import Quaternion
 
 from bevctl import __version__
 from bevctl.data.records import CAMERAS, CameraRecord, DatasetIndex, SampleRecord
@@ -143,7 +144,7 @@ def _hash_split(scene_names: list[str], train_fraction: float = 0.8) -> dict[str
 
 def scene_splits(dataroot: Path, version: str, scene_names: list[str]) -> dict[str, list[str]]:
     """Split name -> scene names present in the dataset (sorted)."""
-    from nuscenes.utils.splits import create_splits_scenes
+    from nuscenes.utils.splits import create_splits_scenes  # noqa: PLC0415 - nuscenes-devkit: heavy (matplotlib, descartes); only when the devkit is used
 
     present = set(scene_names)
     official = {
@@ -181,8 +182,6 @@ def scene_splits(dataroot: Path, version: str, scene_names: list[str]) -> dict[s
 
 def _pose_matrix(rec: dict[str, Any]) -> np.ndarray:
     """A nuScenes ``rotation`` [w, x, y, z] + ``translation`` record -> (4, 4) float64."""
-    from pyquaternion import Quaternion
-
     out = np.eye(4)
     out[:3, :3] = Quaternion(rec["rotation"]).rotation_matrix
     out[:3, 3] = np.asarray(rec["translation"], dtype=np.float64)
@@ -190,7 +189,7 @@ def _pose_matrix(rec: dict[str, Any]) -> np.ndarray:
 
 
 def _build_index(dataroot: Path, version: str, check_images: bool) -> DatasetIndex:
-    from nuscenes.nuscenes import NuScenes
+    from nuscenes.nuscenes import NuScenes  # noqa: PLC0415 - nuscenes-devkit: heavy (matplotlib, descartes); only when the devkit is used
 
     table_root = dataroot / version
     _check_fields(table_root)

@@ -79,7 +79,7 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 @lru_cache(maxsize=8)
 def _load_map(dataroot: str, location: str) -> "NuScenesMap":
-    from nuscenes.map_expansion.map_api import NuScenesMap
+    from nuscenes.map_expansion.map_api import NuScenesMap  # noqa: PLC0415 - nuscenes-devkit: heavy (matplotlib, descartes); only when the devkit is used
 
     if location not in KNOWN_LOCATIONS:
         raise BevctlError(f"unknown map location '{location}' (known: {', '.join(KNOWN_LOCATIONS)})")

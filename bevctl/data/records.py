@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bevctl.errors import BevctlError
+
 # One fixed camera order everywhere (stores, models, losses).
 CAMERAS: tuple[str, ...] = (
     "CAM_FRONT_LEFT",
@@ -64,8 +66,6 @@ class DatasetIndex:
     def samples_in(self, split: str) -> list[SampleRecord]:
         """The split's keyframes, scene by scene (scenes in split order), each in time order."""
         if split not in self.split_scenes:
-            from bevctl.errors import BevctlError
-
             raise BevctlError(
                 f"{self.dataroot}/{self.version}: no split '{split}' (have: {', '.join(self.split_scenes)})"
             )
@@ -81,8 +81,6 @@ class DatasetIndex:
     def find_sample(self, ref: str) -> SampleRecord:
         """A sample by its token or by ``SCENE:INDEX`` (0-based keyframe index in the scene,
         e.g. ``scene-0002:3``); one error line naming what is missing."""
-        from bevctl.errors import BevctlError
-
         if ref in self.samples:
             return self.samples[ref]
         scene, sep, idx = ref.rpartition(":")
@@ -100,8 +98,6 @@ class DatasetIndex:
     def scene_samples(self, scene: str) -> list[SampleRecord]:
         """The keyframes of ``scene`` in time order; one error line for an unknown scene."""
         if scene not in self.scenes:
-            from bevctl.errors import BevctlError
-
             raise BevctlError(f"{self.dataroot}/{self.version}: no scene '{scene}' (`bevctl samples` lists them)")
         return [self.samples[t] for t in self.scenes[scene]]
 

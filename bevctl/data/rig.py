@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pyquaternion import Quaternion
 
 from bevctl.data.records import CAMERAS
 
@@ -36,8 +37,6 @@ def scale_intrinsics(pix_T_cam: np.ndarray, from_hw: tuple[int, int], to_hw: tup
 def reference_rig(image_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``pix_T_cam (6, 3, 3)`` (scaled to ``image_hw``, default 900x1600) and
     ``ego_T_cam (6, 4, 4)`` of the shipped rig, float64, in :data:`CAMERAS` order."""
-    from pyquaternion import Quaternion
-
     data = load_rig_json()
     native = (data["image_size"]["height"], data["image_size"]["width"])
     ks, ts = [], []

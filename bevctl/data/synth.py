@@ -34,6 +34,7 @@ import io
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import re
 import shutil
@@ -42,8 +43,14 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from bevctl.config import parse_hw
+from bevctl.data.synth_map import build_map_expansion, map_mask, world_json
+from bevctl.data.synth_render import camera_rays, noise_tiles, render
 from bevctl.data.synth_scene import (
     LIDAR_T_EGO,
     SYNTH_CAMERAS,
@@ -88,17 +95,6 @@ class SynthConfig:
             raise BevctlError(f"synth grid {self.grid}: need at least 3 x 3 streets")
         if not 0.0 <= self.val_fraction < 1.0:
             raise BevctlError(f"synth val_fraction must be in [0, 1), got {self.val_fraction}")
-
-
-def parse_hw(text: str, option_name: str = "--image-size") -> tuple[int, int]:
-    """``"225x400"`` -> ``(225, 400)``; BevctlError on anything else."""
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m:
-        raise BevctlError(f"{option_name} '{text}': expected HxW, e.g. 225x400")
-    h, w = int(m.group(1)), int(m.group(2))
-    if h <= 0 or w <= 0:
-        raise BevctlError(f"{option_name} '{text}': height and width must be positive")
-    return h, w
 
 
 # --------------------------------------------------------------------------------------------
@@ -272,10 +268,6 @@ _JOB_CACHE: dict = {}
 
 def _render_job(cfg_dict: dict, scene: int, samples: list[int], root: str) -> int:
     """Render ``samples`` of ``scene`` into ``root`` (runs in a worker process)."""
-    from PIL import Image
-
-    from bevctl.data.synth_render import camera_rays, noise_tiles, render
-
     cfg = SynthConfig(**{**cfg_dict, "image_hw": tuple(cfg_dict["image_hw"]), "grid": tuple(cfg_dict["grid"])})
     h, w = cfg.image_hw
     key = (cfg, scene)
@@ -318,10 +310,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False, progress: bool = True) -> dict:
     """Write the synthetic dataset to ``out`` (atomically); returns a small summary dict."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from bevctl.data.synth_map import build_map_expansion, map_mask, world_json
-
     out = Path(out).absolute()
     _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -340,7 +328,6 @@ def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False
         (tmp / "samples" / "LIDAR_TOP").mkdir(parents=True)
         (tmp / "maps" / "expansion").mkdir(parents=True)
 
-        import cv2
 
         map_png = f"maps/{token(cfg.seed, 'map-png')}.png"
         cv2.imwrite(str(tmp / map_png), map_mask(world))
@@ -375,8 +362,6 @@ def write_synthetic_dataset(cfg: SynthConfig, out: Path, overwrite: bool = False
                     bar.advance(task, _render_job(cfg_dict, s, ks, str(tmp)))
                 _JOB_CACHE.clear()
             else:
-                import multiprocessing as mp
-
                 pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
                 try:
                     futs = [pool.submit(_render_job, cfg_dict, s, ks, str(tmp)) for s, ks in jobs]

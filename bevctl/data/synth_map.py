@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import shapely
 from shapely import affinity
@@ -555,8 +556,6 @@ def _heading_of(kind: str, sigma: float) -> int:
 
 def map_mask(world: World, resolution: float = 0.1) -> np.ndarray:
     """The map table's semantic prior PNG (drivable area + walkways = 255), nuScenes pixel layout."""
-    import cv2
-
     w = int(math.ceil(world.canvas[0] / resolution))
     h = int(math.ceil(world.canvas[1] / resolution))
     img = np.zeros((h, w), np.uint8)

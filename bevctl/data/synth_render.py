@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from bevctl.data.synth_scene import Camera, ScenePlan
@@ -17,15 +18,15 @@ from bevctl.data.synth_world import (
     CROSSWALK,
     CURB,
     LANE,
-    STOP,
-    YELLOW,
     OTHER,
     PAINT_WHITE,
     PAINT_YELLOW,
     ROAD,
     SIDEWALK,
     SKY,
+    STOP,
     VEHICLE,
+    YELLOW,
     World,
 )
 
@@ -67,8 +68,6 @@ def camera_rays(cam: Camera, h: int, w: int) -> CameraRays:
 
 def noise_tiles(seed: int) -> np.ndarray:
     """(3, TILE, TILE) float32 smooth noise in about [-1, 1], periodic (seeded)."""
-    import cv2
-
     rng = np.random.default_rng([seed, 3003])
     out = []
     for sigma in (1.5, 4.0, 12.0):
@@ -313,7 +312,5 @@ def render(
     np.clip(out, 0, 255, out=out)
     rgb = out.astype(np.uint8).reshape(rays.h, rays.w, 3)
     if min(rays.h, rays.w) >= 64:  # mild optical blur
-        import cv2
-
         rgb = cv2.GaussianBlur(rgb, (3, 3), 0.6)
     return rgb, cls.reshape(rays.h, rays.w)

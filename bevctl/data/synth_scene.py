@@ -6,6 +6,7 @@ and the render workers (images) compute the same plan independently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass
@@ -146,8 +147,6 @@ def pose_matrix(x: float, y: float, z: float, yaw: float) -> np.ndarray:
 
 
 def hash_int(*parts: object) -> int:
-    import hashlib
-
     return int.from_bytes(hashlib.md5("/".join(map(str, parts)).encode()).digest()[:8], "little")
 
 

@@ -46,13 +46,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 
+from bevctl.config import parse_hw
+from bevctl.data.images import ImageError, read_image
+from bevctl.data.nuscenes import load_index, parse_splits
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
 from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
-from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
-from bevctl.storage.location import is_local as location_is_local, join
+from bevctl.pseudolabel.labeler import load_labeler
 from bevctl.storage.base import CompletionLog
+from bevctl.storage.labels import LabelStore, LabelStoreSpec, dir_bytes, open_mask_arrays
+from bevctl.storage.location import is_local as location_is_local
+from bevctl.storage.location import join
 
 log = logging.getLogger(__name__)
 
@@ -125,32 +140,12 @@ class JobSummary:
 
 def parse_resolution(text: str) -> tuple[int, int]:
     """``"450x800"`` -> ``(450, 800)``."""
-    from bevctl.data.synth import parse_hw
-
     return parse_hw(text, "--resolution")
 
 
 # --------------------------------------------------------------------------------------------
 # Worker (a Ray actor, or in-process with workers=0)
 # --------------------------------------------------------------------------------------------
-
-
-class ImageError(Exception):
-    """An input image that cannot be read (missing, corrupt)."""
-
-
-def read_image(path: str) -> np.ndarray:
-    """HxWx3 uint8 RGB; raises :class:`ImageError` with the reason."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise ImageError("missing image") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"corrupt image ({e})") from None
 
 
 class LabelWorker:
@@ -170,8 +165,6 @@ class LabelWorker:
     def _get_labeler(self) -> Any:
         with self._load_lock:
             if self._labeler is None:
-                from bevctl.pseudolabel.labeler import load_labeler
-
                 self._labeler = load_labeler(self.model, device=self.device)
             return self._labeler
 
@@ -208,7 +201,7 @@ class LabelWorker:
                 inputs.append(self._prepare(lab, path))
                 good.append((int(i), int(c)))
             except ImageError as e:
-                errors.append((int(i), int(c), path, str(e)))
+                errors.append((int(i), int(c), path, e.reason))
         t1 = time.perf_counter()
         model_s = 0.0
         if inputs:
@@ -277,7 +270,7 @@ class _RayPool:
 
     def __init__(self, cfg: PseudolabelConfig) -> None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        import ray
+        import ray  # noqa: PLC0415 - ray: heavy; only for the Ray actor pool
 
         self.ray = ray
         self.model = cfg.model
@@ -412,12 +405,6 @@ def _batches(todo: np.ndarray, image_paths: list[list[str]], size: int) -> Itera
 def _make_progress(enabled: bool):  # -> rich Progress or None
     if not enabled:
         return None
-    from rich.progress import (
-        BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn,
-        TimeRemainingColumn,
-    )  # fmt: skip
-    from rich.text import Text
-
     class RateColumn(ProgressColumn):
         def render(self, task: Any) -> Text:
             speed = task.finished_speed or task.speed
@@ -435,8 +422,6 @@ def run_pseudolabel(cfg: PseudolabelConfig, index: DatasetIndex | None = None) -
     ``index`` defaults to ``load_index(cfg.dataroot, cfg.version)``; images are not checked up
     front (a missing one is handled per ``cfg.on_error`` when its turn comes).
     """
-    from bevctl.data.nuscenes import load_index, parse_splits
-
     if index is None:
         index = load_index(cfg.dataroot, cfg.version, check_images=False)
     splits = list(cfg.splits) if cfg.splits else index.split_names()

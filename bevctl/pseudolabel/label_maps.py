@@ -22,6 +22,7 @@ A class without a mapping is an error naming the class, never a silent backgroun
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.resources
 import logging
@@ -62,6 +63,7 @@ class LabelMap:
     classes: dict[str, tuple[str, ...]]
     warning: str | None = None
     source: str = ""
+    builtin: bool = False  # shipped with bevctl (bevctl/configs/label_maps)
 
     def targets(self, class_name: str) -> tuple[str, ...] | None:
         return self.classes.get(normalize_name(class_name))
@@ -117,7 +119,7 @@ def shipped_label_maps() -> dict[str, LabelMap]:
         except (OSError, yaml.YAMLError) as e:
             raise BevctlError(f"shipped label map {fname} is unreadable ({e}); reinstall bevctl") from None
         lm = label_map_from_dict(data, source=f"bevctl/configs/label_maps/{fname}")
-        maps[lm.name] = lm
+        maps[lm.name] = dataclasses.replace(lm, builtin=True)
     return maps
 
 
@@ -171,6 +173,15 @@ def resolve_label_map(
     Ids the labeler does not have map to 255 (ignore). Raises :class:`BevctlError` naming the
     first class that has no mapping, or whose targets are all missing from ``class_set``.
     """
+    return resolve_label_map_record(id2label, class_set, user_map_path)[0]
+
+
+def resolve_label_map_record(
+    id2label: dict[int, str], class_set: BEVClassSet, user_map_path: str | Path | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The LUT of :func:`resolve_label_map` and what it resolved, for a run's provenance:
+    ``{"name", "source": the YAML file or "built in", "table": {labeler class: BEV class}}``
+    (BEV class ``background``, ``ignore`` or a class of ``class_set``)."""
     lm = select_label_map(id2label, user_map_path)
     if lm.warning:
         log.warning("label map '%s': %s", lm.name, " ".join(lm.warning.split()))
@@ -192,7 +203,10 @@ def resolve_label_map(
                 f"'{class_set.name}' ({', '.join(class_set.classes)}) nor background/ignore"
             )
         lut[int(cid)] = bev
-    return lut
+    bev_names = {0: BACKGROUND, IGNORE_ID: IGNORE, **{k + 1: c for k, c in enumerate(class_set.classes)}}
+    record = {"name": lm.name, "source": "built in" if lm.builtin else str(Path(lm.source).resolve()),
+              "table": {id2label[cid]: bev_names[int(lut[int(cid)])] for cid in sorted(id2label)}}
+    return lut, record
 
 
 def apply_label_map(labels: np.ndarray, lut: np.ndarray) -> np.ndarray:

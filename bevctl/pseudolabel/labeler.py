@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import importlib.resources
 import json
 import logging
@@ -40,8 +41,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Protocol, runtime_checkable
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
-from bevctl.errors import BevctlError
+from bevctl.errors import BevctlError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -94,11 +97,12 @@ def _offline() -> bool:
 
 def _resolve_hub(model: str) -> Path:
     """Download (or find in the cache) a hub model's config, weights and preprocessor."""
-    hint = "pass a local directory with the model (save_pretrained layout) as --model"
+    hint = (f"pass a local directory with the model (save_pretrained layout) as --model, or --model {SHIPPED_NAME} "
+            "(the labeler shipped for the synthetic world, offline)")
     if not _HUB_ID.match(model) or ".." in model:
         raise BevctlError(f"model '{model}' is neither a local directory nor a valid hub id; {hint}")
     try:
-        from huggingface_hub import snapshot_download, try_to_load_from_cache
+        from huggingface_hub import snapshot_download, try_to_load_from_cache  # noqa: PLC0415 - huggingface_hub: only to fetch a hub model
     except ImportError:  # pragma: no cover - huggingface_hub ships with transformers
         raise BevctlError(f"cannot load hub model '{model}': huggingface_hub is not installed; {hint}")
     cached = try_to_load_from_cache(model, "config.json")
@@ -178,8 +182,6 @@ def weights_hash(model_dir: Path) -> str:
 
 def state_dict_hash(state: dict[str, "torch.Tensor"]) -> str:
     """sha256 over a state dict's names, dtypes, shapes and bytes (for models made in memory)."""
-    import torch
-
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
@@ -210,16 +212,25 @@ class Preprocessor:
 
 
 def _load_processor(model_dir: Path) -> Any:
-    from transformers.models.mask2former.image_processing_pil_mask2former import (
+    from transformers.models.mask2former.image_processing_pil_mask2former import (  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
         Mask2FormerImageProcessorPil,
     )
 
     if not (model_dir / "preprocessor_config.json").is_file():
         raise BevctlError(f"{model_dir}: no preprocessor_config.json (the image processor settings)")
+    path = model_dir / "preprocessor_config.json"
     try:
-        return Mask2FormerImageProcessorPil.from_pretrained(str(model_dir), local_files_only=True)
+        processor = Mask2FormerImageProcessorPil.from_pretrained(str(model_dir), local_files_only=True)
     except Exception as e:
-        raise BevctlError(f"{model_dir}/preprocessor_config.json: cannot load ({e})") from None
+        raise BevctlError(f"{path}: cannot load ({one_line(e)})") from None
+    # transformers accepts some bad settings at load and fails on the first image: try one now,
+    # so a bad file is one error line before any store is created, not a traceback mid-job
+    try:
+        processor(images=[np.zeros((64, 64, 3), np.uint8)], return_tensors="np")
+    except Exception as e:
+        raise BevctlError(f"{path}: the image processor it configures fails on a test image "
+                          f"({type(e).__name__}: {one_line(e)})") from None
+    return processor
 
 
 def load_preprocessor(model: str) -> Preprocessor:
@@ -251,9 +262,6 @@ def semantic_from_logits(
     Returns ``labels`` (B, H, W) int64 and, if asked, ``confidence`` (B, H, W) uint8 =
     round(255 * max_c scores / sum_c scores).
     """
-    import torch
-    import torch.nn.functional as F
-
     H, W = out_hw
     probs = class_logits.float().softmax(-1)[..., :-1]  # (B, Q, C)
     B, Q, C = probs.shape
@@ -279,8 +287,6 @@ class HFMask2FormerLabeler:
     def __init__(
         self, model_id: str, model_dir: Path, device: str = "auto", dtype: str = "auto"
     ) -> None:
-        import torch
-
         cfg = _read_config(model_dir)
         self.model_id = model_id
         self.model_dir = model_dir
@@ -299,7 +305,7 @@ class HFMask2FormerLabeler:
                 f"{model_dir}/config.json: id2label must number 1..254 classes as 0..N-1 "
                 f"(uint8 masks, 255 reserved), got {len(self.id2label)} ids"
             )
-        from transformers import Mask2FormerForUniversalSegmentation
+        from transformers import Mask2FormerForUniversalSegmentation  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
         try:
             with quiet_transformers():
@@ -352,7 +358,7 @@ class HFMask2FormerLabeler:
 def quiet_transformers() -> Iterator[None]:
     """No per-tensor progress bars from transformers while loading or saving (they would
     flood the logs of every Ray actor)."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
@@ -364,8 +370,6 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def _pick_device(device: str) -> str:
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -380,8 +384,6 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16"
 
 
 def _pick_dtype(dtype: str, device: str) -> "torch.dtype":
-    import torch
-
     if dtype == "auto":
         if device.startswith("cuda"):
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -397,8 +399,6 @@ def _pick_dtype(dtype: str, device: str) -> "torch.dtype":
 def _set_threads(device: str) -> None:
     """On the CPU follow OMP_NUM_THREADS (Ray sets it per actor) or use the cores we may run on;
     with a GPU a couple of threads are enough and leave the rest to decoding."""
-    import torch
-
     env = os.environ.get("OMP_NUM_THREADS", "")
     try:
         cores = len(os.sched_getaffinity(0))
@@ -412,8 +412,6 @@ def _set_threads(device: str) -> None:
 
 def _standin(model: str) -> Any:
     """The stand-in labeler registered under ``model`` (bevctl.pseudolabel.standins), or None."""
-    import importlib
-
     try:
         standins = importlib.import_module("bevctl.pseudolabel.standins")
     except ModuleNotFoundError as e:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import colorsys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from bevctl.data.images import read_image
+from bevctl.data.nuscenes import load_index
 from bevctl.errors import BevctlError
 from bevctl.io import atomic_write
 from bevctl.storage.labels import LabelStore
@@ -15,8 +18,6 @@ from bevctl.storage.labels import LabelStore
 
 def palette(n: int = 256) -> np.ndarray:
     """(n, 3) uint8 distinct colours, stable per class id (golden-ratio hues)."""
-    import colorsys
-
     out = np.zeros((n, 3), dtype=np.uint8)
     for i in range(n):
         r, g, b = colorsys.hsv_to_rgb((0.1 + i * 0.618033988749895) % 1.0, 0.85 if i % 2 else 0.6, 0.95)
@@ -25,8 +26,6 @@ def palette(n: int = 256) -> np.ndarray:
 
 
 def _find_sample(store: LabelStore, dataroot: Path, token: str):  # -> SampleRecord
-    from bevctl.data.nuscenes import load_index
-
     index = load_index(dataroot, store.dataset_version, check_images=False)
     if token not in index.samples:
         raise BevctlError(f"{dataroot}/{store.dataset_version}: no sample '{token}' (is --dataroot the labeled dataset?)")
@@ -84,14 +83,13 @@ def show_sample(
     root = Path(dataroot) if dataroot else (Path(store.dataroot) if store.dataroot else None)
     if root is None:
         raise BevctlError(f"{store_path}: no dataroot recorded; pass --dataroot")
+    if not dataroot and not root.is_dir():
+        raise BevctlError(f"dataset {root} (recorded in {store_path}) not found: if it moved, pass its new "
+                          "location as --dataroot")
     sample = _find_sample(store, root, token)
     images = []
     for cam in sample.cameras:
-        try:
-            with Image.open(cam.image_path) as im:
-                images.append(np.asarray(im.convert("RGB")))
-        except OSError as e:
-            raise BevctlError(f"{cam.image_path}: cannot read image ({e})") from None
+        images.append(read_image(cam.image_path))
     canvas = render_sample(images, masks, store.cameras, alpha, store.id2label)
     out = Path(out)
 

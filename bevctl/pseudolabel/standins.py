@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bevctl.data.synth_world import SYNTH_CLASSES
 from bevctl.errors import BevctlError
 
 SYNTH_GT = "synth-gt"
@@ -43,10 +44,6 @@ FAULT_MARKER_ENV = "BEVCTL_FAULT_MARKER"
 
 
 def _synth_classes() -> tuple[str, ...]:
-    try:
-        from bevctl.data.synth import SYNTH_CLASSES
-    except ImportError:  # the world model defines them; synth re-exports
-        from bevctl.data.synth_world import SYNTH_CLASSES
     return tuple(SYNTH_CLASSES)
 
 

@@ -23,6 +23,7 @@ was not verified.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -36,8 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from PIL import Image
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+import bevctl.data.synth as synth_mod
+from bevctl.data.synth import SynthConfig, write_synthetic_dataset
 from bevctl.errors import BevctlError
+from bevctl.pseudolabel.labeler import HFMask2FormerLabeler, _read_config, quiet_transformers
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +115,6 @@ def find_pairs(root: Path) -> list[tuple[Path, Path]]:
 
 
 def _read_pair(image: Path, gt: Path) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
     with Image.open(image) as im:
         rgb = np.asarray(im.convert("RGB"))
     with Image.open(gt) as g:
@@ -126,8 +131,8 @@ def _read_pair(image: Path, gt: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def build_model(class_names: list[str], cfg: LabelerModelConfig, train_points: int = 12544) -> tuple[Any, Any]:
     """A fresh Mask2Former and its image processor (PIL backend)."""
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
-    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil
+    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
+    from transformers.models.mask2former.image_processing_pil_mask2former import Mask2FormerImageProcessorPil  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
     swin = SwinConfig(
         embed_dim=cfg.embed_dim,
@@ -186,9 +191,6 @@ def _make_batch(
 ) -> dict[str, Any]:
     """Pixel values plus per-image binary masks/classes (one mask per class present: semantic).
     Images go through the model's own image processor (exactly as at inference), then a crop."""
-    import torch
-    from PIL import Image
-
     pix, masks, classes = [], [], []
     for image, gt in pairs:
         rgb, lab = _read_pair(image, gt)
@@ -220,8 +222,6 @@ def evaluate_labeler(
     labeler: Any, pairs: list[tuple[Path, Path]], class_names: list[str], batch_size: int = 6
 ) -> dict[str, Any]:
     """Per-class image IoU of ``labeler`` (the real inference path) against GT, at GT resolution."""
-    from rich.progress import Progress
-
     n = len(class_names)
     conf = np.zeros((n, n), dtype=np.int64)
     t0 = time.perf_counter()
@@ -258,8 +258,6 @@ def evaluate_labeler(
 
 
 def _seed_everything(seed: int) -> None:
-    import torch
-
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -274,18 +272,12 @@ def train_labeler(
 ) -> Path:
     """Train (from scratch, or on from the weights in ``init``), save ``save_pretrained`` +
     processor into ``out`` (atomically)."""
-    import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from bevctl.pseudolabel.labeler import quiet_transformers
-
     torch.set_num_threads(max(1, cfg.threads))
     _seed_everything(cfg.seed)
     model, processor = build_model(class_names, cfg.model, cfg.train_points)
     if init is not None:
-        from transformers import Mask2FormerForUniversalSegmentation
+        from transformers import Mask2FormerForUniversalSegmentation  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
-        from bevctl.pseudolabel.labeler import _read_config
 
         _read_config(Path(init))  # a mask2former config without remote code
         with quiet_transformers():
@@ -355,10 +347,6 @@ def train_labeler(
 
 def _synth_source_hash() -> str:
     """sha256 over the synthetic generator's sources (``bevctl/data/synth*.py``)."""
-    import hashlib
-
-    import bevctl.data.synth as synth_mod
-
     h = hashlib.sha256()
     for f in sorted(Path(synth_mod.__file__).parent.glob("synth*.py")):
         h.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -370,8 +358,6 @@ def make_synth_data(work: Path, seed: int, scenes: int, samples_per_scene: int) 
 
     A cached dataset written by another version of the generator (its sources' hash is stamped
     next to it) is regenerated, so a changed world (e.g. the curb band) never trains stale data."""
-    from bevctl.data.synth import SynthConfig, write_synthetic_dataset
-
     root = work / f"synth-seed{seed}-s{scenes}x{samples_per_scene}"
     stamp = work / f"{root.name}.generator-sha256"
     digest = _synth_source_hash()
@@ -395,8 +381,6 @@ def run_train_labeler(
     init: Path | None = None,
 ) -> dict[str, Any]:
     """The ``bevctl train-labeler`` command: data, training, held-out evaluation, metrics."""
-    from bevctl.pseudolabel.labeler import HFMask2FormerLabeler, _read_config
-
     if init is not None:  # before minutes of data generation: a bad --init fails at once
         _read_config(Path(init))
     work.mkdir(parents=True, exist_ok=True)

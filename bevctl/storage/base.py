@@ -46,6 +46,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
+from bevctl import __version__
 from bevctl.errors import BevctlError
+from bevctl.io import is_disk_full
 from bevctl.storage import location
 
 STORE_FORMAT = 1
@@ -259,8 +262,6 @@ class SampleStore:
                 raise BevctlError(f"{target}: array name '{spec.name}' is reserved")
             if not spec.shape or spec.shape[0] != n:
                 raise BevctlError(f"{target}: array '{spec.name}' must have {n} samples on axis 0, got {spec.shape}")
-        from bevctl import __version__
-
         attrs = {
             "kind": kind,
             "format": STORE_FORMAT,
@@ -284,9 +285,11 @@ class SampleStore:
         kind: str,
         expected: Mapping[str, Any] | None = None,
         mode: str = "r",
+        remedy: str | None = None,
     ) -> "SampleStore":
         """Open an existing store of ``kind``; every key of ``expected`` must equal the recorded
-        metadata (one BevctlError line naming the first difference otherwise)."""
+        metadata (one BevctlError line naming the first difference otherwise, and ``remedy``:
+        what to do about it)."""
         path = str(path)
         location.check(path)
         if not location.is_file(location.join(path, "zarr.json")):
@@ -307,7 +310,7 @@ class SampleStore:
         if "done" not in group or "tokens" not in group:
             raise BevctlError(f"{path}: incomplete store (missing 'tokens' or 'done')")
         if expected:
-            store.check_metadata(expected)
+            store.check_metadata(expected, remedy=remedy)
         return store
 
     @classmethod
@@ -341,10 +344,10 @@ class SampleStore:
 
     # ---- validation -----------------------------------------------------------------------
 
-    def _mismatch(self, what: str) -> BevctlError:
-        return BevctlError(f"{self.path}: {what}; use --overwrite to rebuild it, or another output path")
+    def _mismatch(self, what: str, remedy: str | None = None) -> BevctlError:
+        return BevctlError(f"{self.path}: {what}; {remedy or 'use --overwrite to rebuild it, or another output path'}")
 
-    def check_metadata(self, expected: Mapping[str, Any], exact: bool = False) -> None:
+    def check_metadata(self, expected: Mapping[str, Any], exact: bool = False, remedy: str | None = None) -> None:
         recorded = self.metadata
         wanted = _jsonable(dict(expected))
         if not exact:
@@ -352,7 +355,7 @@ class SampleStore:
         diff = _first_difference(recorded, wanted, "")
         if diff:
             key, rec, exp = diff
-            raise self._mismatch(f"store was made for {key}={_short(rec)}, expected {_short(exp)}")
+            raise self._mismatch(f"store was made for {key}={_short(rec)}, expected {_short(exp)}", remedy)
 
     def check_tokens(self, tokens: Sequence[str]) -> None:
         tokens = [str(t) for t in tokens]
@@ -430,8 +433,6 @@ class CompletionLog:
     redone on the rerun, never double-counted)."""
 
     def __init__(self, store: Any, every_s: float = 1.0) -> None:  # anything with ``mark(indices, status)``
-        import time
-
         self._clock = time.monotonic
         self.store = store
         self.every_s = every_s
@@ -461,8 +462,6 @@ class CompletionLog:
     def flush_on_exit(self) -> None:
         """:meth:`flush` in a ``finally`` block: on a full disk the records are dropped instead
         of raising over the error that ended the job (those samples are redone by the rerun)."""
-        from bevctl.io import is_disk_full
-
         try:
             self.flush()
         except OSError as e:

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bevctl.config import (
     BEVClassSet,
@@ -38,10 +39,15 @@ from bevctl.config import (
     resolve_class_set,
     resolve_grid,
 )
+from bevctl.data.bev_gt import bev_gt_for_sample
+from bevctl.data.nuscenes import load_index
+from bevctl.data.nuscenes_map import check_map_file, map_json_path
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
 from bevctl.io import disk_full_error, is_disk_full, remove_stale_temp_files
 from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, CompletionLog, SampleStore
+from bevctl.storage.labels import read_chunk
+from bevctl.storage.location import is_local, join, zarr_store
 
 log = logging.getLogger(__name__)
 
@@ -90,17 +96,19 @@ class GTStore:
         expected_grid: BEVGrid | None = None,
         expected_classes: BEVClassSet | None = None,
         expected_version: str | None = None,
+        remedy: str | None = None,
     ) -> "GTStore":
-        """Open ``gt.zarr`` read-only; refuse it (one BevctlError line) if it was made for
-        another grid, class set or dataset version than the ones given."""
+        """Open ``gt.zarr`` read-only; refuse it (one BevctlError line, ending with ``remedy``)
+        if it was made for another grid, class set or dataset version than the ones given."""
         expected: dict[str, Any] = {}
         if expected_grid is not None:
             expected["grid"] = grid_metadata(expected_grid)
         if expected_classes is not None:
             expected["class_set"] = class_set_metadata(expected_classes)
-        store = SampleStore.open(path, KIND, expected=expected or None, mode="r")
+        store = SampleStore.open(path, KIND, expected=expected or None, mode="r", remedy=remedy)
         if expected_version is not None:
-            store.check_metadata({"dataset": {**store.metadata.get("dataset", {}), "version": expected_version}})
+            store.check_metadata({"dataset": {**store.metadata.get("dataset", {}), "version": expected_version}},
+                                 remedy=remedy)
         return cls(store)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -150,8 +158,6 @@ class GTStore:
                 f"{self.path}: sample '{token}' is not prepared yet ({'failed' if self._status[i] == FAILED else 'todo'});"
                 " rerun bevctl prepare-gt"
             )
-        from bevctl.storage.labels import read_chunk
-
         return read_chunk(self._array(), i, self.path, token)
 
     def get_many(self, tokens: list[str]) -> np.ndarray:
@@ -193,8 +199,6 @@ _W: dict[str, Any] = {}
 
 
 def _init_worker(dataroot: str, grid: BEVGrid, class_set: BEVClassSet, out: str) -> None:
-    from bevctl.storage.location import join, zarr_store
-
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _W.clear()
     _W.update(dataroot=dataroot, grid=grid, class_set=class_set,
@@ -203,8 +207,6 @@ def _init_worker(dataroot: str, grid: BEVGrid, class_set: BEVClassSet, out: str)
 
 def _run_task(items: list[tuple[int, SampleRecord]]) -> list[tuple[int, str | None]]:
     """Rasterise and write whole ``bev`` chunks; report (index, error or None) per sample."""
-    from bevctl.data.bev_gt import bev_gt_for_sample
-
     results: list[tuple[int, str | None]] = []
     for i, sample in items:
         try:
@@ -222,8 +224,6 @@ def _run_task(items: list[tuple[int, SampleRecord]]) -> list[tuple[int, str | No
 
 def _check_maps(dataroot: Path, samples: list[SampleRecord]) -> None:
     """Every map the samples need is there and of the current version (before any store is made)."""
-    from bevctl.data.nuscenes_map import check_map_file, map_json_path
-
     for location in sorted({s.location for s in samples}):
         try:
             check_map_file(map_json_path(dataroot, location))
@@ -252,8 +252,6 @@ def prepare_gt(
     dataroot = Path(dataroot).resolve()
     out = str(out)  # a local path or a URL (bevctl.storage.location)
     if index is None:
-        from bevctl.data.nuscenes import load_index
-
         index = load_index(dataroot, version)
     split_names = list(splits) if splits else index.split_names()
     if samples is None:
@@ -282,8 +280,6 @@ def prepare_gt(
     if not created:
         log.info("prepare-gt: %s exists: %d of %d samples done, %d to do",
                  out, summary.already_done, summary.total, len(todo))
-        from bevctl.storage.location import is_local
-
         if is_local(out):
             remove_stale_temp_files(out, recursive=True)  # chunk writes a killed run left half done
     if not todo:
@@ -311,7 +307,6 @@ def prepare_gt(
                     summary.errors.append(err)
         completions.tick()
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(
         TextColumn("prepare-gt"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),

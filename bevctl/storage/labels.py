@@ -302,7 +302,7 @@ def _chunk_hist(block: np.ndarray) -> np.ndarray:
 def label_stats(path: str | Path) -> dict[str, Any]:
     """Class histogram and coverage over the DONE samples (dask, one task per chunk), sample
     counts, bytes on disk and the masks' compression ratio."""
-    import dask.array as da
+    import dask.array as da  # noqa: PLC0415 - dask: heavy; only for the lazy array view
 
     store = LabelStore.open(path)
     status = store.statuses()

@@ -34,6 +34,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from zarr.storage import FsspecStore, LocalStore
+
 from bevctl.errors import BevctlError
 from bevctl.io import atomic_write
 
@@ -65,6 +67,13 @@ def local_path(target: Target) -> Path | None:
 
 def is_local(target: Target) -> bool:
     return local_path(target) is not None
+
+
+def absolute(target: Target) -> str:
+    """A URL as it is; a plain path made absolute (what runs and stores record, so that they
+    still name the same data when read from another directory)."""
+    text = str(target)
+    return text if protocol(text) is not None else str(Path(text).expanduser().absolute())
 
 
 def join(base: Target, *parts: str) -> str:
@@ -115,7 +124,7 @@ _STORAGE_ERRORS: tuple[type[BaseException], ...] = (OSError, ImportError)
 
 def _botocore_errors() -> tuple[type[BaseException], ...]:
     try:
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415 - botocore: optional (the s3 extra)
     except ImportError:
         return ()
     return (BotoCoreError, ClientError)
@@ -147,7 +156,7 @@ def remote(target: Target) -> tuple[Any, str]:
     if proto is None or local_path(text) is not None:
         raise ValueError(f"{text} is local")
     with storage_errors(text):
-        from fsspec.core import url_to_fs
+        from fsspec.core import url_to_fs  # noqa: PLC0415 - fsspec: only for URLs
 
         fs, path = url_to_fs(text)
         # other processes (labeler actors, DataLoader workers, another run) write here too: never
@@ -342,11 +351,7 @@ def zarr_store(target: Target, read_only: bool = False) -> Any:
     (an async fsspec file system, e.g. s3fs) for a URL."""
     p = local_path(target)
     if p is not None:
-        from zarr.storage import LocalStore
-
         return LocalStore(p, read_only=read_only)
     remote(target)  # one clear line for a bad protocol, package, bucket or credentials
-    from zarr.storage import FsspecStore
-
     with storage_errors(target):
         return FsspecStore.from_url(str(target), read_only=read_only)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 from zarr.abc.codec import BytesBytesCodec
+from zarr.codecs import ZstdCodec
 from zarr.core.buffer.cpu import as_numpy_array_wrapper
 from zarr.registry import register_codec
 
@@ -98,8 +99,6 @@ class RunLengthCodec(BytesBytesCodec):
 
 def mask_compressors(level: int = 15) -> tuple[BytesBytesCodec, ...]:
     """Compressors for uint8 label masks: run-length coding, then zstd."""
-    from zarr.codecs import ZstdCodec
-
     return (RunLengthCodec(), ZstdCodec(level=level))
 
 

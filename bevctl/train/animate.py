@@ -51,7 +51,7 @@ def write_animation(frames: Sequence[np.ndarray], out: Path, fps: float) -> Path
             images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps),
                            loop=0, optimize=False)
         else:
-            import cv2  # heavy optional dependency, only for .mp4
+            import cv2  # noqa: PLC0415 - OpenCV: only for .mp4, and slow to import
 
             h, w = frames[0].shape[:2]
             writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (w - w % 2, h - h % 2))

@@ -9,7 +9,6 @@ from typing import Optional
 
 from bevctl.config import dataclass_from_dict, is_yaml_path, load_yaml, resolve_class_set, resolve_grid
 from bevctl.errors import BevctlError
-from bevctl.train.model.config import resolve_model_config
 
 
 @dataclass
@@ -131,11 +130,10 @@ def load_train_config(spec: str | None, **overrides) -> TrainConfig:
         value = getattr(cfg, key)
         if value is not None and is_yaml_path(value):
             setattr(cfg, key, str(Path(value).expanduser().resolve()))
-    # an unknown preset name or a bad file fails here, before any data is read
+    # an unknown grid or class set fails here, before any data is read; the model (which needs
+    # torch) when bevctl.train.build.resolve() resolves the whole config
     resolve_grid(cfg.grid)
     resolve_class_set(cfg.class_set)
-    if cfg.model != "toy":
-        resolve_model_config(cfg.model)
     return cfg
 
 

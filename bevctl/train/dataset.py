@@ -31,16 +31,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, default_collate
 
 from bevctl.config import BEVClassSet, BEVGrid
 from bevctl.data.bev_gt import bev_gt_for_sample
+from bevctl.data.images import read_image
 from bevctl.data.nuscenes import load_index
 from bevctl.data.rig import scale_intrinsics  # noqa: F401  (re-exported)
 from bevctl.data.records import DatasetIndex, SampleRecord
 from bevctl.errors import BevctlError
-from bevctl.pseudolabel.label_maps import resolve_label_map
+from bevctl.pseudolabel.label_maps import resolve_label_map_record
 from bevctl.storage import location
 from bevctl.storage.base import DONE
 from bevctl.storage.gt_store import GTStore
@@ -56,19 +56,8 @@ log = logging.getLogger(__name__)
 
 
 def load_image(path: str, image_hw: tuple[int, int]) -> np.ndarray:
-    """Decode and resize one image -> uint8 ``(3, H, W)``."""
-    h, w = image_hw
-    try:
-        with Image.open(path) as img:
-            if img.format == "JPEG" and (img.width >= 2 * w and img.height >= 2 * h):
-                img.draft("RGB", (w, h))  # DCT-domain downscale by 2/4/8: much faster decode
-            img = img.convert("RGB")
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.BILINEAR, reducing_gap=None)
-            arr = np.asarray(img)
-    except (OSError, ValueError) as e:
-        raise BevctlError(f"cannot read image {path}: {e}") from None
-    return np.ascontiguousarray(arr.transpose(2, 0, 1))
+    """Decode and resize one image (:func:`bevctl.data.images.read_image`) -> uint8 ``(3, H, W)``."""
+    return np.ascontiguousarray(read_image(path, image_hw).transpose(2, 0, 1))
 
 
 def resize_nearest(masks: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -125,7 +114,9 @@ class TrainDataset(Dataset):
         load_prev: bool = False,
         label_adjacent: int = 0,
         label_tokens: set[str] | None = None,
+        label_map: dict[str, Any] | None = None,
     ) -> None:
+        """``label_map``: provenance of ``lut`` (:func:`resolve_label_map_record`), for the run's record."""
         self.samples = samples
         self.all_samples = all_samples
         self.image_hw = tuple(image_hw)
@@ -135,6 +126,7 @@ class TrainDataset(Dataset):
         self.load_prev = load_prev
         self.label_adjacent = label_adjacent
         self.label_tokens = label_tokens  # samples whose pseudo-labels are usable (None = all)
+        self.label_map = label_map
         self._next_token = ({r.prev_token: r.token for r in all_samples.values() if r.prev_token}
                             if label_adjacent else {})
         self._labels = None
@@ -301,7 +293,7 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
             raise BevctlError("pretrain needs --labels labels.zarr")
         store = LabelStore.open(spec.labels)
         try:
-            lut = resolve_label_map(store.id2label, class_set, cfg.label_map)
+            lut, kwargs["label_map"] = resolve_label_map_record(store.id2label, class_set, cfg.label_map)
         except BevctlError as e:
             raise BevctlError(f"{spec.labels} (labeler {store.model_id}): {e}") from None
         statuses = store.statuses()
@@ -313,7 +305,8 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
                       load_prev=cfg.temporal_weight > 0, label_adjacent=cfg.label_adjacent)
     elif spec.mode == "finetune":
         if spec.gt:
-            gt = GTStore.open(spec.gt, expected_grid=grid, expected_classes=class_set)
+            gt = GTStore.open(spec.gt, expected_grid=grid, expected_classes=class_set,
+                              remedy=gt_store_remedy(spec.dataroot, spec.version, cfg.grid, cfg.class_set))
             samples, skipped = _filter_done(samples, gt.tokens, gt.status(), DONE, str(spec.gt))
             kwargs["gt_path"] = str(spec.gt)
         else:
@@ -342,13 +335,20 @@ def build_train_dataset(spec, write_scenes: bool = True, split: str | None = Non
     return TrainDataset(samples, index.samples, setup.image_hw, **kwargs)
 
 
+def gt_store_remedy(dataroot: str, version: str, grid: str, class_set: str) -> str:
+    """What to do when a GT store was made for another grid or class set than a run's."""
+    return (f"build one for this run's grid and classes with `bevctl prepare-gt --dataroot {dataroot} "
+            f"--version {version} --grid {grid} --classes {class_set} --out NEW_GT.zarr` and pass it as --gt")
+
+
 def eval_dataset(index: DatasetIndex, split: str, image_hw: tuple[int, int], grid: BEVGrid,
-                 class_set: BEVClassSet, gt_path: str | None) -> TrainDataset:
-    """Evaluation samples of ``split`` with their BEV GT (cache or on-the-fly rasterisation)."""
+                 class_set: BEVClassSet, gt_path: str | None, remedy: str | None = None) -> TrainDataset:
+    """Evaluation samples of ``split`` with their BEV GT (cache or on-the-fly rasterisation);
+    ``remedy``: what to do if the GT store does not fit ``grid``/``class_set``."""
     samples = index.samples_in(split)
     kwargs: dict[str, Any] = {}
     if gt_path:
-        gt = GTStore.open(gt_path, expected_grid=grid, expected_classes=class_set)
+        gt = GTStore.open(gt_path, expected_grid=grid, expected_classes=class_set, remedy=remedy)
         samples, _ = _filter_done(samples, gt.tokens, gt.status(), DONE, gt_path)
         kwargs["gt_path"] = gt_path
     else:

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from bevctl.errors import BevctlError
 
@@ -94,6 +95,4 @@ def launch(fn: Callable[..., Any], nprocs: int, *args: Any) -> None:
     if nprocs <= 1 or "WORLD_SIZE" in os.environ:
         fn(*args)
         return
-    import torch.multiprocessing as mp
-
     mp.spawn(_spawn_entry, args=(nprocs, _free_port(), fn, args), nprocs=nprocs, join=True)

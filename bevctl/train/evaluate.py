@@ -33,7 +33,7 @@ from bevctl.errors import BevctlError
 from bevctl.geometry import bev_cell_centers
 from bevctl.storage import location
 from bevctl.train.build import load_trained_model
-from bevctl.train.dataset import eval_dataset
+from bevctl.train.dataset import eval_dataset, gt_store_remedy
 from bevctl.train.distributed import resolve_device
 from bevctl.train.inference import forward_in_order, make_loader, uses_history
 
@@ -156,7 +156,8 @@ def evaluate(
         temporal = uses_history(cfg, trained.run)
     grid, class_set = trained.setup.grid, trained.setup.class_set
     index = load_index(dataroot, version)
-    ds = eval_dataset(index, split, trained.setup.image_hw, grid, class_set, gt)
+    ds = eval_dataset(index, split, trained.setup.image_hw, grid, class_set, gt,
+                      remedy=gt_store_remedy(index.dataroot, version, cfg.grid, cfg.class_set))
     loader = make_loader(ds, batch_size, num_workers, temporal)
     c = class_set.num_classes
     edges = tuple(float(e) for e in range_edges) if range_edges else default_range_edges(grid)

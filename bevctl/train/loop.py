@@ -4,11 +4,16 @@ One optimiser step = ``grad_accum`` micro-batches of ``batch_size`` samples on e
 ``world`` processes (the *global batch*). The data order is a seeded permutation per epoch,
 cut into global batches; rank ``r`` takes its slice of each, so 2 processes x batch b compute
 the same update as 1 process x batch 2b (losses are per-sample means, DDP averages gradients).
-The schedule (warm-up + cosine) is fixed at the start by ``epochs`` and ``max_steps``.
+The schedule (warm-up + cosine) is fixed at the start by ``epochs`` and ``max_steps`` (whichever
+ends first; when ``epochs`` ends the run before ``max_steps``, one line says so and how to lift
+it). ``--resume`` with a higher ``epochs`` or ``max_steps`` continues the run: the steps done keep
+their results, the rest of the cosine follows the new length. A resume with nothing left to do
+says so and changes nothing.
 
 Run directory::
 
-    RUN/config.yaml     the TrainConfig       RUN/run.json      mode, data paths, world size
+    RUN/config.yaml     the TrainConfig       RUN/run.json      mode, absolute data paths, world
+                                              size, the label map resolved (pretraining)
     RUN/scenes.json     scenes trained on     RUN/metrics.jsonl one JSON line per logged step
     RUN/checkpoints/step_NNNNNNN.pt           RUN/last.pt       the newest checkpoint
 
@@ -28,8 +33,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +47,8 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 import bevctl
@@ -52,8 +63,12 @@ from bevctl.train.config import TrainConfig, config_diff
 from bevctl.train.dataset import build_train_dataset, collate
 from bevctl.train.tasks import make_task, to_device
 
-# config fields that may change on --resume without changing the result
-RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every")
+# config fields that may change on --resume: they do not change the results of the steps already
+# done (epochs and max_steps only move the end of the run; the rest of the LR schedule follows)
+RESUME_MUTABLE = ("num_workers", "prefetch_factor", "checkpoint_every", "keep_checkpoints", "log_every",
+                  "epochs", "max_steps")
+
+log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(BevctlError):
@@ -232,10 +247,6 @@ def loader_worker_init(worker_id: int) -> None:
     OSError (connection reset, broken pipe): harmless, and not printed as a traceback after the
     resume hint. The sharer thread reports through ``sys.excepthook`` (it catches everything
     itself), other threads through ``threading.excepthook``: both are filtered."""
-    import signal
-    import sys
-    import threading
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def sharer_noise(exc_type: type[BaseException], thread: threading.Thread | None) -> bool:
@@ -342,13 +353,27 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start = int(ckpt["step"])
-        if int(ckpt["run"]["total_steps"]) != total_steps:
-            raise BevctlError(f"--resume: schedule length changed ({ckpt['run']['total_steps']} -> {total_steps} "
-                              f"steps); the dataset or its fraction differs from the original run")
-    run_info = {"mode": spec.mode, "dataroot": spec.dataroot, "version": spec.version, "labels": spec.labels,
-                "gt": spec.gt, "init": spec.init, "world": info.world, "total_steps": total_steps,
-                "steps_per_epoch": spe, "num_samples": len(dataset), "num_classes": setup.num_classes,
-                "image_hw": list(setup.image_hw)}
+        saved_spe = ckpt["run"].get("steps_per_epoch", spe)
+        if int(saved_spe) != spe:
+            raise BevctlError(f"--resume: an epoch is now {spe} steps, it was {saved_spe}; "
+                              f"the dataset or its fraction differs from the original run")
+    if start >= total_steps:  # resumed at (or past) the end: say so, change nothing
+        _say(spec, info, f"{spec.mode}: nothing left to do: {last_pt} is at step {start} and this run ends at "
+                         f"step {total_steps} ({_limits(cfg, spe)}); pass a higher --epochs or --max-steps "
+                         f"with --resume to train further")
+        return
+    note = _limit_note(cfg, spe, total_steps)
+    if note:
+        _say(spec, info, f"{spec.mode}: {note}")
+    absolute = {k: location.absolute(v) if v else v
+                for k, v in (("dataroot", spec.dataroot), ("labels", spec.labels), ("gt", spec.gt), ("init", spec.init))}
+    label_map = getattr(dataset, "label_map", None)  # provenance of the pseudo-labels' mapping
+    run_info = {"mode": spec.mode, **absolute, "version": spec.version, "world": info.world,
+                "total_steps": total_steps, "steps_per_epoch": spe, "num_samples": len(dataset),
+                "num_classes": setup.num_classes, "image_hw": list(setup.image_hw), "label_map": label_map}
+    if info.is_main and label_map is not None:
+        log.info("label map '%s' (%s): %d labeler classes -> %s", label_map["name"], label_map["source"],
+                 len(label_map["table"]), ", ".join(sorted(set(label_map["table"].values()))))
     if info.is_main:
         location.makedirs(run_dir)
         if location.is_local(run_dir):  # temp files of a checkpoint a killed run was writing
@@ -469,11 +494,27 @@ def _fit(spec: RunSpec, info: D.DistInfo) -> None:
         if tb is not None:
             tb.close()
         del it
-    if info.is_main and spec.progress:
-        from rich.console import Console
+    _say(spec, info, f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s -> {last_pt}")
 
-        Console(stderr=True).print(f"{spec.mode}: {total_steps - start} steps in {time.perf_counter() - t_run:.1f}s "
-                                   f"-> {last_pt}")
+
+def _limits(cfg: TrainConfig, spe: int) -> str:
+    limits = f"epochs {cfg.epochs} x {spe} steps"
+    return limits + (f", max_steps {cfg.max_steps}" if cfg.max_steps else "")
+
+
+def _limit_note(cfg: TrainConfig, spe: int, total_steps: int) -> str | None:
+    """One line when ``epochs`` ends the run before the ``max_steps`` asked for, saying how to lift it."""
+    if not cfg.max_steps or total_steps >= cfg.max_steps:
+        return None
+    need = math.ceil(cfg.max_steps / spe)
+    return (f"{total_steps} steps, not {cfg.max_steps}: epochs {cfg.epochs} x {spe} steps per epoch ends the run "
+            f"first; pass --epochs {need} to run {cfg.max_steps} steps")
+
+
+def _say(spec: RunSpec, info: D.DistInfo, line: str) -> None:
+    """One line for the user on stderr (main process; not when progress output is off)."""
+    if info.is_main and spec.progress:
+        Console(stderr=True).print(line, highlight=False, soft_wrap=True)
 
 
 def _loader_died(e: RuntimeError, run_dir: str, last_ckpt_step: int | None) -> BevctlError:
@@ -494,8 +535,6 @@ def _diverged_msg(what: str, value: float, step: int, stats: dict[str, float], r
 
 
 def _progress(enabled: bool, name: str, total: int, start: int):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"),
                     TimeRemainingColumn(), disable=not enabled)
@@ -503,7 +542,7 @@ def _progress(enabled: bool, name: str, total: int, start: int):
 
 def _tensorboard(run_dir: str):
     try:
-        from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+        from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 - needs the optional tensorboard package
     except Exception:
         return None
     return SummaryWriter(location.join(run_dir, "tb"))

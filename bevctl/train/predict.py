@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from bevctl.config import dataclass_to_dict
 from bevctl.data.nuscenes import load_index
@@ -172,8 +173,6 @@ def predict(
         if prob_arr is not None:
             prob_arr[i] = probs
         return i
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                    TimeRemainingColumn(), disable=not progress)

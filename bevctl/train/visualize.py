@@ -86,6 +86,9 @@ def load_models(checkpoints: Sequence[str], device: torch.device) -> list[DrawMo
 def data_paths(m: DrawModel, dataroot: str | None, version: str | None, labels: str | None,
                gt: str | None) -> tuple[str, str, str | None, str | None]:
     """The given data paths, defaulting to the ones the run trained on."""
+    if not dataroot and m.run.get("dataroot") and not Path(m.run["dataroot"]).is_dir():
+        raise BevctlError(f"dataset {m.run['dataroot']} (recorded in {m.checkpoint}) not found: if it moved, "
+                          "pass its new location as --dataroot")
     dataroot = dataroot or m.run.get("dataroot")
     version = version or m.run.get("version")
     if not dataroot or not version:

@@ -41,7 +41,7 @@ def build_backbone(cfg: ModelConfig, hf_config: dict | None = None) -> nn.Module
     architecture of a pretrained backbone without fetching its weights (used when a checkpoint
     is loaded: its own weights replace them anyway).
     """
-    from transformers import AutoBackbone, AutoConfig, ResNetConfig
+    from transformers import AutoBackbone, AutoConfig, ResNetConfig  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
     out_features = [f"stage{s}" for s in cfg.backbone_out_stages]
     if hf_config is not None:
@@ -80,8 +80,8 @@ def _load_pretrained(source: str, out_features: list[str]) -> nn.Module:
     of transformers 5 asks the hub whether the repo exists first, which fails for local directories
     and offline.
     """
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
+    from transformers import AutoConfig  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING  # noqa: PLC0415 - transformers: seconds to import; only when a Mask2Former or a ResNet backbone is built
 
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=False)

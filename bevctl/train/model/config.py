@@ -1,8 +1,7 @@
 """Model configuration: :class:`ModelConfig` and the presets ``demo``, ``tiny``, ``small``, ``base``.
 
-The ``tiny``/``small``/``base`` presets mirror BEVFormer's published configs
-(fundamentalvision/BEVFormer, ``projects/configs/bevformer/bevformer_{tiny,small,base}.py``,
-read at commit 68e6af5):
+The ``tiny``/``small``/``base`` presets mirror the tiny, small and base configurations published
+with BEVFormer (Li et al., ECCV 2022):
 
 - common: embed 256, FFN 512, 8 heads; temporal self-attention with 4 points over 1 level
   (TemporalSelfAttention defaults); spatial cross-attention (MSDeformableAttention3D) with
