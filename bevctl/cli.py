@@ -470,22 +470,87 @@ def evaluate(
 
 
 @app.command()
+def predict(
+    checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory (uses last.pt)."
+                                   + _URL_HELP),
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    out: str = typer.Option(..., "--out", help="Prediction store (preds.zarr) to write or resume." + _URL_HELP),
+    split: Optional[str] = typer.Option(None, "--split", help="Predict this split's samples."),
+    scenes: Optional[str] = typer.Option(None, "--scenes", help="Predict these scenes (comma-separated names)."),
+    samples: Optional[str] = typer.Option(None, "--samples", help="Predict these samples (comma-separated tokens or "
+                                          "SCENE:INDEX). Default (no --split/--scenes/--samples): every sample."),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also store per-class probabilities (uint8)."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward pass (a temporal model takes 1)."),
+    workers: int = typer.Option(2, "--workers", help="DataLoader worker processes."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store instead of resuming it."),
+) -> None:
+    """Run a trained model over samples in scene order (with its temporal history) into a Zarr store."""
+    from bevctl.train.predict import format_summary, predict as run_predict
+
+    _check_urls(checkpoint, out)
+
+    def names(text: Optional[str]) -> Optional[list[str]]:
+        return None if text is None else [t.strip() for t in text.split(",") if t.strip()]
+
+    summary = run_predict(checkpoint, str(dataroot), version, out, split=split, scenes=names(scenes),
+                          samples=names(samples), probabilities=probabilities, device=device, batch_size=batch_size,
+                          num_workers=workers, overwrite=overwrite)
+    print(format_summary(summary))
+
+
+@app.command()
 def visualize(
-    checkpoint: str = typer.Option(..., "--checkpoint", help="Checkpoint (.pt) or run directory." + _URL_HELP),
-    sample: str = typer.Option(..., "--sample", help="Sample token."),
-    out: Path = typer.Option(..., "--out", help="Directory for the PNGs."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint (.pt) or run directory." + _URL_HELP),
+    sample: Optional[str] = typer.Option(None, "--sample", help="Sample token, or SCENE:INDEX (e.g. scene-0002:3); "
+                                         "`bevctl samples` lists them."),
+    scene: Optional[str] = typer.Option(None, "--scene", help="Animate a whole scene instead (--out drive.gif or .mp4)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the PNGs (--sample), or the .gif/.mp4 (--scene)."),
+    models: Optional[str] = typer.Option(None, "--models", help="With --scene: comma-separated checkpoints drawn side "
+                                         "by side (instead of --checkpoint)."),
     dataroot: Optional[Path] = typer.Option(None, "--dataroot", help="Default: the run's dataroot."),
     version: Optional[str] = typer.Option(None, "--version", help="Default: the run's version."),
     labels: Optional[str] = typer.Option(None, "--labels", help="Pseudo-labels to show (default: the run's)." + _URL_HELP),
     gt: Optional[str] = typer.Option(None, "--gt", help="BEV GT cache (default: the run's, else rasterise)." + _URL_HELP),
+    overlay: str = typer.Option("prediction", "--overlay", help="With --scene: what the cameras show, "
+                                "prediction (of the first model) or pseudo-labels."),
+    fps: float = typer.Option(2.0, "--fps", help="With --scene: frames per second (nuScenes keyframes are 2 Hz)."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda."),
 ) -> None:
-    """PNGs: BEV prediction vs GT, and the prediction reprojected onto the six images beside the pseudo-labels."""
+    """PNGs of one sample (BEV prediction, its errors and the GT; the prediction on the six cameras
+    beside the pseudo-labels), or an animation of a whole scene (--scene)."""
+    if (sample is None) == (scene is None):
+        raise BevctlError("visualize: give exactly one of --sample (PNGs) or --scene (an animation)")
+    checkpoints = [c for c in (models or "").split(",") if c] or ([checkpoint] if checkpoint else [])
+    if not checkpoints:
+        raise BevctlError("visualize: give --checkpoint (or, with --scene, --models A,B)")
+    if models and (checkpoint or sample):
+        raise BevctlError("visualize: --models goes with --scene and replaces --checkpoint")
+    _check_urls(*checkpoints, labels, gt)
+    paths = dict(dataroot=str(dataroot) if dataroot else None, version=version, labels=labels, gt=gt, device=device)
+    if scene is not None:
+        from bevctl.train.animate import animate_scene
+
+        path, frames = animate_scene(checkpoints, scene, out, fps=fps, overlay=overlay, **paths)
+        print(f"wrote {path} ({frames} frames)")
+        return
     from bevctl.train.visualize import visualize as run_vis
 
-    paths = run_vis(checkpoint, sample, out, dataroot=str(dataroot) if dataroot else None, version=version,
-                    labels=str(labels) if labels else None, gt=str(gt) if gt else None, device=device)
-    print(f"wrote {len(paths)} images to {out}")
+    written = run_vis(checkpoints[0], sample, out, **paths)
+    print(f"wrote {len(written)} images to {out}")
+
+
+@app.command()
+def samples(
+    dataroot: Path = typer.Option(..., "--dataroot", help="nuScenes dataroot."),
+    version: str = typer.Option("v1.0-trainval", "--version", help="nuScenes version folder."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only this split (default: every split)."),
+) -> None:
+    """List a dataset's splits, their scenes and sample tokens (as SCENE:INDEX  TOKEN lines)."""
+    from bevctl.data.nuscenes import load_index
+
+    print(load_index(dataroot, version).listing(split))
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,9 +34,10 @@ from bevctl.io import atomic_write_text
 from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
 from bevctl.storage.gt_store import prepare_gt
 from bevctl.train.config import load_train_config
+from bevctl.train.animate import animate_scene
 from bevctl.train.evaluate import evaluate
 from bevctl.train.loop import RunSpec, train
-from bevctl.train.visualize import visualize
+from bevctl.train.visualize import compare_samples, visualize
 
 log = logging.getLogger(__name__)
 
@@ -378,7 +380,8 @@ def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict
                     {"pseudolabel": phases.seconds(pl), "pretrain": phases.seconds("train:pretrain")}),
     ]  # fmt: skip
 
-    pngs = _pictures(paths, index, {"pretrain+finetune": ft, "baseline": base}, paths.labels(plan.labeler))
+    pictures = _pictures(paths, index, {"baseline (100% labels)": base, "pretrained + fine-tuned": ft}, pre,
+                         paths.labels(plan.labeler))
     shared = {p: phases.seconds(p) for p in ("synth", "prepare-gt")}
     report = {
         "plan": dataclasses.asdict(plan),
@@ -389,7 +392,10 @@ def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict
         "models": entries,
         "shared_wall_seconds": shared,
         "demo_wall_seconds": sum(phases.seconds(p) for p in phases.data),
-        "images": [str(p.relative_to(out)) for p in pngs],
+        "images": [str(p.relative_to(out)) for p in pictures.all()],
+        "figures": {"comparisons": [str(p.relative_to(out)) for p in pictures.comparisons],
+                    "reprojection": str(pictures.reprojection.relative_to(out)),
+                    "animation": str(pictures.animation.relative_to(out))},
         "rules": res_ft["rules"],
     }  # fmt: skip
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
@@ -407,18 +413,39 @@ def run_demo(out: Path, quick: bool = False, labeler: str | None = None) -> dict
     return report
 
 
-def _pictures(paths: Paths, index: Any, models: dict[str, Path], labels: Path) -> list[Path]:
-    """BEV prediction vs GT for a few val samples (both models) and one reprojection overlay."""
+@dataclass
+class Pictures:
+    comparisons: list[Path]  # one per val sample: GT | each model with its error view
+    reprojection: Path  # the pretrained model's prediction on the cameras beside the pseudo-labels
+    animation: Path  # a val scene, both models side by side
+    individual: list[Path]  # every PNG of `bevctl visualize` per model and sample
+
+    def all(self) -> list[Path]:
+        return [*self.comparisons, self.reprojection, self.animation, *self.individual]
+
+
+def _pictures(paths: Paths, index: Any, models: dict[str, Path], pretrain: Path, labels: Path) -> Pictures:
+    """The report's figures (a few val samples compared, one reprojection, a scene animation)
+    and, in ``pictures/<model>/<sample>/``, every sample's individual PNGs."""
     val = index.samples_in("val")
     picks = [val[i] for i in sorted({0, len(val) // 2, len(val) - 1})]
-    written: list[Path] = []
+    pics = paths.root / "pictures"
+    data = {"dataroot": str(paths.dataroot), "version": VERSION, "gt": str(paths.gt), "device": "cpu"}
+    comparisons = compare_samples({k: str(v) for k, v in models.items()}, [s.token for s in picks],
+                                  pics / "compare", **data)
+    individual: list[Path] = []
     for name, ckpt in models.items():
         for s in picks:
-            out = paths.root / "pictures" / name / s.token[:8]
-            written += [p for p in visualize(ckpt, s.token, out, dataroot=str(paths.dataroot), version=VERSION,
-                                             labels=str(labels), gt=str(paths.gt),
-                                             device="cpu")]
-    return written
+            individual += visualize(ckpt, s.token, pics / _slug(name) / s.token[:8], labels=str(labels), **data)
+    reproj = visualize(pretrain, picks[0].token, pics / "pretrain" / picks[0].token[:8], labels=str(labels), **data)
+    animation, _ = animate_scene([str(v) for v in models.values()], picks[0].scene_name,
+                                 pics / f"{picks[0].scene_name}.gif", **data)
+    return Pictures(comparisons, next(p for p in reproj if p.name == "cameras.png"), animation,
+                    individual + [p for p in reproj if p.name != "cameras.png"])
+
+
+def _slug(name: str) -> str:
+    return re.sub("[^0-9A-Za-z]+", "-", name).strip("-")
 
 
 def _report_md(report: dict[str, Any], entries: list[dict[str, Any]], plan: DemoPlan, out: Path) -> str:
@@ -433,8 +460,23 @@ def _report_md(report: dict[str, Any], entries: list[dict[str, Any]], plan: Demo
         format_table(entries),
         "Shared phases (same for every model): " + ", ".join(
             f"{k} {v:.0f} s" for k, v in report["shared_wall_seconds"].items()),
-        "", f"Evaluation rules: {report['rules']}.", "", "## Pictures", "",
+        "", f"Evaluation rules: {report['rules']}.", "",
+        "## Val samples", "",
+        "Ground truth, then each model's prediction with its error view (green: right class, red: a class "
+        "where the GT has background, blue: a class missed, orange: another class than the GT's); x forward "
+        "up, y left to the left, metres; the white box is the ego vehicle.", "",
     ]  # fmt: skip
-    for rel in report["images"]:
-        lines.append(f"![{rel}]({rel})")
+    figures = report["figures"]
+    for rel in figures["comparisons"]:
+        lines += [f"![{Path(rel).stem}]({rel})", ""]
+    lines += [
+        "## Reprojection", "",
+        "The pretrained model (no BEV labels) on one val sample: its BEV prediction reprojected onto each "
+        "camera's ground, beside the pseudo-labels it was trained to match.", "",
+        f"![reprojection]({figures['reprojection']})", "",
+        "## A drive", "",
+        f"[{Path(figures['animation']).name}]({figures['animation']}): a val scene frame by frame, both "
+        "models side by side with the ground truth and each frame's mIoU.", "",
+        "Every sample's individual PNGs (`bevctl visualize`) are under `pictures/`.",
+    ]
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bevctl.config import grid_from_name
 from bevctl.errors import BevctlError
 from bevctl.train.checkpoint import load_checkpoint
 from bevctl.train.config import TrainConfig, load_train_config
@@ -186,7 +187,12 @@ def test_cli_pretrain_finetune_evaluate_visualize(tiny_synth, tmp_path: Path, ca
                "--device", "cpu") == 0
     from PIL import Image
 
-    assert Image.open(vis / "bev.png").size == (2 * 64 * 3 + 6, 128 * 3)
+    from bevctl import render
+
+    zeros = np.zeros((128, 64), np.uint8)  # the demo grid; prediction + its error view + GT
+    expected = render.bev_figure([render.BevMap("p", zeros, zeros), render.BevMap("g", zeros)],
+                                 grid_from_name("demo"), ("background", "a", "b", "c"), "title").get_size_inches() * render.DPI
+    assert Image.open(vis / "bev.png").size == tuple(int(round(v)) for v in expected)
     assert len(list(vis.glob("cam_*.png"))) == 6 and json.loads((vis / "legend.json").read_text())["pseudo_labels"]
     # user mistakes: one error line, exit code 2
     assert cli("evaluate", "--checkpoint", str(tmp_path / "nope.pt"), "--dataroot", str(root), "--version", version) == 2

@@ -77,3 +77,40 @@ class DatasetIndex:
 
     def all_samples(self) -> list[SampleRecord]:
         return [self.samples[t] for tokens in self.scenes.values() for t in tokens]
+
+    def find_sample(self, ref: str) -> SampleRecord:
+        """A sample by its token or by ``SCENE:INDEX`` (0-based keyframe index in the scene,
+        e.g. ``scene-0002:3``); one error line naming what is missing."""
+        if ref in self.samples:
+            return self.samples[ref]
+        scene, sep, idx = ref.rpartition(":")
+        if not sep:
+            raise BevctlError(f"{self.dataroot}/{self.version}: no sample '{ref}' (give a sample token or "
+                              "SCENE:INDEX; `bevctl samples` lists them)")
+        if scene not in self.scenes:
+            raise BevctlError(f"{self.dataroot}/{self.version}: no scene '{scene}' (`bevctl samples` lists them)")
+        tokens = self.scenes[scene]
+        if not idx.isdigit() or int(idx) >= len(tokens):
+            raise BevctlError(f"{self.dataroot}/{self.version}: scene '{scene}' has keyframes 0..{len(tokens) - 1}, "
+                              f"got index '{idx}'")
+        return self.samples[tokens[int(idx)]]
+
+    def scene_samples(self, scene: str) -> list[SampleRecord]:
+        """The keyframes of ``scene`` in time order; one error line for an unknown scene."""
+        if scene not in self.scenes:
+            raise BevctlError(f"{self.dataroot}/{self.version}: no scene '{scene}' (`bevctl samples` lists them)")
+        return [self.samples[t] for t in self.scenes[scene]]
+
+    def listing(self, split: str | None = None) -> str:
+        """Every split (or ``split``), its scenes and their sample tokens as ``SCENE:INDEX  TOKEN``
+        lines: what ``bevctl samples`` prints."""
+        splits = [split] if split else self.split_names()
+        lines = []
+        for name in splits:
+            samples = self.samples_in(name)  # one error line for an unknown split
+            lines.append(f"split {name}: {len(self.split_scenes[name])} scenes, {len(samples)} samples")
+            for scene in self.split_scenes[name]:
+                tokens = self.scenes.get(scene, [])
+                lines.append(f"  {scene} ({len(tokens)} samples)")
+                lines += [f"    {scene}:{i}  {t}" for i, t in enumerate(tokens)]
+        return "\n".join(lines)

@@ -52,7 +52,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,9 @@ class ArraySpec:
     dimension_names: tuple[str, ...] | None = None
     # zarr bytes->bytes codecs; None = default_compressors() (ignored when compressed=False)
     compressors: tuple[Any, ...] | None = None
+    # values known when the store is made (per-sample poses, scene names): written by the driver
+    # at creation, before the store exists for readers; None = fill_value until workers write
+    data: Any = field(default=None, compare=False, repr=False)
 
 
 def _jsonable(value: Any) -> Any:
@@ -156,6 +159,8 @@ def _fill(group: zarr.Group, tokens: list[str], arrays: Sequence[ArraySpec]) -> 
             compressors=(spec.compressors or default_compressors()) if spec.compressed else None,
             dimension_names=spec.dimension_names,
         )
+        if spec.data is not None and spec.shape[0]:
+            group[spec.name][...] = spec.data
 
 
 def _create_local(path: Path, tokens: list[str], arrays: Sequence[ArraySpec], attrs: dict[str, Any],
@@ -362,7 +367,9 @@ class SampleStore:
             if spec.name not in self.group:
                 raise self._mismatch(f"array '{spec.name}' is missing")
             arr = self.array(spec.name)
-            if tuple(arr.shape) != tuple(spec.shape) or np.dtype(arr.dtype) != np.dtype(spec.dtype):
+            same_dtype = np.dtype(arr.dtype) == np.dtype(spec.dtype) or (  # zarr reads "str" back as StringDType
+                np.dtype(arr.dtype).kind in "TU" and np.dtype(spec.dtype).kind in "TU")
+            if tuple(arr.shape) != tuple(spec.shape) or not same_dtype:
                 raise self._mismatch(
                     f"array '{spec.name}' is {arr.dtype}{tuple(arr.shape)}, expected {spec.dtype}{tuple(spec.shape)}"
                 )

@@ -26,7 +26,6 @@ from typing import Any
 import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader
 
 from bevctl.config import BEVGrid
 from bevctl.data.nuscenes import load_index
@@ -34,10 +33,9 @@ from bevctl.errors import BevctlError
 from bevctl.geometry import bev_cell_centers
 from bevctl.storage import location
 from bevctl.train.build import load_trained_model
-from bevctl.train.dataset import collate, eval_dataset, gt_store_remedy
+from bevctl.train.dataset import eval_dataset, gt_store_remedy
 from bevctl.train.distributed import resolve_device
-from bevctl.train.loop import loader_worker_init
-from bevctl.train.tasks import cur_T_prev, to_device
+from bevctl.train.inference import forward_in_order, make_loader, uses_history
 
 RULES = ("argmax over all channels incl. background; every grid cell of every sample with GT counts "
          "(GT 255 = ignore); IoU = TP/(TP+FP+FN) summed over the split; mIoU = mean over BEV classes "
@@ -155,15 +153,12 @@ def evaluate(
     trained = load_trained_model(checkpoint, dev)
     model, cfg = trained.model, trained.cfg
     if temporal is None:
-        temporal = trained.run.get("mode") == "pretrain" and cfg.temporal_weight > 0
-    if temporal:
-        batch_size = 1  # frames in scene order, each with its predecessor's BEV
+        temporal = uses_history(cfg, trained.run)
     grid, class_set = trained.setup.grid, trained.setup.class_set
     index = load_index(dataroot, version)
     ds = eval_dataset(index, split, trained.setup.image_hw, grid, class_set, gt,
                       remedy=gt_store_remedy(index.dataroot, version, cfg.grid, cfg.class_set))
-    loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
-                        prefetch_factor=4 if num_workers > 0 else None, worker_init_fn=loader_worker_init)
+    loader = make_loader(ds, batch_size, num_workers, temporal)
     c = class_set.num_classes
     edges = tuple(float(e) for e in range_edges) if range_edges else default_range_edges(grid)
     bands = range_bands(grid, edges)
@@ -172,19 +167,9 @@ def evaluate(
     with Progress(TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not progress) as bar:
         task = bar.add_task("eval", total=len(ds))
-        prev: tuple[str, torch.Tensor, torch.Tensor] | None = None  # (token, bev, global_T_ego)
-        for i, batch in enumerate(loader):
-            b = to_device(batch, dev)
-            kwargs = {}
-            if temporal and prev is not None and ds.samples[i].prev_token == prev[0]:
-                kwargs = {"prev_bev": prev[1], "cur_T_prev": cur_T_prev(b["global_T_ego"], prev[2])}
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-                o = model(b["images"], b["pix_T_cam"], b["ego_T_cam"], **kwargs)
-            logits = o.logits
-            if temporal:
-                prev = (batch["token"][0], o.bev, b["global_T_ego"])
-            update_confusion_by_band(conf_bands, logits.float().argmax(1).cpu(), batch["bev_gt"], bands)
-            bar.advance(task, len(batch["token"]))
+        for fwd in forward_in_order(model, loader, ds.samples, dev, temporal):
+            update_confusion_by_band(conf_bands, fwd.logits.argmax(1).cpu(), fwd.batch["bev_gt"], bands)
+            bar.advance(task, len(fwd.batch["token"]))
     conf = conf_bands.sum(0)
     names = class_set.names_with_background
     result = {"checkpoint": str(checkpoint), "dataroot": str(dataroot), "version": version, "split": split,
