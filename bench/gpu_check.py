@@ -416,16 +416,18 @@ class Check:
         """FLOPs of one training step (forward incl. the history frame, loss, backward) on one
         batch of the run's own dataset, with the run's autocast."""
         from bevctl.train.dataset import build_train_dataset
-        from bevctl.train.loop import _amp_settings, _collate, build_model, grid_and_classes
+        from bevctl.train.build import build_model, resolve
+        from bevctl.train.dataset import collate
+        from bevctl.train.loop import _amp_settings
         from bevctl.train.tasks import make_task, to_device
 
         cfg = spec.cfg
         torch.manual_seed(cfg.seed)
         model = build_model(cfg).to(self.device).train()
         dataset = build_train_dataset(spec, write_scenes=False)
-        batch = to_device(_collate([dataset[i] for i in range(cfg.batch_size)]), self.device)
-        grid, classes = grid_and_classes(cfg)
-        task = make_task(spec.mode, cfg, grid, classes)
+        batch = to_device(collate([dataset[i] for i in range(cfg.batch_size)]), self.device)
+        setup = resolve(cfg)
+        task = make_task(spec.mode, cfg, setup.grid, setup.num_classes)
         amp_dtype, _ = _amp_settings(cfg, self.device)
         with flop_counter() as counter:
             with torch.autocast(self.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -663,7 +665,7 @@ def flop_counter():
 
 def compiled_model(spec) -> torch.nn.Module:
     """RunSpec.model_factory: the run's model under torch.compile (a top-level function: it pickles)."""
-    from bevctl.train.loop import build_model
+    from bevctl.train.build import build_model
     from bevctl.train.model.bevformer import compile_model
 
     return compile_model(build_model(spec.cfg), backend=spec.extra.get("compile_backend", "inductor"))

@@ -65,7 +65,7 @@ from bevctl.demo import CPU, GPU, PLANS, DemoPlan, Paths, PhaseLog, Runtime, eva
 from bevctl.errors import BevctlError  # noqa: E402
 from bevctl.io import atomic_write_text  # noqa: E402
 from bevctl.train.config import load_train_config  # noqa: E402
-from bevctl.train.loop import model_image_hw  # noqa: E402
+from bevctl.train.build import resolve  # noqa: E402
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 # --rehearse: a plan at reduced size on the CPU (the same phases and runtime choices except the
@@ -189,8 +189,8 @@ def write_results(rows: list[dict[str, Any]], args: argparse.Namespace, base_pla
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = results_stem(args.plan, args.rehearse)
     atomic_write_text(results_dir / f"{stem}.json", json.dumps(result, indent=2))
-    model_hw = "x".join(str(v) for v in model_image_hw(load_train_config(base_plan.train_config,
-                                                                          image_hw=base_plan.model_image_hw)))
+    model_hw = "x".join(str(v) for v in resolve(load_train_config(base_plan.train_config,
+                                                                  image_hw=base_plan.model_image_hw)).image_hw)
     lines = ["# Label efficiency on the synthetic world", "",
              *([f"**Rehearsal at a reduced size ({args.rehearse}) on the CPU: it checks the code path, "
                 "its numbers are no result.**", ""] if args.rehearse else []),

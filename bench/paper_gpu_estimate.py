@@ -114,9 +114,11 @@ def training_costs(plan: Any, root: Path) -> dict[str, Any]:
     from bevctl.config import grid_from_name
     from bevctl.train.config import load_train_config
     from bevctl.train.dataset import build_train_dataset
-    from bevctl.train.loop import RunSpec, _collate, build_model, grid_and_classes, make_optimizer
+    from bevctl.train.build import build_model, resolve
+    from bevctl.train.dataset import collate
+    from bevctl.train.loop import RunSpec, make_optimizer
     from bevctl.train.model import BEVFormer, count_parameters, model_preset
-    from bevctl.train.tasks import make_task, normalize_images
+    from bevctl.train.tasks import make_task
 
     out: dict[str, Any] = {}
     cfg0 = load_train_config(plan.train_config)
@@ -138,8 +140,8 @@ def training_costs(plan: Any, root: Path) -> dict[str, Any]:
         torch.manual_seed(0)
         model = build_model(cfg)
         opt = make_optimizer(model, cfg)
-        grid_, c = grid_and_classes(cfg)
-        task = make_task(mode, cfg, grid_, c)
+        setup = resolve(cfg)
+        task = make_task(mode, cfg, setup.grid, setup.num_classes)
         spec = RunSpec(mode=mode, cfg=cfg, run_dir=root / "runs" / mode, dataroot=str(root / "synth"),
                        version=VERSION, labels=str(root / "labels.zarr") if mode == "pretrain" else None,
                        gt=str(root / "gt.zarr") if mode == "finetune" else None, device="cpu")
@@ -156,7 +158,7 @@ def training_costs(plan: Any, root: Path) -> dict[str, Any]:
             opt.step()
 
         for b in (1, 2):  # kernels grow with the batch where code loops over samples: extrapolated
-            batch = _collate(items[:b])
+            batch = collate(items[:b])
             step(batch)  # not counted: the optimizer's state and the loss's ray cache are made once
             ops = OpCounter()
             with ops:
@@ -168,7 +170,7 @@ def training_costs(plan: Any, root: Path) -> dict[str, Any]:
             model.eval()
             ops = OpCounter()
             with ops, torch.no_grad():
-                model(normalize_images(batch["images"]), batch["pix_T_cam"], batch["ego_T_cam"])
+                model(batch["images"], batch["pix_T_cam"], batch["ego_T_cam"])
             out["eval_ops_per_batch"] = ops.n
     return out
 
