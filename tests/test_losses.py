@@ -246,3 +246,46 @@ def test_bev_ground_truth_reprojected_reproduces_the_image_ground_truth(tiny_syn
     for name, n_min in (("boundary", 200), ("ped_crossing", 1000), ("divider", 20)):
         c = class_set.names_with_background.index(name)
         assert total[c] > n_min and agree[c] / total[c] >= 0.95, (name, per_class)
+
+
+def _forward_camera(focal: float, cx: float, cy: float, height: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pinhole camera ``height`` m above the ego origin looking along +x (optical z -> ego x,
+    optical x -> ego -y, optical y -> ego -z): ``pix_T_cam (1, 3, 3)``, ``ego_T_cam (1, 4, 4)``."""
+    pix = torch.tensor([[[focal, 0.0, cx], [0.0, focal, cy], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    rot = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    return pix, geometry.make_transform(rot, torch.tensor([0.0, 0.0, height], dtype=torch.float64))[None]
+
+
+def test_reprojection_loss_counts_only_pixels_whose_ray_lands_inside_the_grid() -> None:
+    """Pixels above the horizon and pixels whose ground hit lies outside the grid carry real
+    (non-ignore) labels here: they must neither count nor change the loss.
+
+    Hand geometry (8 x 4 image, f = 4, principal point (1.5, 3.5), camera 1 m up, looking
+    forward): rows 0-3 look above the horizon; row r >= 4 hits the ground at x = 4 / (r - 3.5),
+    i.e. 8 m (row 4: outside the 4 m grid), 2.67, 1.6 and 1.14 m (rows 5-7: inside, |y| <= 1 m).
+    So exactly rows 5-7 (12 of 32 pixels) are valid."""
+    grid = BEVGrid(0.0, 4.0, -2.0, 2.0, 0.5)
+    pix, ego = _forward_camera(4.0, 1.5, 3.5, 1.0)
+    hw = (8, 4)
+    rays = losses.RayGridCache(grid).batch(pix[None], ego[None], hw, hw)
+    want_valid = torch.zeros(8, 4, dtype=torch.bool)
+    want_valid[5:] = True
+    assert torch.equal(rays.valid.reshape(8, 4), want_valid)
+    # every hit inside the grid is more than half a cell from its border, so the bilinear read of a
+    # spatially constant logit map is that constant: each valid pixel's CE is -log_softmax(l)[label]
+    class_logits = torch.tensor([0.5, 2.0, -1.0, 0.0])
+    logits = class_logits.view(1, 4, 1, 1).expand(1, 4, *grid.shape).clone()
+    log_p = torch.log_softmax(class_logits, 0)
+    labels = torch.zeros(1, 1, *hw, dtype=torch.uint8)
+    labels[0, 0, 5:] = torch.tensor([1, 2, 3, 0], dtype=torch.uint8)  # each class 3 times among the valid rows
+    labels[0, 0, :5] = 2  # real labels where the ray misses the ground (rows 0-3) or leaves the grid (row 4)
+    loss, stats = losses.reprojection_loss(logits, labels, rays, grid)
+    want = -float(log_p[[1, 2, 3, 0]].mean())
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert stats["reproj_valid_frac"] == pytest.approx(12 / 32)
+    # other labels at the invalid pixels (above the horizon, beyond the grid): the same loss
+    for rows in (slice(0, 4), slice(4, 5)):
+        other = labels.clone()
+        other[0, 0, rows] = 1
+        again, st = losses.reprojection_loss(logits, other, rays, grid)
+        assert float(again) == float(loss) and st["reproj_valid_frac"] == pytest.approx(12 / 32)
