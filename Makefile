@@ -24,7 +24,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long clean
+.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long mutants clean
 
 install: $(STAMP)
 
@@ -58,6 +58,12 @@ bench-paper: $(STAMP)
 # The same with 2x the from-scratch steps, 5 seeds (~2 h 15 min): bench/results/paper-long.{json,md}
 bench-paper-long: $(STAMP)
 	$(PY) bench/paper.py --plan long --seeds 5 --other-fraction-seeds 3 --ablation-seeds 1
+
+# Mutation testing of the core modules with mutmut, one module at a time against its fast tests
+# (hours on 2 cores; resumable; not in CI): bench/results/mutation.{json,md}.
+# MODULES="evaluate geometry" runs some of them (names: python bench/mutation.py --help).
+mutants: $(STAMP)
+	env -u PYTHONPATH nice -n 19 $(PY) bench/mutation.py $(if $(MODULES),--modules $(MODULES))
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache

@@ -1,0 +1,234 @@
+"""Mutation testing of the core modules with mutmut, one module at a time, against the fast tests
+relevant to that module (``make mutants``; not in CI; resumable).
+
+Each module gets its own work directory ``.cache/mutants/<name>/`` holding a copy of ``bevctl/``
+and ``tests/`` and a ``pyproject.toml`` whose ``[tool.mutmut]`` section mutates only that module
+and collects test coverage only from that module's test files. mutmut then runs, for every
+mutant, only the tests that executed the mutated function. Results stay in the work directory:
+a rerun skips every mutant that already has a result (after an interruption it picks up where
+it stopped); a changed source file gets new mutants. ``--fresh`` starts a module from scratch.
+
+The tests must import the mutated copy, never this checkout: PYTHONPATH is removed from the
+environment of mutmut (the editable install's finder comes after ``sys.path``, where mutmut
+puts ``mutants/`` first), and every run first checks that a planted mutant is killed.
+
+    python bench/mutation.py                      # every module, smallest first
+    python bench/mutation.py --modules evaluate geometry --max-children 1
+    python bench/mutation.py --report-only        # rewrite bench/results/mutation.{json,md}
+
+Writes ``bench/results/mutation.json`` and ``bench/results/mutation.md`` (per module: mutants,
+killed, survived, timed out, no tests, the mutants judged equivalent with the reason, the
+surviving ones, the wall time of the last run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".cache" / "mutants"
+RESULTS = ROOT / "bench" / "results"
+MUTMUT = Path(sys.executable).with_name("mutmut")
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    source: str  # the file mutated, relative to the repository root
+    tests: tuple[str, ...]  # pytest arguments: the fast tests relevant to this module
+
+
+MODULES = (  # smallest first
+    Module("label_maps", "bevctl/pseudolabel/label_maps.py", ("tests/test_label_maps.py",)),
+    Module("evaluate", "bevctl/train/evaluate.py", ("tests/test_evaluate.py",)),
+    Module("checkpoint", "bevctl/train/checkpoint.py", ("tests/test_trainer.py", "tests/test_model.py")),
+    Module("attention", "bevctl/train/model/attention.py", ("tests/test_model.py",)),
+    Module("geometry", "bevctl/geometry.py", ("tests/test_geometry.py", "tests/test_losses.py")),
+    Module("losses", "bevctl/train/losses.py", ("tests/test_losses.py",)),
+    Module("encoder", "bevctl/train/model/encoder.py", ("tests/test_model.py",)),
+    Module("bev_gt", "bevctl/data/bev_gt.py", ("tests/test_bev_gt.py",)),
+    Module("store_records", "bevctl/storage/base.py",
+           ("tests/test_label_store.py", "tests/test_gt_store.py", "tests/test_pseudolabel_job.py")),
+)
+BY_NAME = {m.name: m for m in MODULES}
+
+# Mutants that survive because no behaviour can tell them apart from the original, judged by
+# reading each one (`mutmut show NAME` in the module's work directory). name -> reason.
+EQUIVALENT: dict[str, str] = {}
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
+          -11: "segfault", -9: "segfault", None: "not checked"}
+
+
+def mutmut_section(module: Module) -> str:
+    tests = ", ".join(json.dumps(t) for t in module.tests)
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["bevctl"]\n'
+        f'only_mutate = ["{module.source}"]\n'
+        f"pytest_add_cli_args_test_selection = [{tests}]\n"
+        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]\n'
+        'process_isolation = "forkserver"\n'  # torch is not fork-safe after it ran the stats
+        "use_git_change_detection = false\n"
+    )
+
+
+def sync_tree(src: Path, dst: Path) -> None:
+    """Copy ``src`` into ``dst``, touching only files whose content changed (mtimes kept, so
+    mutmut sees unchanged sources as unchanged)."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            s, d = Path(dirpath) / name, dst / rel / name
+            if not d.exists() or not filecmp.cmp(s, d, shallow=False):
+                shutil.copy2(s, d)
+
+
+def prepare(module: Module, fresh: bool) -> Path:
+    work = WORK / module.name
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    sync_tree(ROOT / "bevctl", work / "bevctl")
+    sync_tree(ROOT / "tests", work / "tests")
+    text = (ROOT / "pyproject.toml").read_text() + mutmut_section(module)
+    if not (work / "pyproject.toml").exists() or (work / "pyproject.toml").read_text() != text:
+        (work / "pyproject.toml").write_text(text)
+    return work
+
+
+def mutmut_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the tests must import mutants/bevctl, not this checkout
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def check_planted_mutant(module: Module, work: Path) -> None:
+    """The tests of this work directory must import the mutated copy: a module that raises on
+    import there must make the module's tests fail."""
+    probe = work / "probe"
+    if probe.exists():
+        shutil.rmtree(probe)
+    sync_tree(work / "bevctl", probe / "bevctl")
+    sync_tree(work / "tests", probe / "tests")
+    shutil.copy2(ROOT / "pyproject.toml", probe / "pyproject.toml")
+    target = probe / module.source
+    target.write_text('raise RuntimeError("planted mutant")\n' + target.read_text())
+    env = mutmut_env()
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(probe)!r}); import pytest; "
+           f"sys.exit(pytest.main(['-q', '-x', '-m', 'not slow', '-p', 'no:cacheprovider', *{list(module.tests)!r}]))"]
+    rc = subprocess.run(cmd, cwd=probe, env=env, capture_output=True, text=True).returncode
+    shutil.rmtree(probe)
+    if rc == 0:
+        sys.exit(f"error: {module.name}: the tests passed with a planted mutant: they do not import the copy")
+
+
+def run_module(module: Module, max_children: int, fresh: bool) -> float:
+    """mutmut run on the mutants without a result, then again on the earlier survivors (tests
+    may have been added since: mutmut keeps a verdict unless the mutant is named)."""
+    work = prepare(module, fresh)
+    check_planted_mutant(module, work)
+    earlier = module_results(module)
+    survivors = earlier["survived"] + list(earlier["equivalent"]) if earlier else []
+    start = time.perf_counter()
+    print(f"== {module.name}: mutmut run in {work}", flush=True)
+    cmd = [str(MUTMUT), "run", "--max-children", str(max_children)]
+    for names in ([], survivors) if survivors else ([],):
+        rc = subprocess.run(cmd + names, cwd=work, env=mutmut_env()).returncode
+        if rc != 0:
+            print(f"warning: {module.name}: mutmut exited {rc}", flush=True)
+    return time.perf_counter() - start
+
+
+def module_results(module: Module) -> dict | None:
+    meta = WORK / module.name / "mutants" / (module.source + ".meta")
+    if not meta.exists():
+        return None
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    statuses = {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+    survived = sorted(n for n, s in statuses.items() if s == "survived")
+    equivalent = {n: EQUIVALENT[n] for n in survived if n in EQUIVALENT}
+    counts = {s: sum(1 for v in statuses.values() if v == s) for s in set(STATUS.values()) | {"suspicious"}}
+    counts = {k: v for k, v in counts.items() if v}
+    checked = sum(v for k, v in counts.items() if k != "not checked")
+    killable = checked - len(equivalent)
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    return {"module": module.name, "source": module.source, "tests": list(module.tests), "mutants": len(codes),
+            "counts": counts, "equivalent": equivalent,
+            "survived": [n for n in survived if n not in equivalent],
+            "no_tests": sorted(n for n, s in statuses.items() if s == "no tests"),
+            "score": round(killed / killable, 4) if killable else None}
+
+
+def write_report(timings: dict[str, float]) -> None:
+    old = {}
+    path_json = RESULTS / "mutation.json"
+    if path_json.exists():
+        old = {r["module"]: r for r in json.loads(path_json.read_text())["modules"]}
+    rows = []
+    for m in MODULES:
+        r = module_results(m)
+        if r is None:
+            continue
+        r["seconds"] = round(timings[m.name], 1) if m.name in timings else old.get(m.name, {}).get("seconds")
+        rows.append(r)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path_json.write_text(json.dumps({"tool": "mutmut", "modules": rows}, indent=2) + "\n")
+    lines = ["# Mutation testing of the core (mutmut)", "",
+             "Generated by `python bench/mutation.py` (`make mutants`). Killed includes timeouts; the score is "
+             "killed / (checked - equivalent). Times: wall seconds of the last `mutmut run` of the module, "
+             "under `nice -n 19` on the shared 2-core machine (other jobs running).", "",
+             "| module | tests | mutants | killed | timeout | survived | equivalent | no tests | score | time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r["counts"]
+        score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        secs = "" if r["seconds"] is None else f"{r['seconds'] / 60:.0f} min"
+        lines.append(f"| `{r['source']}` | {' '.join(Path(t).name for t in r['tests'])} | {r['mutants']} | "
+                     f"{c.get('killed', 0)} | {c.get('timeout', 0)} | {len(r['survived'])} | {len(r['equivalent'])} | "
+                     f"{c.get('no tests', 0)} | {score} | {secs} |")
+    for r in rows:
+        if r["equivalent"] or r["survived"]:
+            lines += ["", f"## {r['module']}", ""]
+            for n, why in r["equivalent"].items():
+                lines.append(f"- `{n}`: equivalent: {why}")
+            for n in r["survived"]:
+                lines.append(f"- `{n}`: survived")
+    (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {path_json} and {RESULTS / 'mutation.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modules", nargs="+", choices=list(BY_NAME), default=[m.name for m in MODULES])
+    ap.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from earlier results")
+    args = ap.parse_args()
+    if not MUTMUT.exists():
+        sys.exit(f"error: {MUTMUT} not found: install the dev extra (pip install -e '.[dev]')")
+    timings: dict[str, float] = {}
+    try:
+        if not args.report_only:
+            for name in args.modules:
+                timings[name] = run_module(BY_NAME[name], args.max_children, args.fresh)
+                write_report(timings)
+    finally:
+        write_report(timings)
+
+
+if __name__ == "__main__":
+    main()
