@@ -49,8 +49,9 @@ class Module:
 
 MODULES = (  # smallest first
     Module("label_maps", "bevctl/pseudolabel/label_maps.py", ("tests/test_label_maps.py",)),
-    Module("evaluate", "bevctl/train/evaluate.py", ("tests/test_evaluate.py",)),
-    Module("checkpoint", "bevctl/train/checkpoint.py", ("tests/test_trainer.py", "tests/test_model.py")),
+    Module("evaluate", "bevctl/train/evaluate.py", ("tests/test_evaluate.py", "tests/test_checkpoint.py")),
+    Module("checkpoint", "bevctl/train/checkpoint.py",
+           ("tests/test_checkpoint.py", "tests/test_trainer.py::test_interrupted_and_resumed_run_is_bit_identical")),
     Module("attention", "bevctl/train/model/attention.py", ("tests/test_model.py",)),
     Module("geometry", "bevctl/geometry.py", ("tests/test_geometry.py", "tests/test_losses.py")),
     Module("losses", "bevctl/train/losses.py", ("tests/test_losses.py",)),
@@ -79,6 +80,9 @@ def mutmut_section(module: Module) -> str:
         f"pytest_add_cli_args_test_selection = [{tests}]\n"
         'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]\n'
         'process_isolation = "forkserver"\n'  # torch is not fork-safe after it ran the stats
+        # a mutant's wall-clock limit is (test time + constant) x 15: with the default constant of
+        # 1 s, a fork + pytest start on a loaded machine timed out mutants of instant tests
+        "timeout_constant = 10.0\n"
         "use_git_change_detection = false\n"
     )
 

@@ -97,14 +97,28 @@ def test_by_range_results_one_entry_per_band() -> None:
     assert out[1]["iou"] == {"background": 1.0, "a": None, "b": 1.0} and out[1]["miou"] == 1.0
 
 
-def test_markdown_report_shows_the_numbers() -> None:
+def test_markdown_report_is_the_hand_computed_table() -> None:
     r = ev.iou_from_confusion(CONF, NAMES)
-    result = {"split": "val", "num_samples": 3, "checkpoint": "run/ckpt", "rules": ev.RULES, **r,
-              "by_range": ev.by_range_results(np.stack([CONF, CONF]), (4.0,), NAMES)}
-    md = ev.format_markdown(result)
-    assert "| a | 35.3 | 10 |" in md and "| b | 50.0 | 15 |" in md
-    assert "| **mIoU** (without background) | **42.6** | |" in md
-    assert "| 0-4 m | 35.3 | 50.0 | 42.6 | 80 |" in md and "| 4- m |" in md
-    assert md.startswith("**val** (3 samples)") and "IoU = TP/(TP+FP+FN)" in md
+    bands = ev.by_range_results(np.stack([CONF, np.diag([3, 0, 2])]), (4.0,), NAMES)
+    result = {"split": "val", "num_samples": 3, "checkpoint": "run/ckpt", "rules": ev.RULES, **r, "by_range": bands}
+    assert ev.format_markdown(result) == f"""**val** (3 samples) — checkpoint `run/ckpt`
+
+| class | IoU % | GT cells |
+|---|---:|---:|
+| background | 83.3 | 55 |
+| a | 35.3 | 10 |
+| b | 50.0 | 15 |
+| **mIoU** (without background) | **42.6** | |
+
+By distance from the ego (IoU %):
+
+| range | a | b | mIoU | cells |
+|---|---:|---:|---:|---:|
+| 0-4 m | 35.3 | 50.0 | 42.6 | 80 |
+| 4- m | n/a | 100.0 | 100.0 | 5 |
+
+Rules: {ev.RULES}.
+"""
+    assert "IoU = TP/(TP+FP+FN)" in ev.RULES and "without background" in ev.RULES
     empty = ev.format_markdown({**result, "miou": None, "by_range": []})
-    assert "**n/a**" in empty and "By distance" not in empty
+    assert "| **mIoU** (without background) | **n/a** | |" in empty and "By distance" not in empty
