@@ -171,3 +171,22 @@ def test_warp_is_differentiable() -> None:
     warped, _ = geo.warp_bev(bev, _pose(3, 1, 0).float().expand(2, -1, -1), _pose(0, 0, 0).float().expand(2, -1, -1), grid)
     warped.square().sum().backward()
     assert bev.grad is not None and bev.grad.abs().sum() > 0
+
+
+def test_in_image_and_inside_grid_are_half_open() -> None:
+    """``in_image``: in front of the camera and u in [0, W), v in [0, H); ``inside_grid``: x in
+    [x_min, x_max), y in [y_min, y_max), like the grid's cells."""
+    w, h = 8, 6
+    uv = torch.tensor([[0.0, 0.0], [7.999, 5.999], [8.0, 1.0], [1.0, 6.0], [-1e-4, 1.0], [1.0, -1e-4], [3.0, 3.0],
+                       [3.0, 3.0], [3.0, 3.0]])
+    depth = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-5, 2e-5, -1.0])
+    assert geo.in_image(uv, depth, w, h).tolist() == [True, True, False, False, False, False, False, True, False]
+    grid = BEVGrid(-2.0, 4.0, -1.0, 3.0, 0.5)
+    xy = torch.tensor([[-2.0, -1.0], [3.999, 2.999], [4.0, 0.0], [0.0, 3.0], [-2.001, 0.0], [0.0, -1.001]])
+    assert geo.inside_grid(grid, xy).tolist() == [True, True, False, False, False, False]
+    # the ego origin's cell, the grid's corners
+    assert geo.ego_to_cell(grid, torch.tensor([-2.0, -1.0])).tolist() == [0.0, 0.0]
+    assert geo.ego_to_cell(grid, torch.tensor([4.0, 3.0])).tolist() == [12.0, 8.0]
+    assert geo.cell_to_ego(grid, torch.tensor([12.0, 8.0])).tolist() == [4.0, 3.0]
+    assert geo.bev_cell_centers(grid)[0, 0].tolist() == [-1.75, -0.75]
+    assert geo.bev_cell_centers(grid)[-1, -1].tolist() == [3.75, 2.75]

@@ -289,3 +289,85 @@ def test_reprojection_loss_counts_only_pixels_whose_ray_lands_inside_the_grid() 
         other[0, 0, rows] = 1
         again, st = losses.reprojection_loss(logits, other, rays, grid)
         assert float(again) == float(loss) and st["reproj_valid_frac"] == pytest.approx(12 / 32)
+
+
+def test_ray_grid_cache_is_lru_per_rig() -> None:
+    grid = BEVGrid(0.0, 4.0, -2.0, 2.0, 0.5)
+    rigs = [_forward_camera(4.0, 1.5, 3.5, h) for h in (1.0, 1.5, 2.0)]
+    cache = losses.RayGridCache(grid, max_entries=2)
+    hw = (8, 4)
+    for pix, ego in rigs[:2]:
+        cache.get(pix, ego, hw, hw)
+    cache.get(*rigs[0], hw, hw)  # rig 0 is now the most recently used
+    cache.get(*rigs[2], hw, hw)  # evicts rig 1, the least recently used
+    assert (cache.hits, cache.misses) == (1, 3)
+    cache.get(*rigs[0], hw, hw)
+    assert (cache.hits, cache.misses) == (2, 3)
+    cache.get(*rigs[1], hw, hw)
+    assert (cache.hits, cache.misses) == (2, 4)
+    # the key: the matrices to 1e-6, and both resolutions
+    pix, ego = rigs[0]
+    key = losses.rig_key(pix, ego, hw, hw)
+    assert losses.rig_key(pix + 1e-8, ego, hw, hw) == key
+    assert losses.rig_key(pix, ego + 1e-5, hw, hw) != key and losses.rig_key(pix + 1e-5, ego, hw, hw) != key
+    assert losses.rig_key(pix, ego, (4, 2), hw) != key and losses.rig_key(pix, ego, hw, (16, 8)) != key
+    # a camera 2 m up sees the ground twice as far: row 6 hits at x = 2 * 4 / 2.5 = 3.2 m
+    rays = cache.get(*rigs[2], hw, hw)
+    np.testing.assert_allclose(rays.xy.reshape(8, 4, 2)[6, :, 0].numpy(), 3.2, rtol=1e-6)
+    np.testing.assert_allclose(rays.xy.reshape(8, 4, 2)[6, :, 1].numpy(), 3.2 * np.array([0.375, 0.125, -0.125, -0.375]),
+                               rtol=1e-6)
+
+
+def test_reprojection_confidence_threshold_keeps_pixels_at_the_threshold() -> None:
+    grid = BEVGrid(0.0, 4.0, -2.0, 2.0, 0.5)
+    pix, ego = _forward_camera(4.0, 1.5, 3.5, 1.0)
+    rays = losses.RayGridCache(grid).batch(pix[None], ego[None], (8, 4), (8, 4))
+    class_logits = torch.tensor([0.0, 1.0, 2.0])
+    logits = class_logits.view(1, 3, 1, 1).expand(1, 3, *grid.shape).clone()
+    labels = torch.zeros(1, 1, 8, 4, dtype=torch.uint8)
+    labels[0, 0, 5] = 1
+    labels[0, 0, 6:] = 2
+    conf = torch.full((1, 1, 8, 4), 0.5)
+    conf[0, 0, 6:] = 0.25  # rows 6-7 below the threshold: only row 5 (class 1) counts
+    loss, st = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf, min_confidence=0.5)
+    assert float(loss) == pytest.approx(-float(torch.log_softmax(class_logits, 0)[1]), rel=1e-6)
+    assert st["reproj_valid_frac"] == pytest.approx(4 / 32)
+    all_rows, _ = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf, min_confidence=0.0)
+    assert float(all_rows) != pytest.approx(float(loss))  # threshold 0: confidence is not used
+
+
+def test_supervised_loss_class_weights_and_dice_by_hand() -> None:
+    # uniform logits over 2 classes: CE = log 2 per cell; weights 1 (background) and 3 (class 1)
+    target = torch.tensor([[[0, 1], [1, 255]]])  # (1, 2, 2); one ignored cell
+    loss, _ = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target, class_weights=torch.tensor([1.0, 3.0]))
+    assert float(loss) == pytest.approx(np.log(2) * (1 + 3 + 3) / 3, rel=1e-6)
+    # soft Dice of class 1 with p = 1/2 everywhere on its 2 valid cells of 3 (eps = 1):
+    # inter = 2 * 0.5 = 1, denom = (0.5 + 0.5 + 0.5) + 2 = 3.5 -> 1 - (2 + 1) / (3.5 + 1) = 1/3
+    valid = target != 255
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    d = losses.dice_loss(torch.zeros(1, 2, 2, 2), safe, valid)
+    assert float(d) == pytest.approx(1 / 3, rel=1e-6)
+    total, st = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target, dice_weight=0.5)
+    assert st["dice"] == pytest.approx(1 / 3, rel=1e-6) and st["ce"] == pytest.approx(np.log(2), rel=1e-6)
+    assert float(total) == pytest.approx(np.log(2) + 0.5 / 3, rel=1e-6)
+    _, no_dice = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target)
+    assert "dice" not in no_dice
+
+
+def test_temporal_loss_is_the_kl_of_the_previous_frame_by_hand() -> None:
+    grid = BEVGrid(0.0, 2.0, 0.0, 1.0, 0.5)
+    same = _pose(10.0, 5.0, 0.3)
+    q_logits = torch.tensor([0.0, 1.0, -1.0])
+    p_logits = torch.tensor([1.0, 0.0, 0.5])
+    q, logp = torch.softmax(q_logits, 0), torch.log_softmax(p_logits, 0)
+    kl = float((q * (q.log() - logp)).sum())
+    prev = q_logits.view(1, 3, 1, 1).expand(2, 3, *grid.shape).clone().requires_grad_(True)
+    cur = p_logits.view(1, 3, 1, 1).expand(2, 3, *grid.shape).clone()
+    poses = same.expand(2, 4, 4)
+    loss, st = losses.temporal_loss(cur, prev, poses, poses, grid)  # no motion: every cell is covered
+    assert float(loss) == pytest.approx(kl, rel=1e-5) and st["temporal_overlap_frac"] == 1.0
+    half, st = losses.temporal_loss(cur, prev, poses, poses, grid, has_prev=torch.tensor([True, False]))
+    assert float(half) == pytest.approx(kl / 2, rel=1e-5) and st["temporal_overlap_frac"] == 0.5
+    both, _ = losses.temporal_loss(cur, prev, poses, poses, grid, detach_prev=False)
+    both.backward()
+    assert prev.grad is not None and float(prev.grad.abs().sum()) > 0  # not detached on request
