@@ -66,6 +66,11 @@ def test_confusion_rows_are_ground_truth_and_ignore_cells_are_skipped() -> None:
     np.testing.assert_array_equal(conf.numpy(), want)
     ev.update_confusion_by_band(conf, pred, gt, bands)  # counts accumulate
     np.testing.assert_array_equal(conf.numpy(), 2 * want)
+    # cells of the first band and classes only: the counts still fill the whole (K, C, C) array
+    near = torch.zeros(2, 3, 3, dtype=torch.int64)
+    ev.update_confusion_by_band(near, torch.zeros(1, 2, 4, dtype=torch.long), torch.zeros(1, 2, 4, dtype=torch.long),
+                                torch.zeros(2, 4, dtype=torch.int64))
+    assert near[0, 0, 0] == 8 and int(near.sum()) == 8
     # class 1: one cell right (TP), one GT-1 cell predicted 2 (FN), none wrongly predicted 1 in
     # band 0; the band-1 cell with GT 255 predicted 1 is not a false positive
     r = ev.iou_from_confusion(conf.sum(0).numpy(), NAMES)["classes"]["a"]

@@ -529,3 +529,39 @@ def test_cross_attention_averages_over_the_cameras_that_see_a_query(gather):
     for qi, cams in enumerate(sees):
         want = query[0, qi] + (cam_value[cams].mean(0) if cams else 0.0)
         torch.testing.assert_close(out[qi], want, msg=f"query {qi} seen by cameras {cams}")
+
+
+def test_sampling_offset_init_points_each_head_its_own_way():
+    """BEVFormer's init: zero weights; head m's bias points along angle 2 pi m / M scaled onto the
+    unit square, its k-th point k + 1 cells out, the same for every group."""
+    from bevctl.train.model.attention import init_sampling_offsets
+
+    lin = torch.nn.Linear(3, 8 * 2 * 3 * 2)
+    init_sampling_offsets(lin, num_heads=8, groups=2, points=3)
+    assert float(lin.weight.detach().abs().sum()) == 0.0
+    bias = lin.bias.detach().view(8, 2, 3, 2)
+    dirs = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32)
+    want = dirs.view(8, 1, 1, 2) * torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 3, 1)
+    torch.testing.assert_close(bias, want.expand(8, 2, 3, 2), atol=1e-5, rtol=0)
+
+
+def test_deformable_attention_runs_in_fp32_and_checks_its_levels():
+    from bevctl.train.model.attention import softmax_fp32
+
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(1, 2, 3, 6, 9, generator=g)]
+    loc = torch.rand(1, 4, 2, 1, 3, 2, generator=g)
+    w = torch.rand(1, 4, 2, 1, 3, generator=g)
+    ref = ms_deform_attn(values, loc, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn(values, loc, w)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)  # autocast off inside: the fp32 result exactly
+    half = ms_deform_attn([v.to(torch.bfloat16) for v in values], loc, w)
+    assert half.dtype == torch.bfloat16  # returned in the values' dtype
+    with pytest.raises(ValueError, match="1 value levels for 2 location levels"):
+        ms_deform_attn(values, loc.expand(1, 4, 2, 2, 3, 2), w.expand(1, 4, 2, 2, 3))
+    p = softmax_fp32(torch.tensor([[0.0, 1.0], [2.0, 2.0]], dtype=torch.bfloat16))
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, torch.softmax(torch.tensor([[0.0, 1.0], [2.0, 2.0]]), -1))
+    torch.testing.assert_close(softmax_fp32(torch.tensor([[0.0, 0.0], [1.0, 3.0]]), 0),
+                               torch.softmax(torch.tensor([[0.0, 0.0], [1.0, 3.0]]), 0))
