@@ -77,6 +77,10 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.train.evaluate.x_range_bands__mutmut_22": _F32,
     "bevctl.train.evaluate.x_update_confusion_by_band__mutmut_5":
         "`gt < c` -> `gt <= c`: differs only for a GT id equal to C; GT holds 0..C-1 or 255",
+    "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
+        "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
+        "int64 arrays or lists of ints) and every output goes through int() or a division",
+    "bevctl.train.evaluate.x_iou_from_confusion__mutmut_5": "the same as mutant 3 (dtype argument dropped)",
     "bevctl.train.evaluate.x_update_confusion_by_band__mutmut_15":
         "`.to(conf)` -> `.to(None)`: bincount is already int64 like the confusion array",
 }

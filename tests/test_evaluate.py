@@ -44,6 +44,9 @@ def test_class_absent_from_gt_and_prediction_is_null_and_left_out_of_the_mean() 
     r = ev.iou_from_confusion(conf, NAMES)
     assert r["classes"]["b"]["iou"] == 0.0 and r["classes"]["b"]["fp"] == 3
     assert r["miou"] == pytest.approx(4 / 14)
+    # a class seen in one single cell, found: IoU 1; missed: IoU 0
+    assert ev.iou_from_confusion(np.array([[5, 0, 0], [0, 1, 0], [0, 0, 0]]), NAMES)["miou"] == 1.0
+    assert ev.iou_from_confusion(np.array([[5, 0, 0], [1, 0, 0], [0, 0, 0]]), NAMES)["miou"] == 0.0
     # nothing but background: no mIoU at all
     assert ev.iou_from_confusion(np.array([[5, 0, 0], [0, 0, 0], [0, 0, 0]]), NAMES)["miou"] is None
 
