@@ -190,3 +190,20 @@ def test_in_image_and_inside_grid_are_half_open() -> None:
     assert geo.cell_to_ego(grid, torch.tensor([12.0, 8.0])).tolist() == [4.0, 3.0]
     assert geo.bev_cell_centers(grid)[0, 0].tolist() == [-1.75, -0.75]
     assert geo.bev_cell_centers(grid)[-1, -1].tolist() == [3.75, 2.75]
+
+
+def test_projection_matrix_composes_intrinsics_and_the_inverse_extrinsics() -> None:
+    """``pix_T_ego @ (p, 1) = (u d, v d, d, 1)`` for the pixel (u, v) and depth d of ego point p."""
+    k = torch.tensor([[100.0, 0.0, 80.0], [0.0, 90.0, 45.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    ego_T_cam = geo.transform_from_quat(torch.tensor([0.5, -0.5, 0.5, -0.5], dtype=torch.float64),
+                                        torch.tensor([1.5, 0.2, 1.6], dtype=torch.float64))
+    pts = torch.tensor([[10.0, 1.0, 0.0], [5.0, -2.0, 0.5]], dtype=torch.float64)
+    uv, depth = geo.ego_to_pixels(k, ego_T_cam, pts)
+    m = geo.pix_T_ego(k, ego_T_cam)
+    assert m.shape == (4, 4)
+    hom = torch.cat([pts, torch.ones(2, 1, dtype=torch.float64)], -1) @ m.T
+    torch.testing.assert_close(hom[:, :2], uv * depth[:, None])
+    torch.testing.assert_close(hom[:, 2], depth)
+    torch.testing.assert_close(hom[:, 3], torch.ones(2, dtype=torch.float64))
+    k4 = geo.pix_T_cam_4x4(k)
+    assert torch.equal(k4[:3, :3], k) and k4[3].tolist() == [0.0, 0.0, 0.0, 1.0] and k4[:3, 3].tolist() == [0.0] * 3
