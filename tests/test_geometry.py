@@ -207,3 +207,15 @@ def test_projection_matrix_composes_intrinsics_and_the_inverse_extrinsics() -> N
     torch.testing.assert_close(hom[:, 3], torch.ones(2, dtype=torch.float64))
     k4 = geo.pix_T_cam_4x4(k)
     assert torch.equal(k4[:3, :3], k) and k4[3].tolist() == [0.0, 0.0, 0.0, 1.0] and k4[:3, 3].tolist() == [0.0] * 3
+
+
+def test_yaw_transform_broadcasts_over_leading_dimensions() -> None:
+    yaw = torch.tensor([[0.1, -0.7, 2.0], [0.0, 1.2, -3.0]], dtype=torch.float64)
+    tx, ty = yaw * 3 + 1, yaw - 2
+    batched = geo.yaw_transform(yaw, tx, ty)
+    assert batched.shape == (2, 3, 4, 4)
+    for i in range(2):
+        for j in range(3):
+            c, s = np.cos(float(yaw[i, j])), np.sin(float(yaw[i, j]))
+            want = [[c, -s, 0, float(tx[i, j])], [s, c, 0, float(ty[i, j])], [0, 0, 1, 0], [0, 0, 0, 1]]
+            np.testing.assert_allclose(batched[i, j].numpy(), want, atol=1e-12)
