@@ -61,9 +61,10 @@ bench-paper-long: $(STAMP)
 
 # Mutation testing of the core modules with mutmut, one module at a time against its fast tests
 # (hours on 2 cores; resumable; not in CI): bench/results/mutation.{json,md}.
-# MODULES="evaluate geometry" runs some of them (names: python bench/mutation.py --help).
+# MODULES="evaluate geometry" runs some of them (names: python bench/mutation.py --help);
+# MINUTES=30 stops each module after 30 min (rerun to go on).
 mutants: $(STAMP)
-	env -u PYTHONPATH nice -n 19 $(PY) bench/mutation.py $(if $(MODULES),--modules $(MODULES))
+	env -u PYTHONPATH nice -n 19 $(PY) bench/mutation.py $(if $(MODULES),--modules $(MODULES)) $(if $(MINUTES),--minutes $(MINUTES))
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache
