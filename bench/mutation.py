@@ -69,6 +69,8 @@ BY_NAME = {m.name: m for m in MODULES}
 # reading each one (`mutmut show NAME` in the module's work directory). name -> reason.
 _F32 = ("float32 instead of float64 cell distances or band edges: the bands differ only for a cell centre "
         "within float32 rounding (~1e-7 relative) of an edge")
+_CPU = ("the device argument dropped: the same on a CPU; differs only with an accelerator, which the fast "
+        "tests do not have")
 EQUIVALENT: dict[str, str] = {
     "bevctl.pseudolabel.label_maps.x_resolve_target__mutmut_10":
         "`return -1` -> `return -2`: the only caller tests `bev < 0`",
@@ -84,6 +86,11 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.train.evaluate.x_load_trained_model__mutmut_21":
         "`model.to(device)` -> `model.to(None)`: the same on a CPU (the model is built there); differs only "
         "with an accelerator, which the fast tests do not have",
+    "bevctl.geometry.x_warp_bev__mutmut_8": _CPU,
+    "bevctl.geometry.x_warp_bev__mutmut_11": _CPU,
+    "bevctl.geometry.x_warp_bev__mutmut_16":
+        "`reshape(1, -1, 3)` -> `reshape(-1, 3)`: the following `expand(b, -1, -1)` adds the batch dimension "
+        "either way",
     "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
         "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
         "int64 arrays or lists of ints) and every output goes through int() or a division",
@@ -166,7 +173,8 @@ def check_planted_mutant(module: Module, work: Path) -> None:
         sys.exit(f"error: {module.name}: the tests passed with a planted mutant: they do not import the copy")
 
 
-def run_module(module: Module, max_children: int, fresh: bool, budget_s: float | None = None) -> float:
+def run_module(module: Module, max_children: int, fresh: bool, budget_s: float | None = None,
+               recheck_only: bool = False) -> float:
     """mutmut run on the mutants without a result, then again on the earlier survivors and
     untested ones (tests may have been added since: mutmut keeps a verdict unless the mutant is
     named)."""
@@ -177,7 +185,10 @@ def run_module(module: Module, max_children: int, fresh: bool, budget_s: float |
     start = time.perf_counter()
     print(f"== {module.name}: mutmut run in {work}", flush=True)
     cmd = [str(MUTMUT), "run", "--max-children", str(max_children)]
-    for names in ([], survivors) if survivors else ([],):
+    passes = ([], survivors) if survivors else ([],)
+    if recheck_only:
+        passes = (survivors,) if survivors else ()
+    for names in passes:
         left = None if budget_s is None else budget_s - (time.perf_counter() - start)
         if left is not None and left <= 0:
             break
@@ -285,6 +296,8 @@ def main() -> None:
     ap.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
     ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
     ap.add_argument("--minutes", type=float, help="time budget per module (stops it there; rerun to go on)")
+    ap.add_argument("--recheck", action="store_true",
+                    help="only rerun the earlier survivors, equivalent and untested mutants (after adding tests)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from earlier results")
     args = ap.parse_args()
     if not MUTMUT.exists():
@@ -293,7 +306,7 @@ def main() -> None:
         if not args.report_only:
             for name in args.modules:
                 run_module(BY_NAME[name], args.max_children, args.fresh,
-                           None if args.minutes is None else 60 * args.minutes)
+                           None if args.minutes is None else 60 * args.minutes, args.recheck)
                 write_report()
     finally:
         write_report()
