@@ -91,6 +91,14 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.geometry.x_warp_bev__mutmut_16":
         "`reshape(1, -1, 3)` -> `reshape(-1, 3)`: the following `expand(b, -1, -1)` adds the batch dimension "
         "either way",
+    "bevctl.geometry.x_pixel_grid__mutmut_11": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_14": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_21": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_24": _CPU,
+    "bevctl.geometry.x_bev_cell_centers__mutmut_7": _CPU,
+    "bevctl.geometry.x_bev_cell_centers__mutmut_10": _CPU,
+    "bevctl.geometry.x_warp_bev__mutmut_48":
+        "`[..., :2]` -> `[..., :3]` on the source points: only their x and y columns are ever read",
     "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
         "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
         "int64 arrays or lists of ints) and every output goes through int() or a division",

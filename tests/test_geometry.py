@@ -219,3 +219,26 @@ def test_yaw_transform_broadcasts_over_leading_dimensions() -> None:
             c, s = np.cos(float(yaw[i, j])), np.sin(float(yaw[i, j]))
             want = [[c, -s, 0, float(tx[i, j])], [s, c, 0, float(ty[i, j])], [0, 0, 1, 0], [0, 0, 0, 1]]
             np.testing.assert_allclose(batched[i, j].numpy(), want, atol=1e-12)
+
+
+def _shift(dx: float, dy: float) -> torch.Tensor:
+    return geo.yaw_transform(torch.zeros(1, dtype=torch.float64), torch.tensor([dx], dtype=torch.float64),
+                             torch.tensor([dy], dtype=torch.float64))
+
+
+def test_warp_valid_cells_are_those_between_the_outermost_source_centres() -> None:
+    """Moving the ego by a tenth of a cell: the cells whose source point passes the outermost
+    cell centre on that side (and only those) are invalid; nearest sampling then reads the
+    source cell itself."""
+    grid = BEVGrid(-2.0, 2.0, -1.0, 1.0, 0.5)  # 8 x 4 cells
+    bev = torch.randn(1, 2, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eye = _shift(0.0, 0.0)
+    for (dx, dy), bad in (((0.05, 0.0), (slice(7, 8), slice(None))), ((-0.05, 0.0), (slice(0, 1), slice(None))),
+                          ((0.0, 0.05), (slice(None), slice(3, 4))), ((0.0, -0.05), (slice(None), slice(0, 1)))):
+        warped, valid = geo.warp_bev(bev, eye, _shift(dx, dy), grid, mode="nearest")
+        want = torch.ones(8, 4, dtype=torch.bool)
+        want[bad] = False
+        assert torch.equal(valid[0], want), (dx, dy)
+        torch.testing.assert_close(warped[0][:, valid[0]], bev[0][:, valid[0]])  # nearest: the cell itself
+        linear, _ = geo.warp_bev(bev, eye, _shift(dx, dy), grid)
+        assert not torch.allclose(linear[0][:, valid[0]], bev[0][:, valid[0]])  # bilinear mixes neighbours
