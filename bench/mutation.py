@@ -93,8 +93,10 @@ EQUIVALENT: dict[str, str] = {
         "either way",
     "bevctl.geometry.x_pixel_grid__mutmut_11": _CPU,
     "bevctl.geometry.x_pixel_grid__mutmut_14": _CPU,
-    "bevctl.geometry.x_pixel_grid__mutmut_21": _CPU,
     "bevctl.geometry.x_pixel_grid__mutmut_24": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_27": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_34":
+        "`meshgrid(..., indexing=\"ij\")` -> `indexing=None`: torch's default is 'ij' (it only adds a warning)",
     "bevctl.geometry.x_bev_cell_centers__mutmut_7": _CPU,
     "bevctl.geometry.x_bev_cell_centers__mutmut_10": _CPU,
     "bevctl.geometry.x_warp_bev__mutmut_48":

@@ -233,6 +233,8 @@ def test_warp_valid_cells_are_those_between_the_outermost_source_centres() -> No
     grid = BEVGrid(-2.0, 2.0, -1.0, 1.0, 0.5)  # 8 x 4 cells
     bev = torch.randn(1, 2, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     eye = _shift(0.0, 0.0)
+    same, valid = geo.warp_bev(bev, eye, eye, grid)  # no motion: every cell valid, up to the outermost centres
+    assert bool(valid.all()) and torch.allclose(same, bev)
     for (dx, dy), bad in (((0.05, 0.0), (slice(7, 8), slice(None))), ((-0.05, 0.0), (slice(0, 1), slice(None))),
                           ((0.0, 0.05), (slice(None), slice(3, 4))), ((0.0, -0.05), (slice(None), slice(0, 1)))):
         warped, valid = geo.warp_bev(bev, eye, _shift(dx, dy), grid, mode="nearest")
