@@ -69,6 +69,7 @@ BY_NAME = {m.name: m for m in MODULES}
 # reading each one (`mutmut show NAME` in the module's work directory). name -> reason.
 _F32 = ("float32 instead of float64 cell distances or band edges: the bands differ only for a cell centre "
         "within float32 rounding (~1e-7 relative) of an edge")
+_GT_IDS = "differs only for target ids from C to 254, which no GT or pseudo-label map holds (0..C-1 or 255)"
 _CPU = ("the device argument dropped: the same on a CPU; differs only with an accelerator, which the fast "
         "tests do not have")
 EQUIVALENT: dict[str, str] = {
@@ -101,6 +102,15 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.geometry.x_bev_cell_centers__mutmut_10": _CPU,
     "bevctl.geometry.x_warp_bev__mutmut_48":
         "`[..., :2]` -> `[..., :3]` on the source points: only their x and y columns are ever read",
+    "bevctl.train.losses.x_supervised_loss__mutmut_7": _GT_IDS,
+    "bevctl.train.losses.x_supervised_loss__mutmut_9": _GT_IDS,
+    "bevctl.train.losses.x_supervised_loss__mutmut_30":
+        "`class_weights.to(ce)` -> `.to(None)`: the same for float32 weights on the loss's device (as the trainer "
+        "passes them); other weights would only change the loss's dtype or fail on the device",
+    "bevctl.train.losses.x_dice_loss__mutmut_12":
+        "the one-hot map left as int64: multiplying and adding it to float probabilities promotes it to float",
+    "bevctl.train.losses.x_dice_loss__mutmut_31":
+        "the mask left as bool: multiplying float probabilities by it promotes it to float",
     "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
         "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
         "int64 arrays or lists of ints) and every output goes through int() or a division",

@@ -350,6 +350,10 @@ def test_supervised_loss_class_weights_and_dice_by_hand() -> None:
     total, st = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target, dice_weight=0.5)
     assert st["dice"] == pytest.approx(1 / 3, rel=1e-6) and st["ce"] == pytest.approx(np.log(2), rel=1e-6)
     assert float(total) == pytest.approx(np.log(2) + 0.5 / 3, rel=1e-6)
+    # 3 classes, class 2 absent from the GT: class 1 as above with p = 1/3 (1 - (4/3 + 1) / (3 + 1) = 5/12),
+    # class 2 only predicted (1 - 1 / (1 + 1) = 1/2)
+    d3 = losses.dice_loss(torch.zeros(1, 3, 2, 2), safe, valid)
+    assert float(d3) == pytest.approx((5 / 12 + 1 / 2) / 2, rel=1e-6)
     _, no_dice = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target)
     assert "dice" not in no_dice
 
