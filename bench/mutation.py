@@ -111,6 +111,20 @@ EQUIVALENT: dict[str, str] = {
         "the one-hot map left as int64: multiplying and adding it to float probabilities promotes it to float",
     "bevctl.train.losses.x_dice_loss__mutmut_31":
         "the mask left as bool: multiplying float probabilities by it promotes it to float",
+    "bevctl.geometry.x_pix_T_cam_4x4__mutmut_5": _CPU,
+    "bevctl.geometry.x_pix_T_cam_4x4__mutmut_10": _CPU,
+    "bevctl.train.losses.x_move_ray_grid__mutmut_22":
+        "`rays.hit` used even when None: every grid moved comes from compute_ray_grid, which sets hit",
+    "bevctl.train.losses.x_move_ray_grid__mutmut_26":
+        "the moved grid's hit dropped: nothing reads it (batch() keeps xy and valid only)",
+    "bevctl.train.losses.x_move_ray_grid__mutmut_29": "the same as mutant 26",
+    "bevctl.train.losses.x_temporal_loss__mutmut_13":
+        "two channels of ones appended instead of one: the cover is read from channel C only",
+    "bevctl.train.losses.x_temporal_loss__mutmut_30":
+        "`cover > 0.999` -> `>= 0.999`: differs only for a cover of exactly 0.999",
+    "bevctl.train.losses.x_temporal_loss__mutmut_52":
+        "the sum clamped at 1.000001 instead of 1e-6: inside the mask the sum is <= 1, so the KL changes by "
+        "~1e-6 relative",
     "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
         "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
         "int64 arrays or lists of ints) and every output goes through int() or a division",

@@ -205,6 +205,7 @@ def test_projection_matrix_composes_intrinsics_and_the_inverse_extrinsics() -> N
     torch.testing.assert_close(hom[:, :2], uv * depth[:, None])
     torch.testing.assert_close(hom[:, 2], depth)
     torch.testing.assert_close(hom[:, 3], torch.ones(2, dtype=torch.float64))
+    assert geo.pix_T_cam_4x4(k.expand(2, 5, 3, 3)).shape == (2, 5, 4, 4)  # batched intrinsics stay batched
     k4 = geo.pix_T_cam_4x4(k)
     assert torch.equal(k4[:3, :3], k) and k4[3].tolist() == [0.0, 0.0, 0.0, 1.0] and k4[:3, 3].tolist() == [0.0] * 3
 

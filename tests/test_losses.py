@@ -334,6 +334,8 @@ def test_reprojection_confidence_threshold_keeps_pixels_at_the_threshold() -> No
     assert st["reproj_valid_frac"] == pytest.approx(4 / 32)
     all_rows, _ = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf, min_confidence=0.0)
     assert float(all_rows) != pytest.approx(float(loss))  # threshold 0: confidence is not used
+    default, _ = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf)  # no threshold by default
+    assert float(default) == float(all_rows)
 
 
 def test_supervised_loss_class_weights_and_dice_by_hand() -> None:
