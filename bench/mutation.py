@@ -125,6 +125,9 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.train.losses.x_temporal_loss__mutmut_52":
         "the sum clamped at 1.000001 instead of 1e-6: inside the mask the sum is <= 1, so the KL changes by "
         "~1e-6 relative",
+    "bevctl.train.losses.x_reprojection_loss__mutmut_19": _GT_IDS,
+    "bevctl.train.losses.x_reprojection_loss__mutmut_22":
+        "`min_confidence > 0` -> `>= 0`: a threshold of 0 keeps every pixel (confidences lie in [0, 1])",
     "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
         "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
         "int64 arrays or lists of ints) and every output goes through int() or a division",

@@ -336,6 +336,14 @@ def test_reprojection_confidence_threshold_keeps_pixels_at_the_threshold() -> No
     assert float(all_rows) != pytest.approx(float(loss))  # threshold 0: confidence is not used
     default, _ = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf)  # no threshold by default
     assert float(default) == float(all_rows)
+    no_conf, _ = losses.reprojection_loss(logits, labels, rays, grid, min_confidence=0.5)  # no map: no threshold
+    assert float(no_conf) == float(all_rows)
+    # a batch of 2 whose first sample has no valid pixel: it adds 0, the second its own mean
+    rays2 = losses.RayGrid(xy=rays.xy.expand(2, -1, -1, -1), valid=rays.valid.expand(2, -1, -1))
+    labels2 = torch.cat([torch.full_like(labels, 255), labels])
+    both, _ = losses.reprojection_loss(logits.expand(2, -1, -1, -1), labels2, rays2, grid,
+                                       confidence=conf.expand(2, -1, -1, -1), min_confidence=0.5)
+    assert float(both) == pytest.approx(float(loss) / 2, rel=1e-6)
 
 
 def test_supervised_loss_class_weights_and_dice_by_hand() -> None:
