@@ -23,7 +23,7 @@ export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export PYTHONUNBUFFERED ?= 1
 
-.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long bench-paper-gpu gpu-check gpu-wheels clean
+.PHONY: install test test-slow test-all demo bench bench-paper bench-paper-long bench-paper-gpu gpu-check gpu-wheels mutants clean
 
 install: $(STAMP)
 
@@ -82,6 +82,13 @@ gpu-wheels:
 	bash ../shared/tools/gpu-wheels.sh .whl
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  -d .whl pytest pluggy iniconfig
+
+# Mutation testing of the core modules with mutmut, one module at a time against its fast tests
+# (hours on 2 cores; resumable; not in CI): bench/results/mutation.{json,md}.
+# MODULES="evaluate geometry" runs some of them (names: python bench/mutation.py --help);
+# MINUTES=30 stops each module after 30 min (rerun to go on).
+mutants: $(STAMP)
+	env -u PYTHONPATH nice -n 19 $(PY) bench/mutation.py $(if $(MODULES),--modules $(MODULES)) $(if $(MINUTES),--minutes $(MINUTES))
 
 clean:
 	rm -rf $(VENV) .cache demo-run .pytest_cache

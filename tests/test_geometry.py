@@ -171,3 +171,77 @@ def test_warp_is_differentiable() -> None:
     warped, _ = geo.warp_bev(bev, _pose(3, 1, 0).float().expand(2, -1, -1), _pose(0, 0, 0).float().expand(2, -1, -1), grid)
     warped.square().sum().backward()
     assert bev.grad is not None and bev.grad.abs().sum() > 0
+
+
+def test_in_image_and_inside_grid_are_half_open() -> None:
+    """``in_image``: in front of the camera and u in [0, W), v in [0, H); ``inside_grid``: x in
+    [x_min, x_max), y in [y_min, y_max), like the grid's cells."""
+    w, h = 8, 6
+    uv = torch.tensor([[0.0, 0.0], [7.999, 5.999], [8.0, 1.0], [1.0, 6.0], [-1e-4, 1.0], [1.0, -1e-4], [3.0, 3.0],
+                       [3.0, 3.0], [3.0, 3.0]])
+    depth = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1e-5, 2e-5, -1.0])
+    assert geo.in_image(uv, depth, w, h).tolist() == [True, True, False, False, False, False, False, True, False]
+    grid = BEVGrid(-2.0, 4.0, -1.0, 3.0, 0.5)
+    xy = torch.tensor([[-2.0, -1.0], [3.999, 2.999], [4.0, 0.0], [0.0, 3.0], [-2.001, 0.0], [0.0, -1.001]])
+    assert geo.inside_grid(grid, xy).tolist() == [True, True, False, False, False, False]
+    # the ego origin's cell, the grid's corners
+    assert geo.ego_to_cell(grid, torch.tensor([-2.0, -1.0])).tolist() == [0.0, 0.0]
+    assert geo.ego_to_cell(grid, torch.tensor([4.0, 3.0])).tolist() == [12.0, 8.0]
+    assert geo.cell_to_ego(grid, torch.tensor([12.0, 8.0])).tolist() == [4.0, 3.0]
+    assert geo.bev_cell_centers(grid)[0, 0].tolist() == [-1.75, -0.75]
+    assert geo.bev_cell_centers(grid)[-1, -1].tolist() == [3.75, 2.75]
+
+
+def test_projection_matrix_composes_intrinsics_and_the_inverse_extrinsics() -> None:
+    """``pix_T_ego @ (p, 1) = (u d, v d, d, 1)`` for the pixel (u, v) and depth d of ego point p."""
+    k = torch.tensor([[100.0, 0.0, 80.0], [0.0, 90.0, 45.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    ego_T_cam = geo.transform_from_quat(torch.tensor([0.5, -0.5, 0.5, -0.5], dtype=torch.float64),
+                                        torch.tensor([1.5, 0.2, 1.6], dtype=torch.float64))
+    pts = torch.tensor([[10.0, 1.0, 0.0], [5.0, -2.0, 0.5]], dtype=torch.float64)
+    uv, depth = geo.ego_to_pixels(k, ego_T_cam, pts)
+    m = geo.pix_T_ego(k, ego_T_cam)
+    assert m.shape == (4, 4)
+    hom = torch.cat([pts, torch.ones(2, 1, dtype=torch.float64)], -1) @ m.T
+    torch.testing.assert_close(hom[:, :2], uv * depth[:, None])
+    torch.testing.assert_close(hom[:, 2], depth)
+    torch.testing.assert_close(hom[:, 3], torch.ones(2, dtype=torch.float64))
+    assert geo.pix_T_cam_4x4(k.expand(2, 5, 3, 3)).shape == (2, 5, 4, 4)  # batched intrinsics stay batched
+    k4 = geo.pix_T_cam_4x4(k)
+    assert torch.equal(k4[:3, :3], k) and k4[3].tolist() == [0.0, 0.0, 0.0, 1.0] and k4[:3, 3].tolist() == [0.0] * 3
+
+
+def test_yaw_transform_broadcasts_over_leading_dimensions() -> None:
+    yaw = torch.tensor([[0.1, -0.7, 2.0], [0.0, 1.2, -3.0]], dtype=torch.float64)
+    tx, ty = yaw * 3 + 1, yaw - 2
+    batched = geo.yaw_transform(yaw, tx, ty)
+    assert batched.shape == (2, 3, 4, 4)
+    for i in range(2):
+        for j in range(3):
+            c, s = np.cos(float(yaw[i, j])), np.sin(float(yaw[i, j]))
+            want = [[c, -s, 0, float(tx[i, j])], [s, c, 0, float(ty[i, j])], [0, 0, 1, 0], [0, 0, 0, 1]]
+            np.testing.assert_allclose(batched[i, j].numpy(), want, atol=1e-12)
+
+
+def _shift(dx: float, dy: float) -> torch.Tensor:
+    return geo.yaw_transform(torch.zeros(1, dtype=torch.float64), torch.tensor([dx], dtype=torch.float64),
+                             torch.tensor([dy], dtype=torch.float64))
+
+
+def test_warp_valid_cells_are_those_between_the_outermost_source_centres() -> None:
+    """Moving the ego by a tenth of a cell: the cells whose source point passes the outermost
+    cell centre on that side (and only those) are invalid; nearest sampling then reads the
+    source cell itself."""
+    grid = BEVGrid(-2.0, 2.0, -1.0, 1.0, 0.5)  # 8 x 4 cells
+    bev = torch.randn(1, 2, 8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    eye = _shift(0.0, 0.0)
+    same, valid = geo.warp_bev(bev, eye, eye, grid)  # no motion: every cell valid, up to the outermost centres
+    assert bool(valid.all()) and torch.allclose(same, bev)
+    for (dx, dy), bad in (((0.05, 0.0), (slice(7, 8), slice(None))), ((-0.05, 0.0), (slice(0, 1), slice(None))),
+                          ((0.0, 0.05), (slice(None), slice(3, 4))), ((0.0, -0.05), (slice(None), slice(0, 1)))):
+        warped, valid = geo.warp_bev(bev, eye, _shift(dx, dy), grid, mode="nearest")
+        want = torch.ones(8, 4, dtype=torch.bool)
+        want[bad] = False
+        assert torch.equal(valid[0], want), (dx, dy)
+        torch.testing.assert_close(warped[0][:, valid[0]], bev[0][:, valid[0]])  # nearest: the cell itself
+        linear, _ = geo.warp_bev(bev, eye, _shift(dx, dy), grid)
+        assert not torch.allclose(linear[0][:, valid[0]], bev[0][:, valid[0]])  # bilinear mixes neighbours

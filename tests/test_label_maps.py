@@ -125,3 +125,85 @@ def test_user_map_with_base_overrides_and_bad_targets(tmp_path: Path) -> None:
     typo.write_text(yaml.safe_dump({"clases": {"road": "background"}}))
     with pytest.raises(BevctlError, match="unknown key"):
         resolve_label_map(_id2label(["road"]), class_set_from_name("hdmapnet"), user_map_path=typo)
+
+
+def _write(tmp_path: Path, name: str, data) -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_bad_user_maps_are_one_line_naming_the_file_and_field(tmp_path: Path) -> None:
+    hd = class_set_from_name("hdmapnet")
+    cases = [
+        ({"classes": {"road": 5}}, r"classes\.road: expected a class name or a non-empty list of class names, got 5"),
+        ({"classes": {"road": []}}, r"classes\.road: expected a class name or a non-empty list"),
+        ({"classes": {"road": ["background", ""]}}, r"classes\.road: expected .*got \['background', ''\]"),
+        ({"classes": {"road": ["background", 3]}}, r"classes\.road: expected .*got \['background', 3\]"),
+        ({"classes": ["road"]}, r"'classes' must be a non-empty mapping of class name -> BEV class"),
+        ({"classes": {}}, r"'classes' must be a non-empty mapping"),
+        ({"classes": {"Road": "background", "road": "ignore"}}, r"class 'road' is listed twice \(as 'Road'\)"),
+        ({"classes": {"road": "background"}, "warning": 3}, r"'warning' must be a string"),
+        ({"classes": {"road": "background"}, "name": 3}, r"'name' must be a string"),
+        ({"base": "nope", "classes": {"road": "background"}},
+         r"unknown base label map 'nope' \(known: synth, cityscapes, mapillary-vistas-v1.2, mapillary-vistas-v2.0\)"),
+    ]
+    for i, (data, message) in enumerate(cases):
+        path = _write(tmp_path, f"bad{i}.yaml", data)
+        with pytest.raises(BevctlError, match=rf"^{path}: {message}"):
+            resolve_label_map(_id2label(["road"]), hd, user_map_path=path)
+
+
+def test_user_map_name_source_description_and_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _write(tmp_path, "my_map.yaml", {"description": "mine", "warning": "no  markings\n here",
+                                            "classes": {"road": "background"}})
+    lm = select_label_map(_id2label(["road"]), path)
+    assert (lm.name, lm.source, lm.warning) == ("my_map", str(path), "no  markings\n here")  # name: the file's stem
+    with caplog.at_level(logging.WARNING, logger="bevctl.pseudolabel.label_maps"):
+        resolve_label_map(_id2label(["road"]), class_set_from_name("hdmapnet"), user_map_path=path)
+    assert [r.getMessage() for r in caplog.records] == ["label map 'my_map': no markings here"]
+    # a map on a shipped base keeps the base's warning unless it has its own
+    city = shipped_label_maps()["cityscapes"]
+    inherit = select_label_map(_id2label(["road"]), _write(tmp_path, "c1.yaml", {"base": "cityscapes", "classes": {"car": "ignore"}}))
+    assert city.warning and inherit.warning == city.warning
+    assert inherit.classes["car"] == ("ignore",) and inherit.classes["road"] == city.classes["road"]
+    own = select_label_map(_id2label(["road"]), _write(tmp_path, "c2.yaml", {"base": "cityscapes", "warning": "mine",
+                                                                              "classes": {"car": "ignore"}}))
+    assert own.warning == "mine"
+    unmapped = _write(tmp_path, "u.yaml", {"name": "u", "classes": {"road": "background"}})
+    with pytest.raises(BevctlError, match=rf"^label map 'u' \({unmapped}\) has no entry for labeler class 'tree' \(id 1\); "
+                                          "map it to a BEV class, background or ignore$"):
+        resolve_label_map(_id2label(["road", "tree"]), class_set_from_name("hdmapnet"), user_map_path=unmapped)
+
+
+def test_nearest_shipped_map_and_the_missing_classes_in_the_error() -> None:
+    hint = "; pass a label map YAML file mapping every class name to a BEV class, background or ignore$"
+    names = SYNTH + ["zebra"]
+    with pytest.raises(BevctlError, match=r"\(nearest: 'synth', which lacks 'zebra'\)" + hint):
+        select_label_map(_id2label(names))
+    with pytest.raises(BevctlError, match=r"\(nearest: 'cityscapes', which lacks 'zebra'\)"):
+        select_label_map(_id2label(CITYSCAPES + ["zebra"]))
+    many = ["road", "sky"] + [f"thing{i}" for i in range(7)]
+    with pytest.raises(BevctlError, match=r"which lacks 'thing0', 'thing1', 'thing2', 'thing3', 'thing4' and 2 more\)"):
+        select_label_map(_id2label(many))
+    five = ["road"] + [f"thing{i}" for i in range(5)]
+    with pytest.raises(BevctlError, match=r"which lacks 'thing0', 'thing1', 'thing2', 'thing3', 'thing4'\);"):
+        select_label_map(_id2label(five))
+    six = ["road"] + [f"thing{i}" for i in range(6)]
+    with pytest.raises(BevctlError, match=r"'thing4' and 1 more\);"):
+        select_label_map(_id2label(six))
+
+
+def test_lut_is_uint8_over_all_256_ids_and_class_ids_must_fit(tmp_path: Path) -> None:
+    hd = class_set_from_name("hdmapnet")
+    lut = resolve_label_map(_id2label(SYNTH), hd)
+    assert lut.dtype == np.uint8 and lut.shape == (256,)
+    path = _write(tmp_path, "m.yaml", {"classes": {"road": "background", "paint": "divider"}})
+    for cid in (255, 300, -1, "3"):
+        with pytest.raises(BevctlError, match=rf"^labeler class id {cid!r} \('road'\) is outside 0..254$"):
+            resolve_label_map({cid: "road"}, hd, user_map_path=path)
+    assert resolve_label_map({254: "paint"}, hd, user_map_path=path)[254] == 3
+    bad = _write(tmp_path, "b.yaml", {"name": "b", "classes": {"paint": ["lane_divider", "stop_line"]}})
+    with pytest.raises(BevctlError, match=r"^label map 'b': class 'paint' -> \['lane_divider', 'stop_line'\], none of "
+                                          r"which is in class set 'hdmapnet' \(boundary, ped_crossing, divider\) nor background/ignore$"):
+        resolve_label_map({0: "paint"}, hd, user_map_path=bad)

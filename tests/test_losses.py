@@ -246,3 +246,142 @@ def test_bev_ground_truth_reprojected_reproduces_the_image_ground_truth(tiny_syn
     for name, n_min in (("boundary", 200), ("ped_crossing", 1000), ("divider", 20)):
         c = class_set.names_with_background.index(name)
         assert total[c] > n_min and agree[c] / total[c] >= 0.95, (name, per_class)
+
+
+def _forward_camera(focal: float, cx: float, cy: float, height: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pinhole camera ``height`` m above the ego origin looking along +x (optical z -> ego x,
+    optical x -> ego -y, optical y -> ego -z): ``pix_T_cam (1, 3, 3)``, ``ego_T_cam (1, 4, 4)``."""
+    pix = torch.tensor([[[focal, 0.0, cx], [0.0, focal, cy], [0.0, 0.0, 1.0]]], dtype=torch.float64)
+    rot = torch.tensor([[0.0, 0.0, 1.0], [-1.0, 0.0, 0.0], [0.0, -1.0, 0.0]], dtype=torch.float64)
+    return pix, geometry.make_transform(rot, torch.tensor([0.0, 0.0, height], dtype=torch.float64))[None]
+
+
+def test_reprojection_loss_counts_only_pixels_whose_ray_lands_inside_the_grid() -> None:
+    """Pixels above the horizon and pixels whose ground hit lies outside the grid carry real
+    (non-ignore) labels here: they must neither count nor change the loss.
+
+    Hand geometry (8 x 4 image, f = 4, principal point (1.5, 3.5), camera 1 m up, looking
+    forward): rows 0-3 look above the horizon; row r >= 4 hits the ground at x = 4 / (r - 3.5),
+    i.e. 8 m (row 4: outside the 4 m grid), 2.67, 1.6 and 1.14 m (rows 5-7: inside, |y| <= 1 m).
+    So exactly rows 5-7 (12 of 32 pixels) are valid."""
+    grid = BEVGrid(0.0, 4.0, -2.0, 2.0, 0.5)
+    pix, ego = _forward_camera(4.0, 1.5, 3.5, 1.0)
+    hw = (8, 4)
+    rays = losses.RayGridCache(grid).batch(pix[None], ego[None], hw, hw)
+    want_valid = torch.zeros(8, 4, dtype=torch.bool)
+    want_valid[5:] = True
+    assert torch.equal(rays.valid.reshape(8, 4), want_valid)
+    # every hit inside the grid is more than half a cell from its border, so the bilinear read of a
+    # spatially constant logit map is that constant: each valid pixel's CE is -log_softmax(l)[label]
+    class_logits = torch.tensor([0.5, 2.0, -1.0, 0.0])
+    logits = class_logits.view(1, 4, 1, 1).expand(1, 4, *grid.shape).clone()
+    log_p = torch.log_softmax(class_logits, 0)
+    labels = torch.zeros(1, 1, *hw, dtype=torch.uint8)
+    labels[0, 0, 5:] = torch.tensor([1, 2, 3, 0], dtype=torch.uint8)  # each class 3 times among the valid rows
+    labels[0, 0, :5] = 2  # real labels where the ray misses the ground (rows 0-3) or leaves the grid (row 4)
+    loss, stats = losses.reprojection_loss(logits, labels, rays, grid)
+    want = -float(log_p[[1, 2, 3, 0]].mean())
+    assert float(loss) == pytest.approx(want, rel=1e-5)
+    assert stats["reproj_valid_frac"] == pytest.approx(12 / 32)
+    # other labels at the invalid pixels (above the horizon, beyond the grid): the same loss
+    for rows in (slice(0, 4), slice(4, 5)):
+        other = labels.clone()
+        other[0, 0, rows] = 1
+        again, st = losses.reprojection_loss(logits, other, rays, grid)
+        assert float(again) == float(loss) and st["reproj_valid_frac"] == pytest.approx(12 / 32)
+
+
+def test_ray_grid_cache_is_lru_per_rig() -> None:
+    grid = BEVGrid(0.0, 4.0, -2.0, 2.0, 0.5)
+    rigs = [_forward_camera(4.0, 1.5, 3.5, h) for h in (1.0, 1.5, 2.0)]
+    cache = losses.RayGridCache(grid, max_entries=2)
+    hw = (8, 4)
+    for pix, ego in rigs[:2]:
+        cache.get(pix, ego, hw, hw)
+    cache.get(*rigs[0], hw, hw)  # rig 0 is now the most recently used
+    cache.get(*rigs[2], hw, hw)  # evicts rig 1, the least recently used
+    assert (cache.hits, cache.misses) == (1, 3)
+    cache.get(*rigs[0], hw, hw)
+    assert (cache.hits, cache.misses) == (2, 3)
+    cache.get(*rigs[1], hw, hw)
+    assert (cache.hits, cache.misses) == (2, 4)
+    # the key: the matrices to 1e-6, and both resolutions
+    pix, ego = rigs[0]
+    key = losses.rig_key(pix, ego, hw, hw)
+    assert losses.rig_key(pix + 1e-8, ego, hw, hw) == key
+    assert losses.rig_key(pix, ego + 1e-5, hw, hw) != key and losses.rig_key(pix + 1e-5, ego, hw, hw) != key
+    assert losses.rig_key(pix, ego, (4, 2), hw) != key and losses.rig_key(pix, ego, hw, (16, 8)) != key
+    # a camera 2 m up sees the ground twice as far: row 6 hits at x = 2 * 4 / 2.5 = 3.2 m
+    rays = cache.get(*rigs[2], hw, hw)
+    np.testing.assert_allclose(rays.xy.reshape(8, 4, 2)[6, :, 0].numpy(), 3.2, rtol=1e-6)
+    np.testing.assert_allclose(rays.xy.reshape(8, 4, 2)[6, :, 1].numpy(), 3.2 * np.array([0.375, 0.125, -0.125, -0.375]),
+                               rtol=1e-6)
+
+
+def test_reprojection_confidence_threshold_keeps_pixels_at_the_threshold() -> None:
+    grid = BEVGrid(0.0, 4.0, -2.0, 2.0, 0.5)
+    pix, ego = _forward_camera(4.0, 1.5, 3.5, 1.0)
+    rays = losses.RayGridCache(grid).batch(pix[None], ego[None], (8, 4), (8, 4))
+    class_logits = torch.tensor([0.0, 1.0, 2.0])
+    logits = class_logits.view(1, 3, 1, 1).expand(1, 3, *grid.shape).clone()
+    labels = torch.zeros(1, 1, 8, 4, dtype=torch.uint8)
+    labels[0, 0, 5] = 1
+    labels[0, 0, 6:] = 2
+    conf = torch.full((1, 1, 8, 4), 0.5)
+    conf[0, 0, 6:] = 0.25  # rows 6-7 below the threshold: only row 5 (class 1) counts
+    loss, st = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf, min_confidence=0.5)
+    assert float(loss) == pytest.approx(-float(torch.log_softmax(class_logits, 0)[1]), rel=1e-6)
+    assert st["reproj_valid_frac"] == pytest.approx(4 / 32)
+    all_rows, _ = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf, min_confidence=0.0)
+    assert float(all_rows) != pytest.approx(float(loss))  # threshold 0: confidence is not used
+    default, _ = losses.reprojection_loss(logits, labels, rays, grid, confidence=conf)  # no threshold by default
+    assert float(default) == float(all_rows)
+    no_conf, _ = losses.reprojection_loss(logits, labels, rays, grid, min_confidence=0.5)  # no map: no threshold
+    assert float(no_conf) == float(all_rows)
+    # a batch of 2 whose first sample has no valid pixel: it adds 0, the second its own mean
+    rays2 = losses.RayGrid(xy=rays.xy.expand(2, -1, -1, -1), valid=rays.valid.expand(2, -1, -1))
+    labels2 = torch.cat([torch.full_like(labels, 255), labels])
+    both, _ = losses.reprojection_loss(logits.expand(2, -1, -1, -1), labels2, rays2, grid,
+                                       confidence=conf.expand(2, -1, -1, -1), min_confidence=0.5)
+    assert float(both) == pytest.approx(float(loss) / 2, rel=1e-6)
+
+
+def test_supervised_loss_class_weights_and_dice_by_hand() -> None:
+    # uniform logits over 2 classes: CE = log 2 per cell; weights 1 (background) and 3 (class 1)
+    target = torch.tensor([[[0, 1], [1, 255]]])  # (1, 2, 2); one ignored cell
+    loss, _ = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target, class_weights=torch.tensor([1.0, 3.0]))
+    assert float(loss) == pytest.approx(np.log(2) * (1 + 3 + 3) / 3, rel=1e-6)
+    # soft Dice of class 1 with p = 1/2 everywhere on its 2 valid cells of 3 (eps = 1):
+    # inter = 2 * 0.5 = 1, denom = (0.5 + 0.5 + 0.5) + 2 = 3.5 -> 1 - (2 + 1) / (3.5 + 1) = 1/3
+    valid = target != 255
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    d = losses.dice_loss(torch.zeros(1, 2, 2, 2), safe, valid)
+    assert float(d) == pytest.approx(1 / 3, rel=1e-6)
+    total, st = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target, dice_weight=0.5)
+    assert st["dice"] == pytest.approx(1 / 3, rel=1e-6) and st["ce"] == pytest.approx(np.log(2), rel=1e-6)
+    assert float(total) == pytest.approx(np.log(2) + 0.5 / 3, rel=1e-6)
+    # 3 classes, class 2 absent from the GT: class 1 as above with p = 1/3 (1 - (4/3 + 1) / (3 + 1) = 5/12),
+    # class 2 only predicted (1 - 1 / (1 + 1) = 1/2)
+    d3 = losses.dice_loss(torch.zeros(1, 3, 2, 2), safe, valid)
+    assert float(d3) == pytest.approx((5 / 12 + 1 / 2) / 2, rel=1e-6)
+    _, no_dice = losses.supervised_loss(torch.zeros(1, 2, 2, 2), target)
+    assert "dice" not in no_dice
+
+
+def test_temporal_loss_is_the_kl_of_the_previous_frame_by_hand() -> None:
+    grid = BEVGrid(0.0, 2.0, 0.0, 1.0, 0.5)
+    same = _pose(10.0, 5.0, 0.3)
+    q_logits = torch.tensor([0.0, 1.0, -1.0])
+    p_logits = torch.tensor([1.0, 0.0, 0.5])
+    q, logp = torch.softmax(q_logits, 0), torch.log_softmax(p_logits, 0)
+    kl = float((q * (q.log() - logp)).sum())
+    prev = q_logits.view(1, 3, 1, 1).expand(2, 3, *grid.shape).clone().requires_grad_(True)
+    cur = p_logits.view(1, 3, 1, 1).expand(2, 3, *grid.shape).clone()
+    poses = same.expand(2, 4, 4)
+    loss, st = losses.temporal_loss(cur, prev, poses, poses, grid)  # no motion: every cell is covered
+    assert float(loss) == pytest.approx(kl, rel=1e-5) and st["temporal_overlap_frac"] == 1.0
+    half, st = losses.temporal_loss(cur, prev, poses, poses, grid, has_prev=torch.tensor([True, False]))
+    assert float(half) == pytest.approx(kl / 2, rel=1e-5) and st["temporal_overlap_frac"] == 0.5
+    both, _ = losses.temporal_loss(cur, prev, poses, poses, grid, detach_prev=False)
+    both.backward()
+    assert prev.grad is not None and float(prev.grad.abs().sum()) > 0  # not detached on request

@@ -499,3 +499,69 @@ def test_torch_compile_matches_eager(tmp_path, monkeypatch):
         out2 = compiled(images, k, t, prev_bev=out.bev, cur_T_prev=yaw_T(0.05, 0.5))
     torch.testing.assert_close(out.logits, ref.logits, atol=1e-4, rtol=1e-4)
     assert out2.logits.shape == ref.logits.shape
+
+
+@pytest.mark.parametrize("gather", [True, False])
+@torch.no_grad()
+def test_cross_attention_averages_over_the_cameras_that_see_a_query(gather):
+    """Identity value/output projections, zero sampling offsets and uniform attention weights on
+    constant per-camera feature maps: a query gets the mean of the values of exactly the cameras
+    that see it (not that sum over all six cameras), and nothing when no camera sees it."""
+    from bevctl.train.model.encoder import SpatialCrossAttention
+
+    d, n, z = 4, 6, 2
+    sca = SpatialCrossAttention(dim=d, heads=1, levels=1, points=2, z_anchors=z, dropout=0.0, gather=gather).eval()
+    for lin in (sca.value_proj, sca.output_proj):
+        lin.weight.copy_(torch.eye(d))
+        lin.bias.zero_()
+    sca.sampling_offsets.bias.zero_()  # weights are zero at init: every point samples its reference
+    cam_value = torch.arange(1.0, n + 1).view(n, 1) * torch.tensor([1.0, -2.0, 0.5, 3.0])  # (N, D)
+    feats = [cam_value.view(n, d, 1, 1).expand(n, d, 5, 7).contiguous()]  # (B*N, D, H, W), B = 1
+    sees = [[2], [0, 3], [], [0, 1, 2, 3, 4, 5], [5]]  # per query: the cameras that see it
+    q = len(sees)
+    visible = torch.zeros(1, n, q, z, dtype=torch.bool)
+    for qi, cams in enumerate(sees):
+        visible[0, cams, qi] = True
+    ref = torch.full((1, n, q, z, 2), 0.5)  # the image centre, far from the zero padding
+    query = torch.randn(1, q, d, generator=torch.Generator().manual_seed(0))
+    pos = torch.randn(1, q, d, generator=torch.Generator().manual_seed(1))
+    out = sca(query, pos, feats, ref, visible)[0]  # (Q, D)
+    for qi, cams in enumerate(sees):
+        want = query[0, qi] + (cam_value[cams].mean(0) if cams else 0.0)
+        torch.testing.assert_close(out[qi], want, msg=f"query {qi} seen by cameras {cams}")
+
+
+def test_sampling_offset_init_points_each_head_its_own_way():
+    """BEVFormer's init: zero weights; head m's bias points along angle 2 pi m / M scaled onto the
+    unit square, its k-th point k + 1 cells out, the same for every group."""
+    from bevctl.train.model.attention import init_sampling_offsets
+
+    lin = torch.nn.Linear(3, 8 * 2 * 3 * 2)
+    init_sampling_offsets(lin, num_heads=8, groups=2, points=3)
+    assert float(lin.weight.detach().abs().sum()) == 0.0
+    bias = lin.bias.detach().view(8, 2, 3, 2)
+    dirs = torch.tensor([[1, 0], [1, 1], [0, 1], [-1, 1], [-1, 0], [-1, -1], [0, -1], [1, -1]], dtype=torch.float32)
+    want = dirs.view(8, 1, 1, 2) * torch.tensor([1.0, 2.0, 3.0]).view(1, 1, 3, 1)
+    torch.testing.assert_close(bias, want.expand(8, 2, 3, 2), atol=1e-5, rtol=0)
+
+
+def test_deformable_attention_runs_in_fp32_and_checks_its_levels():
+    from bevctl.train.model.attention import softmax_fp32
+
+    g = torch.Generator().manual_seed(0)
+    values = [torch.randn(1, 2, 3, 6, 9, generator=g)]
+    loc = torch.rand(1, 4, 2, 1, 3, 2, generator=g)
+    w = torch.rand(1, 4, 2, 1, 3, generator=g)
+    ref = ms_deform_attn(values, loc, w)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ms_deform_attn(values, loc, w)
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)  # autocast off inside: the fp32 result exactly
+    half = ms_deform_attn([v.to(torch.bfloat16) for v in values], loc, w)
+    assert half.dtype == torch.bfloat16  # returned in the values' dtype
+    with pytest.raises(ValueError, match="1 value levels for 2 location levels"):
+        ms_deform_attn(values, loc.expand(1, 4, 2, 2, 3, 2), w.expand(1, 4, 2, 2, 3))
+    p = softmax_fp32(torch.tensor([[0.0, 1.0], [2.0, 2.0]], dtype=torch.bfloat16))
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, torch.softmax(torch.tensor([[0.0, 1.0], [2.0, 2.0]]), -1))
+    torch.testing.assert_close(softmax_fp32(torch.tensor([[0.0, 0.0], [1.0, 3.0]]), 0),
+                               torch.softmax(torch.tensor([[0.0, 0.0], [1.0, 3.0]]), 0))

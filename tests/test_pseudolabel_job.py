@@ -336,3 +336,79 @@ def test_batch_that_kills_every_actor_stops_the_job_naming_it(tiny_synth, tmp_pa
     first = _store_order(root, version)[0]
     assert str(err.value).endswith(f"at {first.cameras[0].image_path} (ActorDiedError)")  # not a bystander's
     assert LabelStore.open(out).status(first.token) == "todo"
+
+
+class _RecordingStore:
+    """The driver's view of a label store, in memory: records every completion record written,
+    and whether each sample marked DONE had all its images reported written at that moment."""
+
+    model_id = "fake"
+
+    def __init__(self, n: int, path: Path, reported: set[tuple[int, int]], n_cams: int) -> None:
+        self.path, self.tokens = str(path), [f"s{i}" for i in range(n)]
+        self.statuses = np.zeros(n, dtype=np.uint8)
+        self.reported, self.n_cams = reported, n_cams
+        self.early: list[tuple[int, list[int]]] = []  # (sample, cameras reported written) when marked DONE
+        self.marks: list[tuple[int, int]] = []  # (sample, status) in the order written
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def todo_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.statuses != 1)
+
+    def mark(self, indices, status: int) -> None:
+        for i in indices:
+            cams = sorted(c for s, c in self.reported if s == i)
+            if status == 1 and len(cams) < self.n_cams:
+                self.early.append((int(i), cams))
+            self.marks.append((int(i), status))
+            self.statuses[i] = status
+
+    def counts(self) -> dict[str, int]:
+        return {name: int((self.statuses == code).sum()) for code, name in ((0, "todo"), (1, "done"), (2, "failed"))}
+
+    run_info: dict = {}
+
+    def set_run_info(self, info) -> None:
+        pass
+
+
+class _ScriptedPool:
+    """An in-process pool whose worker 'writes' every image except those in ``bad``; a batch's
+    images count as reported written only once the driver receives that batch's result."""
+
+    def __init__(self, reported: set[tuple[int, int]], bad: set[tuple[int, int]]) -> None:
+        self.actors = [0]
+        self.reported, self.bad = reported, bad
+
+    def submit(self, actor: int, args: tuple) -> job_mod._Done:
+        items = args[3]
+        ok = [(i, c) for i, c, _ in items if (i, c) not in self.bad]
+        errors = [(i, c, p, "corrupt image") for i, c, p in items if (i, c) in self.bad]
+        return job_mod._Done({"ok": ok, "errors": errors})
+
+    def wait(self, refs: list, timeout: float) -> list:
+        ref = refs[0]  # results arrive in submission order, one at a time
+        self.reported.update(ref.value["ok"])
+        return [ref]
+
+
+def test_sample_is_marked_done_only_after_all_six_images_were_written(tmp_path, monkeypatch) -> None:
+    """Batches of 4 images split every sample's 6 images over two results, and the completion
+    records are flushed after every result: no sample may be DONE before its sixth image is
+    reported written; a sample with a failed image is FAILED, never DONE."""
+    monkeypatch.setattr(job_mod, "MARK_EVERY_S", -1.0)  # flush the completion records at every step
+    n, n_cams = 4, 6
+    reported: set[tuple[int, int]] = set()
+    store = _RecordingStore(n, tmp_path / "labels.zarr", reported, n_cams)
+    pool = _ScriptedPool(reported, bad={(2, 5)})  # the last image of sample 2 fails
+    paths = [[f"img/{i}/{c}.jpg" for c in range(n_cams)] for i in range(n)]
+    cfg = PseudolabelConfig(dataroot="unused", version="v", out=store.path, workers=0, batch_size=4,
+                            progress=False, on_error="skip", inflight=1)
+    summary = job_mod._drive(cfg, pool, store, paths, (8, 16), n_cams)
+    assert store.early == []  # no sample was DONE before all six of its images were written
+    assert sorted(store.marks) == [(0, 1), (1, 1), (2, 2), (3, 1)]  # each sample recorded once
+    assert summary.samples_done == 3 and summary.samples_failed == 1 and summary.images_labeled == 23
+    # the records go out as soon as each sample completes (not only at the end of the job)
+    assert [i for i, _ in store.marks] == [0, 1, 2, 3]

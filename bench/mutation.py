@@ -1,0 +1,353 @@
+"""Mutation testing of the core modules with mutmut, one module at a time, against the fast tests
+relevant to that module (``make mutants``; not in CI; resumable).
+
+Each module gets its own work directory ``.cache/mutants/<name>/`` holding a copy of ``bevctl/``
+and ``tests/`` and a ``pyproject.toml`` whose ``[tool.mutmut]`` section mutates only that module
+and collects test coverage only from that module's test files. mutmut then runs, for every
+mutant, only the tests that executed the mutated function. Results stay in the work directory:
+a rerun skips every mutant that already has a result (after an interruption it picks up where
+it stopped); a changed source file gets new mutants. ``--fresh`` starts a module from scratch.
+
+The tests must import the mutated copy, never this checkout: PYTHONPATH is removed from the
+environment of mutmut (the editable install's finder comes after ``sys.path``, where mutmut
+puts ``mutants/`` first), and every run first checks that a planted mutant is killed.
+
+    python bench/mutation.py                      # every module, smallest first
+    python bench/mutation.py --modules evaluate geometry --max-children 1
+    python bench/mutation.py --report-only        # rewrite bench/results/mutation.{json,md}
+
+Writes ``bench/results/mutation.json`` and ``bench/results/mutation.md`` (per module: mutants,
+killed, survived, timed out, no tests, the mutants judged equivalent with the reason, the
+surviving ones, the wall time of the last run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".cache" / "mutants"
+RESULTS = ROOT / "bench" / "results"
+MUTMUT = Path(sys.executable).with_name("mutmut")
+
+
+@dataclass(frozen=True)
+class Module:
+    name: str
+    source: str  # the file mutated, relative to the repository root
+    tests: tuple[str, ...]  # pytest arguments: the fast tests relevant to this module
+
+
+MODULES = (  # smallest first
+    Module("label_maps", "bevctl/pseudolabel/label_maps.py", ("tests/test_label_maps.py",)),
+    Module("evaluate", "bevctl/train/evaluate.py", ("tests/test_evaluate.py", "tests/test_checkpoint.py")),
+    Module("checkpoint", "bevctl/train/checkpoint.py",
+           ("tests/test_checkpoint.py", "tests/test_trainer.py::test_interrupted_and_resumed_run_is_bit_identical")),
+    Module("attention", "bevctl/train/model/attention.py", ("tests/test_model.py",)),
+    # without the end-to-end test on a synthetic dataset (it builds the dataset in every mutant's run)
+    Module("geometry", "bevctl/geometry.py",
+           ("tests/test_geometry.py", "tests/test_losses.py", "-k", "not reproduces_the_image_ground_truth")),
+    Module("losses", "bevctl/train/losses.py", ("tests/test_losses.py", "-k", "not reproduces_the_image_ground_truth")),
+    Module("encoder", "bevctl/train/model/encoder.py", ("tests/test_model.py",)),
+    Module("bev_gt", "bevctl/data/bev_gt.py", ("tests/test_bev_gt.py",)),
+    Module("store_records", "bevctl/storage/base.py",
+           ("tests/test_label_store.py", "tests/test_gt_store.py", "tests/test_pseudolabel_job.py")),
+)
+BY_NAME = {m.name: m for m in MODULES}
+
+# Mutants that survive because no behaviour can tell them apart from the original, judged by
+# reading each one (`mutmut show NAME` in the module's work directory). name -> reason.
+_F32 = ("float32 instead of float64 cell distances or band edges: the bands differ only for a cell centre "
+        "within float32 rounding (~1e-7 relative) of an edge")
+_GT_IDS = "differs only for target ids from C to 254, which no GT or pseudo-label map holds (0..C-1 or 255)"
+_CPU = ("the device argument dropped: the same on a CPU; differs only with an accelerator, which the fast "
+        "tests do not have")
+EQUIVALENT: dict[str, str] = {
+    "bevctl.pseudolabel.label_maps.x_resolve_target__mutmut_10":
+        "`return -1` -> `return -2`: the only caller tests `bev < 0`",
+    "bevctl.train.evaluate.x_range_bands__mutmut_8": _F32,
+    "bevctl.train.evaluate.x_range_bands__mutmut_10": _F32,
+    "bevctl.train.evaluate.x_range_bands__mutmut_20": _F32,
+    "bevctl.train.evaluate.x_range_bands__mutmut_22": _F32,
+    "bevctl.train.evaluate.x_update_confusion_by_band__mutmut_5":
+        "`gt < c` -> `gt <= c`: differs only for a GT id equal to C; GT holds 0..C-1 or 255",
+    "bevctl.train.evaluate.x_load_trained_model__mutmut_20":
+        "the torch error quoted up to 161 instead of 160 characters: differs only for a first line longer than "
+        "160 characters; torch's is 'Error(s) in loading state_dict for <Model>:'",
+    "bevctl.train.evaluate.x_load_trained_model__mutmut_21":
+        "`model.to(device)` -> `model.to(None)`: the same on a CPU (the model is built there); differs only "
+        "with an accelerator, which the fast tests do not have",
+    "bevctl.geometry.x_warp_bev__mutmut_8": _CPU,
+    "bevctl.geometry.x_warp_bev__mutmut_11": _CPU,
+    "bevctl.geometry.x_warp_bev__mutmut_16":
+        "`reshape(1, -1, 3)` -> `reshape(-1, 3)`: the following `expand(b, -1, -1)` adds the batch dimension "
+        "either way",
+    "bevctl.geometry.x_pixel_grid__mutmut_11": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_14": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_24": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_27": _CPU,
+    "bevctl.geometry.x_pixel_grid__mutmut_34":
+        "`meshgrid(..., indexing=\"ij\")` -> `indexing=None`: torch's default is 'ij' (it only adds a warning)",
+    "bevctl.geometry.x_bev_cell_centers__mutmut_7": _CPU,
+    "bevctl.geometry.x_bev_cell_centers__mutmut_10": _CPU,
+    "bevctl.geometry.x_warp_bev__mutmut_48":
+        "`[..., :2]` -> `[..., :3]` on the source points: only their x and y columns are ever read",
+    "bevctl.train.losses.x_supervised_loss__mutmut_7": _GT_IDS,
+    "bevctl.train.losses.x_supervised_loss__mutmut_9": _GT_IDS,
+    "bevctl.train.losses.x_supervised_loss__mutmut_30":
+        "`class_weights.to(ce)` -> `.to(None)`: the same for float32 weights on the loss's device (as the trainer "
+        "passes them); other weights would only change the loss's dtype or fail on the device",
+    "bevctl.train.losses.x_dice_loss__mutmut_12":
+        "the one-hot map left as int64: multiplying and adding it to float probabilities promotes it to float",
+    "bevctl.train.losses.x_dice_loss__mutmut_31":
+        "the mask left as bool: multiplying float probabilities by it promotes it to float",
+    "bevctl.geometry.x_pix_T_cam_4x4__mutmut_5": _CPU,
+    "bevctl.geometry.x_pix_T_cam_4x4__mutmut_10": _CPU,
+    "bevctl.train.losses.x_move_ray_grid__mutmut_22":
+        "`rays.hit` used even when None: every grid moved comes from compute_ray_grid, which sets hit",
+    "bevctl.train.losses.x_move_ray_grid__mutmut_26":
+        "the moved grid's hit dropped: nothing reads it (batch() keeps xy and valid only)",
+    "bevctl.train.losses.x_move_ray_grid__mutmut_29": "the same as mutant 26",
+    "bevctl.train.losses.x_temporal_loss__mutmut_13":
+        "two channels of ones appended instead of one: the cover is read from channel C only",
+    "bevctl.train.losses.x_temporal_loss__mutmut_30":
+        "`cover > 0.999` -> `>= 0.999`: differs only for a cover of exactly 0.999",
+    "bevctl.train.losses.x_temporal_loss__mutmut_52":
+        "the sum clamped at 1.000001 instead of 1e-6: inside the mask the sum is <= 1, so the KL changes by "
+        "~1e-6 relative",
+    "bevctl.train.losses.x_reprojection_loss__mutmut_19": _GT_IDS,
+    "bevctl.train.losses.x_reprojection_loss__mutmut_22":
+        "`min_confidence > 0` -> `>= 0`: a threshold of 0 keeps every pixel (confidences lie in [0, 1])",
+    "bevctl.train.evaluate.x_iou_from_confusion__mutmut_3":
+        "`np.asarray(conf, dtype=np.int64)` -> dtype None: the counts are integers either way (callers pass "
+        "int64 arrays or lists of ints) and every output goes through int() or a division",
+    "bevctl.train.evaluate.x_iou_from_confusion__mutmut_5": "the same as mutant 3 (dtype argument dropped)",
+    "bevctl.train.evaluate.x_update_confusion_by_band__mutmut_15":
+        "`.to(conf)` -> `.to(None)`: bincount is already int64 like the confusion array",
+}
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
+          36: "timeout", -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout",
+          -11: "segfault", -9: "segfault", None: "not checked"}
+
+
+def mutmut_section(module: Module) -> str:
+    tests = ", ".join(json.dumps(t) for t in module.tests)
+    return (
+        "\n[tool.mutmut]\n"
+        'source_paths = ["bevctl"]\n'
+        f'only_mutate = ["{module.source}"]\n'
+        f"pytest_add_cli_args_test_selection = [{tests}]\n"
+        'pytest_add_cli_args = ["-m", "not slow", "-p", "no:cacheprovider", "-x", "-q"]\n'
+        'process_isolation = "forkserver"\n'  # torch is not fork-safe after it ran the stats
+        # a mutant's wall-clock limit is (test time + constant) x 15: with the default constant of
+        # 1 s, a fork + pytest start on a loaded machine timed out mutants of instant tests
+        "timeout_constant = 10.0\n"
+        "use_git_change_detection = false\n"
+    )
+
+
+def sync_tree(src: Path, dst: Path) -> None:
+    """Copy ``src`` into ``dst``, touching only files whose content changed (mtimes kept, so
+    mutmut sees unchanged sources as unchanged)."""
+    for dirpath, dirnames, filenames in os.walk(src):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        rel = Path(dirpath).relative_to(src)
+        (dst / rel).mkdir(parents=True, exist_ok=True)
+        for name in filenames:
+            s, d = Path(dirpath) / name, dst / rel / name
+            if not d.exists() or not filecmp.cmp(s, d, shallow=False):
+                shutil.copy2(s, d)
+
+
+def prepare(module: Module, fresh: bool) -> Path:
+    work = WORK / module.name
+    if fresh and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    sync_tree(ROOT / "bevctl", work / "bevctl")
+    sync_tree(ROOT / "tests", work / "tests")
+    text = (ROOT / "pyproject.toml").read_text() + mutmut_section(module)
+    if not (work / "pyproject.toml").exists() or (work / "pyproject.toml").read_text() != text:
+        (work / "pyproject.toml").write_text(text)
+    return work
+
+
+def mutmut_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)  # the tests must import mutants/bevctl, not this checkout
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def check_planted_mutant(module: Module, work: Path) -> None:
+    """The tests of this work directory must import the mutated copy: a module that raises on
+    import there must make the module's tests fail."""
+    probe = work / "probe"
+    if probe.exists():
+        shutil.rmtree(probe)
+    sync_tree(work / "bevctl", probe / "bevctl")
+    sync_tree(work / "tests", probe / "tests")
+    shutil.copy2(ROOT / "pyproject.toml", probe / "pyproject.toml")
+    target = probe / module.source
+    target.write_text('raise RuntimeError("planted mutant")\n' + target.read_text())
+    env = mutmut_env()
+    cmd = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(probe)!r}); import pytest; "
+           f"sys.exit(pytest.main(['-q', '-x', '-m', 'not slow', '-p', 'no:cacheprovider', *{list(module.tests)!r}]))"]
+    rc = subprocess.run(cmd, cwd=probe, env=env, capture_output=True, text=True).returncode
+    shutil.rmtree(probe)
+    if rc == 0:
+        sys.exit(f"error: {module.name}: the tests passed with a planted mutant: they do not import the copy")
+
+
+def run_module(module: Module, max_children: int, fresh: bool, budget_s: float | None = None,
+               recheck_only: bool = False) -> float:
+    """mutmut run on the mutants without a result, then again on the earlier survivors and
+    untested ones (tests may have been added since: mutmut keeps a verdict unless the mutant is
+    named)."""
+    work = prepare(module, fresh)
+    check_planted_mutant(module, work)
+    earlier = module_results(module)
+    survivors = earlier["survived"] + list(earlier["equivalent"]) + earlier["no_tests"] if earlier else []
+    start = time.perf_counter()
+    print(f"== {module.name}: mutmut run in {work}", flush=True)
+    cmd = [str(MUTMUT), "run", "--max-children", str(max_children)]
+    passes = ([], survivors) if survivors else ([],)
+    if recheck_only:
+        passes = (survivors,) if survivors else ()
+    for names in passes:
+        left = None if budget_s is None else budget_s - (time.perf_counter() - start)
+        if left is not None and left <= 0:
+            break
+        # its own process group, so a spent budget stops mutmut and its workers together; every
+        # finished mutant's result is already saved, the next run goes on from there
+        proc = subprocess.Popen(cmd + names, cwd=work, env=mutmut_env(), start_new_session=True)
+        try:
+            rc = proc.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            print(f"{module.name}: time budget spent, stopping (resume with the same command)", flush=True)
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+            break
+        if rc != 0:
+            print(f"warning: {module.name}: mutmut exited {rc}", flush=True)
+    seconds = time.perf_counter() - start
+    with open(work / "runs.jsonl", "a") as f:  # every run's wall time: the report sums them
+        f.write(json.dumps({"ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "seconds": round(seconds, 1),
+                            "rerun": len(survivors)}) + "\n")
+    return seconds
+
+
+def total_seconds(module: Module) -> float | None:
+    runs = WORK / module.name / "runs.jsonl"
+    if not runs.exists():
+        return None
+    return sum(json.loads(line)["seconds"] for line in runs.read_text().splitlines() if line.strip())
+
+
+def module_results(module: Module) -> dict | None:
+    meta = WORK / module.name / "mutants" / (module.source + ".meta")
+    if not meta.exists():
+        return None
+    codes = json.loads(meta.read_text())["exit_code_by_key"]
+    statuses = {name: STATUS.get(code, "suspicious") for name, code in codes.items()}
+    survived = sorted(n for n, s in statuses.items() if s == "survived")
+    equivalent = {n: EQUIVALENT[n] for n in survived if n in EQUIVALENT}
+    counts = {s: sum(1 for v in statuses.values() if v == s) for s in set(STATUS.values()) | {"suspicious"}}
+    counts = {k: v for k, v in counts.items() if v}
+    checked = sum(v for k, v in counts.items() if k != "not checked")
+    killable = checked - len(equivalent)
+    killed = counts.get("killed", 0) + counts.get("timeout", 0)
+    return {"module": module.name, "source": module.source, "tests": list(module.tests), "mutants": len(codes),
+            "counts": counts, "equivalent": equivalent,
+            "survived": [n for n in survived if n not in equivalent],
+            "no_tests": sorted(n for n, s in statuses.items() if s == "no tests"),
+            "score": round(killed / killable, 4) if killable else None}
+
+
+def write_report() -> None:
+    path_json = RESULTS / "mutation.json"
+    rows = []
+    for m in MODULES:
+        r = module_results(m)
+        if r is None:
+            continue
+        r["seconds"] = total_seconds(m)
+        rows.append(r)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path_json.write_text(json.dumps({"tool": "mutmut", "modules": rows}, indent=2) + "\n")
+    lines = ["# Mutation testing of the core (mutmut)", "",
+             "`make mutants` (= `nice -n 19 python bench/mutation.py`; `MODULES=\"evaluate geometry\"` for some) runs "
+             "mutmut 3.8.1 on one core module at a time, against that module's fast tests (the `tests` column; "
+             "mutmut runs, per mutant, the ones that executed the mutated function). Resumable; not in CI.", "",
+             "- killed: a test failed (timeouts counted apart, and as killed in the score);",
+             "- survived: every test passed, and the mutant is not judged equivalent (listed below);",
+             "- equivalent: survived, and no behaviour can tell it from the original (reason below);",
+             "- no tests: no selected test executes the function;",
+             "- not checked: not run yet (the run was stopped for lack of time);",
+             "- score = killed / (checked - equivalent), checked = all but not checked.", "",
+             "mutmut 3 does not mutate decorated functions (`@torch.no_grad()` `evaluate()` and "
+             "`prediction_stats()`, `@functools.cache` `shipped_label_maps()`, properties), nor module-level "
+             "constants. Time: wall time of all `mutmut run`s of the module (resumed runs added up), under "
+             "`nice -n 19` on a 2-core machine shared with six other jobs (load average 6-15): an idle machine "
+             "is several times faster.", "",
+             "| module | tests | mutants | killed | timeout | survived | equivalent | no tests | not checked | score | time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        c = r["counts"]
+        score = "n/a" if r["score"] is None else f"{100 * r['score']:.1f}%"
+        secs = "" if r["seconds"] is None else f"{r['seconds'] / 60:.0f} min"
+        tests = " ".join(Path(t).name if t.startswith("tests/") else f"`{t}`" for t in r["tests"])
+        lines.append(f"| `{r['source']}` | {tests} | {r['mutants']} | {c.get('killed', 0)} | {c.get('timeout', 0)} | "
+                     f"{len(r['survived'])} | {len(r['equivalent'])} | {c.get('no tests', 0)} | "
+                     f"{c.get('not checked', 0)} | {score} | {secs} |")
+    missing = [m for m in MODULES if m.name not in {r["module"] for r in rows}]
+    if missing:
+        lines += ["", "Not run yet (lack of time): " + ", ".join(f"`{m.source}`" for m in missing) + "."]
+    for r in rows:
+        if r["equivalent"] or r["survived"] or r["no_tests"]:
+            lines += ["", f"## {r['module']}", ""]
+            for n, why in r["equivalent"].items():
+                lines.append(f"- `{n}`: equivalent: {why}")
+            for n in r["survived"]:
+                lines.append(f"- `{n}`: survived")
+            for n in r["no_tests"]:
+                lines.append(f"- `{n}`: no tests")
+    (RESULTS / "mutation.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {path_json} and {RESULTS / 'mutation.md'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--modules", nargs="+", choices=list(BY_NAME), default=[m.name for m in MODULES])
+    ap.add_argument("--max-children", type=int, default=2, help="mutants tested in parallel")
+    ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
+    ap.add_argument("--minutes", type=float, help="time budget per module (stops it there; rerun to go on)")
+    ap.add_argument("--recheck", action="store_true",
+                    help="only rerun the earlier survivors, equivalent and untested mutants (after adding tests)")
+    ap.add_argument("--report-only", action="store_true", help="only rewrite the report from earlier results")
+    args = ap.parse_args()
+    if not MUTMUT.exists():
+        sys.exit(f"error: {MUTMUT} not found: install the dev extra (pip install -e '.[dev]')")
+    try:
+        if not args.report_only:
+            for name in args.modules:
+                run_module(BY_NAME[name], args.max_children, args.fresh,
+                           None if args.minutes is None else 60 * args.minutes, args.recheck)
+                write_report()
+    finally:
+        write_report()
+
+
+if __name__ == "__main__":
+    main()
