@@ -14,8 +14,7 @@ from bevctl.config import dataclass_to_dict
 from bevctl.errors import BevctlError
 from bevctl.train import checkpoint as ck
 from bevctl.train.config import TrainConfig
-from bevctl.train.evaluate import load_trained_model
-from bevctl.train.loop import build_model
+from bevctl.train.build import build_model, load_trained_model
 
 
 def test_save_writes_the_step_file_and_last_and_keeps_the_newest(tmp_path: Path) -> None:
@@ -77,10 +76,11 @@ def test_load_trained_model_restores_weights_in_eval_mode(tmp_path: Path) -> Non
         for p in model.parameters():
             p.normal_()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    ck.save_checkpoint(tmp_path / "run", 5, {"model": state, "config": dataclass_to_dict(cfg), "step": 5})
-    loaded, loaded_cfg, ckpt = load_trained_model(tmp_path / "run", torch.device("cpu"))
-    assert not loaded.training and loaded_cfg == cfg and ckpt["step"] == 5
-    for k, v in loaded.state_dict().items():
+    ck.save_checkpoint(tmp_path / "run", 5, {"model": state, "config": dataclass_to_dict(cfg), "step": 5,
+                                             "run": {"mode": "finetune"}})
+    trained = load_trained_model(tmp_path / "run", torch.device("cpu"))
+    assert not trained.model.training and trained.cfg == cfg and trained.run == {"mode": "finetune"}
+    for k, v in trained.model.state_dict().items():
         assert torch.equal(v, state[k]), k
     del state[next(iter(state))]
     ck.save_checkpoint(tmp_path / "bad", 1, {"model": state, "config": dataclass_to_dict(cfg)})
