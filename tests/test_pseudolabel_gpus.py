@@ -84,7 +84,7 @@ def test_in_process_labeler_goes_on_the_gpu_in_half_precision(tiny_synth, tmp_pa
         asked.append((model, device, dtype))
         return SynthGTLabeler()
 
-    monkeypatch.setattr(labeler_mod, "load_labeler", fake_load)
+    monkeypatch.setattr(job_mod, "load_labeler", fake_load)  # the job's own reference
     summary = run_pseudolabel(PseudolabelConfig(dataroot=str(root), version=version, out=str(tmp_path / "l.zarr"),
                                                 model="some/checkpoint", workers=0, progress=False))
     assert summary.samples_done == summary.samples_total
@@ -125,7 +125,7 @@ def test_in_process_decoding_widens_to_the_cores_when_the_model_is_on_a_gpu(
     root, version = tiny_synth
     monkeypatch.setenv("BEVCTL_CACHE_DIR", str(tmp_path / "cache"))
     lab = _CountingLabeler(device)
-    monkeypatch.setattr(labeler_mod, "load_labeler", lambda model, device="auto", dtype="auto": lab)
+    monkeypatch.setattr(job_mod, "load_labeler", lambda model, device="auto", dtype="auto": lab)
     monkeypatch.setattr(job_mod, "_usable_cpus", lambda: 6)
     summary = run_pseudolabel(PseudolabelConfig(dataroot=str(root), version=version, out=str(tmp_path / "l.zarr"),
                                                 model="x", workers=0, batch_size=1, progress=False))

@@ -370,6 +370,9 @@ class _RecordingStore:
 
     run_info: dict = {}
 
+    def consolidate(self) -> None:  # the real store writes consolidated metadata at the end
+        pass
+
     def set_run_info(self, info) -> None:
         pass
 
@@ -395,9 +398,9 @@ class _ScriptedPool:
 
 
 def test_sample_is_marked_done_only_after_all_six_images_were_written(tmp_path, monkeypatch) -> None:
-    """Batches of 4 images split every sample's 6 images over two results, and the completion
-    records are flushed after every result: no sample may be DONE before its sixth image is
-    reported written; a sample with a failed image is FAILED, never DONE."""
+    """The completion records are flushed after every result (batches hold whole samples: asked
+    for 4 images, the driver sends one sample's 6): no sample may be DONE before its sixth image
+    is reported written; a sample with a failed image is FAILED, never DONE."""
     monkeypatch.setattr(job_mod, "MARK_EVERY_S", -1.0)  # flush the completion records at every step
     n, n_cams = 4, 6
     reported: set[tuple[int, int]] = set()
@@ -406,7 +409,7 @@ def test_sample_is_marked_done_only_after_all_six_images_were_written(tmp_path, 
     paths = [[f"img/{i}/{c}.jpg" for c in range(n_cams)] for i in range(n)]
     cfg = PseudolabelConfig(dataroot="unused", version="v", out=store.path, workers=0, batch_size=4,
                             progress=False, on_error="skip", inflight=1)
-    summary = job_mod._drive(cfg, pool, store, paths, (8, 16), n_cams)
+    summary = job_mod._drive(cfg, pool, store, paths, (8, 16), n_cams, {"device": "cpu"})
     assert store.early == []  # no sample was DONE before all six of its images were written
     assert sorted(store.marks) == [(0, 1), (1, 1), (2, 2), (3, 1)]  # each sample recorded once
     assert summary.samples_done == 3 and summary.samples_failed == 1 and summary.images_labeled == 23
