@@ -140,8 +140,9 @@ def test_losing_a_worker_node_mid_job_loses_no_sample(sim_cluster, tiny_synth, t
     ref = _reference_store(root, version, tmp_path / "ref.zarr")
     n_samples = len(LabelStore.open(ref))
     out = tmp_path / "cluster.zarr"
-    # 0.3 s per batch of 2 images: 24 batches over two actors, several seconds of work
-    proc = subprocess.Popen(_pseudolabel_cli(root, version, out, sim_cluster.address, "synth-gt:0.3", 2),
+    # 1 s per batch (batches hold whole samples: 6 images): one batch per sample over two actors,
+    # several seconds of work, so the removed node's actor still has batches in flight
+    proc = subprocess.Popen(_pseudolabel_cli(root, version, out, sim_cluster.address, "synth-gt:1.0", 2),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
