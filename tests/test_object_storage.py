@@ -55,7 +55,8 @@ def s3() -> str:
     import fsspec
 
     fs = fsspec.filesystem("s3", skip_instance_cache=True)
-    fs.mkdir(BUCKET)
+    type(fs).clear_instance_cache()  # a filesystem cached by an earlier module points at its (stopped) server
+    fs.makedirs(BUCKET, exist_ok=True)  # moto keeps its state per process: another module's server made it
     try:
         yield f"s3://{BUCKET}"
     finally:
@@ -311,7 +312,7 @@ def test_kill_9_of_a_ray_job_writing_to_s3_then_rerun_is_byte_identical(
     env = {**os.environ, "OMP_NUM_THREADS": "1", "BEVCTL_CACHE_DIR": str(tmp_path / "cache")}
     bevctl = [sys.executable, "-c", "from bevctl.cli import main; main()"]
     opts = ["--dataroot", str(root), "--version", version, "--workers", "2", "--batch-size", "3", "--model",
-            "synth-gt:0.2"]
+            "synth-gt:1.0"]  # 1 s per batch (a whole sample): the kill lands mid-job
     url = f"{s3}/killed/labels.zarr"
     ref = tmp_path / "ref.zarr"
     assert run_bevctl("pseudolabel", *opts[:4], "--workers", "0", "--batch-size", "3", "--model", "synth-gt",
