@@ -13,12 +13,12 @@ import torch
 from bevctl.config import class_set_from_name, dataclass_to_dict
 from bevctl.data.nuscenes import load_index
 from bevctl.errors import BevctlError
-from bevctl.storage.base import DONE, SampleStore
+from bevctl.storage.base import DONE, TODO, SampleStore
 from bevctl.storage.predictions import PredictionStore
 from bevctl.train.config import TrainConfig
 from bevctl.train.build import build_model
 from bevctl.train.loop import RunSpec, train
-from bevctl.train.predict import predict, work_indices
+from bevctl.train.predict import contiguous_runs, predict, work_indices
 
 from test_dataset import make_gt_store, make_label_store
 
@@ -142,34 +142,45 @@ def test_work_indices_rerun_a_chain_from_its_start() -> None:
     assert work_indices([3], [False] * 6) == [3]
 
 
-def test_resume_writes_every_sample_exactly_once(tiny_synth, toy_runs, tmp_path: Path, monkeypatch) -> None:
-    root, version = tiny_synth
+def test_contiguous_runs_split_indices_into_consecutive_runs_in_order() -> None:
+    assert contiguous_runs([3, 4, 6, 7, 8, 10]) == [[3, 4], [6, 7, 8], [10]]
+    assert contiguous_runs([5, 4]) == [[5], [4]]
+    assert contiguous_runs([]) == []
+
+
+def _record_pred_writes(monkeypatch) -> list[int]:
+    """Spy on every write to a prediction store's ``pred`` array: the sample indices written
+    (one per chunk), in order."""
     writes: list[int] = []
     original = SampleStore.array
 
     def spy(self, name):
         arr = original(self, name)
-        if name != "pred":
-            return arr
 
         class Recorder:  # the array, with its chunk writes counted
             def __getattr__(self, key):
                 return getattr(arr, key)
 
-            def __setitem__(self, i, value):
-                writes.append(int(i))
+            def __setitem__(self, i, value):  # a sample index, or a slice of consecutive samples
+                writes.extend(range(i.start, i.stop) if isinstance(i, slice) else [int(i)])
                 arr[i] = value
 
-        return Recorder()
+        return Recorder() if name == "pred" else arr
 
     monkeypatch.setattr(SampleStore, "array", spy)
+    return writes
+
+
+def test_resume_writes_every_sample_exactly_once(tiny_synth, toy_runs, tmp_path: Path, monkeypatch) -> None:
+    root, version = tiny_synth
+    writes = _record_pred_writes(monkeypatch)
     out = tmp_path / "p.zarr"
     first = predict(toy_runs["pre"], str(root), version, out, device="cpu", num_workers=0, progress=False, limit=3)
     assert first.done_now == 3 and int((SampleStore.open(out, "bev_predictions").status() == DONE).sum()) == 3
     second = predict(toy_runs["pre"], str(root), version, out, device="cpu", num_workers=0, progress=False)
     assert second.already_done == 3 and second.done_now == 5
     assert sorted(writes) == list(range(8))  # each sample written once over both runs
-    monkeypatch.setattr(SampleStore, "array", original)
+    monkeypatch.undo()
     # and the resumed store equals an uninterrupted one (history rebuilt for the resumed chain)
     ref = tmp_path / "ref.zarr"
     predict(toy_runs["pre"], str(root), version, ref, device="cpu", num_workers=0, progress=False)
@@ -177,6 +188,24 @@ def test_resume_writes_every_sample_exactly_once(tiny_synth, toy_runs, tmp_path:
     assert a.keys() == b.keys() and all(np.array_equal(a[t], b[t]) for t in a)
     third = predict(toy_runs["pre"], str(root), version, out, device="cpu", num_workers=0, progress=False)
     assert third.done_now == 0 and third.already_done == 8
+
+
+def test_rerun_writes_only_the_samples_marked_todo_within_a_batch(tiny_synth, toy_runs, tmp_path: Path,
+                                                                  monkeypatch) -> None:
+    """Frame by frame, batch 4: samples 1 and 3 (one batch, not adjacent) marked todo again, as
+    ``verify --repair`` does: the rerun writes exactly those two, with the same maps."""
+    root, version = tiny_synth
+    out = tmp_path / "p.zarr"
+    predict(toy_runs["fin"], str(root), version, out, device="cpu", batch_size=4, num_workers=0, progress=False)
+    before = _preds(out)
+    SampleStore.open(out, "bev_predictions", mode="r+").mark([1, 3], TODO)
+    writes = _record_pred_writes(monkeypatch)
+    again = predict(toy_runs["fin"], str(root), version, out, device="cpu", batch_size=4, num_workers=0,
+                    progress=False)
+    monkeypatch.undo()
+    assert again.already_done == 6 and again.done_now == 2 and sorted(writes) == [1, 3]
+    after = _preds(out)
+    assert all(np.array_equal(after[t], before[t]) for t in before)
 
 
 def _other_class_set_checkpoint(src: Path, dst: Path) -> Path:

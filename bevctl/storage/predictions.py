@@ -51,13 +51,17 @@ from bevctl.storage.codecs import IGNORE, mask_compressors
 
 KIND = "bev_predictions"
 NO_PREDICTION = IGNORE  # 255: never a class
+PREDICTION_ZSTD_LEVEL = 3
 
 
 def prediction_arrays(samples: Sequence[SampleRecord], grid: BEVGrid, num_classes: int, probabilities: bool,
                       history: Sequence[bool]) -> list[ArraySpec]:
     """The data arrays of a store for ``samples`` (per-sample metadata filled in)."""
     n = len(samples)
-    zstd = mask_compressors()  # zarr's own zstd with its checksum: any Zarr reader, corruption detected
+    # zarr's own zstd with its checksum (any Zarr reader, corruption detected), at level 3: maps
+    # are written while the model runs, and level 15 cost more CPU than it saved bytes
+    # (bench/results/predict.md)
+    zstd = mask_compressors(PREDICTION_ZSTD_LEVEL)
     arrays = [
         ArraySpec("pred", (n, *grid.shape), "uint8", (1, *grid.shape), fill_value=NO_PREDICTION,
                   compressors=zstd, dimension_names=("sample", "x", "y")),

@@ -106,6 +106,17 @@ def work_indices(todo: Sequence[int], history: Sequence[bool]) -> list[int]:
     return work
 
 
+def contiguous_runs(indices: Sequence[int]) -> list[list[int]]:
+    """``indices`` split into runs of consecutive integers, in order: ``[3, 4, 6] -> [[3, 4], [6]]``."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return runs
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     h.update(location.read_bytes(path))
@@ -168,11 +179,14 @@ def predict(
     prob_arr = store.array("probabilities") if probabilities else None
     completions = CompletionLog(store, every_s=1.0)
 
-    def write(i: int, ids: np.ndarray, probs: np.ndarray | None) -> int:
-        pred_arr[i] = ids  # one whole chunk
+    def write(first: int, ids: np.ndarray, probs: np.ndarray | None) -> list[int]:
+        """Samples ``first .. first + len(ids) - 1``: one chunk each, in one Zarr call (zarr
+        writes the chunks of one call concurrently: less overhead than a call per chunk)."""
+        last = first + ids.shape[0]
+        pred_arr[first:last] = ids
         if prob_arr is not None:
-            prob_arr[i] = probs
-        return i
+            prob_arr[first:last] = probs
+        return list(range(first, last))
 
     bar = Progress(TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
                    TimeRemainingColumn(), disable=not progress)
@@ -183,8 +197,9 @@ def predict(
         keep = []
         for fut in pending:
             if block or fut.done():
-                completions.done(fut.result())  # raises the write's error (disk full, storage)
-                summary.done_now += 1
+                for i in fut.result():  # raises the write's error (disk full, storage)
+                    completions.done(i)
+                    summary.done_now += 1
             else:
                 keep.append(fut)
         pending[:] = keep
@@ -199,12 +214,15 @@ def predict(
             for fwd in forward_in_order(model, loader, ds.samples, dev, temporal):
                 ids = fwd.logits.argmax(1).to(torch.uint8).cpu().numpy()  # (B, X, Y)
                 probs = quantize_probabilities(fwd.logits.softmax(1)).cpu().numpy() if probabilities else None
-                for b in range(ids.shape[0]):
-                    i = work[k]
-                    k += 1
-                    if i in todo_set and (limit is None or submitted < limit):
-                        pending.append(writer.submit(write, i, ids[b], None if probs is None else probs[b]))
-                        submitted += 1
+                rows = [b for b in range(ids.shape[0]) if work[k + b] in todo_set]  # batch rows to write
+                if limit is not None:
+                    rows = rows[:max(0, limit - submitted)]
+                for run in contiguous_runs([work[k + b] for b in rows]):  # store indices, consecutive
+                    sel = rows[:len(run)]
+                    rows = rows[len(run):]
+                    pending.append(writer.submit(write, run[0], ids[sel], None if probs is None else probs[sel]))
+                    submitted += len(run)
+                k += ids.shape[0]
                 summary.forwards += ids.shape[0]
                 if not summary.first_batch_samples:
                     summary.first_batch_seconds = time.perf_counter() - start
@@ -220,7 +238,8 @@ def predict(
         # only samples whose chunks were written are marked done
         for fut in pending:
             if fut.done() and not fut.cancelled() and fut.exception() is None:
-                completions.done(fut.result())
+                for i in fut.result():
+                    completions.done(i)
         completions.flush_on_exit()
         summary.seconds = time.perf_counter() - start
     return summary
