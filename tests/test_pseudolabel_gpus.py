@@ -20,6 +20,7 @@ from bevctl.data.nuscenes import load_index
 from bevctl.pseudolabel import job as job_mod
 from bevctl.pseudolabel import labeler as labeler_mod
 from bevctl.pseudolabel.job import PseudolabelConfig, run_pseudolabel
+from bevctl.pseudolabel.ray_auth import prepare_local_cluster
 from bevctl.pseudolabel.standins import SynthGTLabeler
 from bevctl.storage.labels import open_mask_arrays
 
@@ -38,6 +39,9 @@ def test_gpus_8_puts_one_actor_on_each_gpu_and_equals_the_in_process_run(
     monkeypatch.setenv("BEVCTL_PROBE_LOG", str(log))  # before ray.init: the workers inherit it
     common = ["--dataroot", str(root), "--version", version, "--model", "device-probe", "--resolution", "45x80",
               "--batch-size", "2", "--confidence"]
+    # the token bevctl's own local clusters use: Ray keeps the first token it loads for the life of
+    # the process, so a later job of this test session must find the same one
+    prepare_local_cluster()
     ray.init(num_cpus=2, num_gpus=8, include_dashboard=False, logging_level=logging.WARNING,
              _temp_dir=str(Path("/tmp") / f"bevray-gpus-{tmp_path.name[-12:]}"))
     try:

@@ -588,6 +588,7 @@ def _drive(
             # node is gone and no other node has room), and its batches go to the others.
             # Batches of a dead actor (`retry`) go one at a time to an idle actor, which gets
             # nothing else meanwhile; actors take no new work while some wait.
+            takers = []  # live actors that may take new batches
             for a in range(len(pool.actors)):
                 if down[a]:
                     if a not in probes.values() and time.monotonic() >= probe_at[a]:
@@ -600,11 +601,17 @@ def _drive(
                         alone[a] = retry.popleft()
                         submit(a, alone[a])
                     continue
-                while per_actor[a] < cfg.inflight:
-                    batch = next_batch()
-                    if batch is None:
-                        break
-                    submit(a, batch)
+                takers.append(a)
+            # Breadth first: each new batch goes to the least loaded taker, so a job with fewer
+            # batches than `actors x inflight` still spreads over every actor (every GPU).
+            while takers and not exhausted:
+                a = min(takers, key=lambda k: per_actor[k])
+                if per_actor[a] >= cfg.inflight:
+                    break
+                batch = next_batch()
+                if batch is None:
+                    break
+                submit(a, batch)
             if not pending and not retry and exhausted:
                 break
             for ref in pool.wait([*pending, *probes], timeout=0.5):
