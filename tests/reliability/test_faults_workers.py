@@ -147,7 +147,9 @@ def test_dataloader_worker_killed_from_outside(fault_world: FaultWorld, ref_labe
     assert killed, "no loader worker was found to kill"
     if res.code == 0:  # the worker had already loaded every remaining batch: nothing was lost
         pytest.skip("the run finished from prefetched batches before it noticed the dead worker")
-    line = res.one_error_line("a data loader worker process died", "killed by signal")
+    line = res.one_error_line("a data loader worker process died")
+    # torch names the cause it noticed first: the signal, or (under load) just the worker's exit
+    assert "killed by signal" in line or "exited unexpectedly" in line, line
     assert "--resume" in line or "no checkpoint" in line
     time.sleep(0.1)
     rerun = run_bevctl(w.pretrain(out, ref_labels, resume=True), w.env())
