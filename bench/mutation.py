@@ -134,6 +134,19 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.train.evaluate.x_iou_from_confusion__mutmut_5": "the same as mutant 3 (dtype argument dropped)",
     "bevctl.train.evaluate.x_update_confusion_by_band__mutmut_15":
         "`.to(conf)` -> `.to(None)`: bincount is already int64 like the confusion array",
+    "bevctl.train.checkpoint.x_load_checkpoint__mutmut_13":
+        "a local checkpoint read into memory and loaded from a BytesIO instead of by path: torch.load gives the "
+        "same tensors and raises the same errors from either (only the memory use differs)",
+    "bevctl.train.checkpoint.x_load_checkpoint__mutmut_19": "the same as mutant 13 (`... and False`)",
+    "bevctl.train.checkpoint.x_rng_state__mutmut_12":
+        "numpy's MT19937 key saved as a uint32 tensor instead of int64 (dtype None): torch saves and loads "
+        "uint32 tensors with weights_only=True, and set_rng_state casts the key to uint32 either way",
+    "bevctl.train.checkpoint.x_rng_state__mutmut_14": "the same as mutant 12 (dtype argument dropped)",
+    "bevctl.train.checkpoint.x_set_rng_state__mutmut_10":
+        "the key cast to float64 (`astype(None)`) instead of uint32: float64 holds every 32-bit value exactly "
+        "and np.random.set_state converts the key to uint32 itself",
+    "bevctl.train.checkpoint.x_save_checkpoint__mutmut_33":
+        "`keep > 0` -> `keep >= 0`: with keep 0 `sorted(steps)[:-0]` is empty, so nothing is pruned either way",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
