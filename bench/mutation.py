@@ -147,6 +147,10 @@ EQUIVALENT: dict[str, str] = {
         "and np.random.set_state converts the key to uint32 itself",
     "bevctl.train.checkpoint.x_save_checkpoint__mutmut_33":
         "`keep > 0` -> `keep >= 0`: with keep 0 `sorted(steps)[:-0]` is empty, so nothing is pruned either way",
+    "bevctl.train.model.attention.x__bilinear_zero_pad__mutmut_7":
+        "the accumulator created as float32 zeros instead of the image's dtype: the reference passes float64 "
+        "images, and adding the first float64 term promotes the (exact) zeros to float64 before any rounding",
+    "bevctl.train.model.attention.x__bilinear_zero_pad__mutmut_9": "the same as mutant 7 (dtype argument dropped)",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",

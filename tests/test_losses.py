@@ -385,3 +385,40 @@ def test_temporal_loss_is_the_kl_of_the_previous_frame_by_hand() -> None:
     both, _ = losses.temporal_loss(cur, prev, poses, poses, grid, detach_prev=False)
     both.backward()
     assert prev.grad is not None and float(prev.grad.abs().sum()) > 0  # not detached on request
+
+
+def test_temporal_target_is_renormalised_where_the_warp_reads_slightly_past_the_previous_grid() -> None:
+    """A motion of half a millimetre on a one-cell-deep grid: every current cell reads the previous
+    map 0.001 cells past its outermost centre (coverage 0.999...), still inside the overlap; the
+    warped previous distribution is renormalised, so the loss is the by-hand KL."""
+    grid = BEVGrid(0.0, 0.5, 0.0, 1.0, 0.5)  # (1, 2) cells
+    q_logits = torch.tensor([0.0, 1.0, -1.0])
+    p_logits = torch.tensor([1.0, 0.0, 0.5])
+    q, logp = torch.softmax(q_logits, 0), torch.log_softmax(p_logits, 0)
+    kl = float((q * (q.log() - logp)).sum())
+    prev = q_logits.view(1, 3, 1, 1).expand(1, 3, *grid.shape).clone()
+    cur = p_logits.view(1, 3, 1, 1).expand(1, 3, *grid.shape).clone()
+    loss, st = losses.temporal_loss(cur, prev, _pose(0.0005 * 0.5, 0.0, 0.0), _pose(0.0, 0.0, 0.0), grid)
+    assert st["temporal_overlap_frac"] == 1.0
+    assert float(loss) == pytest.approx(kl, rel=1e-5)
+
+
+def test_reprojection_loss_is_the_mean_of_per_sample_losses_in_a_batch() -> None:
+    """Each sample's mean cross-entropy counts once, however many valid pixels it has; a sample
+    without any (all labels ignored) counts as 0."""
+    pix, ego = _rig()
+    label_hw = (45, 80)
+    rays = losses.RayGridCache(GRID).batch(pix[None].expand(2, -1, -1, -1), ego[None].expand(2, -1, -1, -1),
+                                           label_hw, IMAGE_HW)
+    one = losses.RayGrid(rays.xy[:1], rays.valid[:1])
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 4, *GRID.shape, generator=g)
+    labels = torch.randint(0, 4, (2, 6, *label_hw), generator=g, dtype=torch.uint8)
+    labels[1, :3] = 255  # sample 1: half the cameras ignored, so fewer valid pixels
+    alone = [float(losses.reprojection_loss(logits[i:i + 1], labels[i:i + 1], one, GRID)[0]) for i in range(2)]
+    assert alone[0] != pytest.approx(alone[1], rel=1e-3)
+    both, _ = losses.reprojection_loss(logits, labels, rays, GRID)
+    assert float(both) == pytest.approx(sum(alone) / 2, rel=1e-5)
+    labels[1] = 255  # sample 1 has nothing to learn from
+    first_only, _ = losses.reprojection_loss(logits, labels, rays, GRID)
+    assert float(first_only) == pytest.approx(alone[0] / 2, rel=1e-5)

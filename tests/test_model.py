@@ -88,6 +88,23 @@ def test_deformable_attention_matches_loop_reference():
     torch.testing.assert_close(out, values[0][:, :, :, 2, 3])
 
 
+def test_deformable_attention_on_one_level_is_a_weighted_bilinear_read():
+    """One pyramid level (the toy model's case): both implementations give the weighted sum of
+    bilinear reads, computed here by hand at a point a quarter of the way between four pixels."""
+    g = torch.Generator().manual_seed(1)
+    b, m, dh, h, w = 1, 2, 3, 4, 5
+    values = [torch.randn(b, m, dh, h, w, generator=g)]
+    # pixel coordinates (x, y) = (1.25, 2.5): 3/4 * 1/2 of (1, 2), 1/4 * 1/2 of (2, 2), ... (centres at integers)
+    loc = torch.tensor([(1.25 + 0.5) / w, (2.5 + 0.5) / h]).view(1, 1, 1, 1, 1, 2).expand(b, 1, m, 1, 2, 2).clone()
+    loc[..., 1, :] = torch.tensor([(4 + 0.5) / w, (0 + 0.5) / h])  # second point: pixel (4, 0) exactly
+    weights = torch.tensor([0.75, 0.25]).view(1, 1, 1, 1, 2).expand(b, 1, m, 1, 2)
+    v = values[0][0]  # (M, Dh, H, W)
+    bilinear = 0.75 * 0.5 * (v[..., 2, 1] + v[..., 3, 1]) + 0.25 * 0.5 * (v[..., 2, 2] + v[..., 3, 2])
+    want = (0.75 * bilinear + 0.25 * v[..., 0, 4]).reshape(1, 1, m * dh)
+    torch.testing.assert_close(ms_deform_attn(values, loc, weights), want, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ms_deform_attn_reference(values, loc, weights), want.double(), atol=1e-6, rtol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------
 # visibility
 # ----------------------------------------------------------------------------------------------
