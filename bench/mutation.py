@@ -151,6 +151,12 @@ EQUIVALENT: dict[str, str] = {
         "the accumulator created as float32 zeros instead of the image's dtype: the reference passes float64 "
         "images, and adding the first float64 term promotes the (exact) zeros to float64 before any rounding",
     "bevctl.train.model.attention.x__bilinear_zero_pad__mutmut_9": "the same as mutant 7 (dtype argument dropped)",
+    "bevctl.train.model.attention.x_ms_deform_attn__mutmut_75":
+        "`align_corners=False` -> `None`: grid_sample treats None as False (it only adds a warning)",
+    "bevctl.train.model.attention.x_ms_deform_attn__mutmut_78": "`mode=\"bilinear\"` dropped: grid_sample's default",
+    "bevctl.train.model.attention.x_ms_deform_attn__mutmut_79":
+        "`padding_mode=\"zeros\"` dropped: grid_sample's default",
+    "bevctl.train.model.attention.x_ms_deform_attn__mutmut_80": "the same as mutant 75 (argument dropped)",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",
