@@ -72,6 +72,9 @@ _F32 = ("float32 instead of float64 cell distances or band edges: the bands diff
 _GT_IDS = "differs only for target ids from C to 254, which no GT or pseudo-label map holds (0..C-1 or 255)"
 _CPU = ("the device argument dropped: the same on a CPU; differs only with an accelerator, which the fast "
         "tests do not have")
+_MARGIN = ("a larger clip margin than 2 line widths + 2 cells + 1 m (or, for 2/resolution, one still above "
+           "2 widths + 1 m): clipping stays invisible inside the grid once the cut edges lie more than half a "
+           "line width beyond the outermost cell centres; only more map geometry is fetched and clipped")
 EQUIVALENT: dict[str, str] = {
     "bevctl.pseudolabel.label_maps.x_resolve_target__mutmut_10":
         "`return -1` -> `return -2`: the only caller tests `bev < 0`",
@@ -157,6 +160,36 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_79":
         "`padding_mode=\"zeros\"` dropped: grid_sample's default",
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_80": "the same as mutant 75 (argument dropped)",
+    "bevctl.data.bev_gt.x__bands__mutmut_2":
+        "`g is not None and not g.is_empty` -> `or`: no caller passes None (the lines come from "
+        "shapely.intersection or a non-None boundary), and an empty line buffers to an empty polygon, dropped after",
+    "bevctl.data.bev_gt.x__bands__mutmut_14":
+        "round joins drawn with shapely's default 8 segments per quarter circle instead of 4: both approximate the "
+        "documented round join (8 more closely); they differ only for a centre within r(1-cos 22.5 deg) = 1.1 cm "
+        "(r = 0.15 m) of a join's arc, where no documented behaviour prefers either",
+    "bevctl.data.bev_gt.x__bands__mutmut_16": "`join_style=\"round\"` dropped: shapely's default",
+    "bevctl.data.bev_gt.x__bands__mutmut_18":
+        "`np.array(geoms, dtype=object)` -> dtype None: shapely 2 geometries are not sequences, so numpy makes "
+        "the same 1-d object array",
+    "bevctl.data.bev_gt.x__bands__mutmut_20": "the same as mutant 18 (dtype argument dropped)",
+    "bevctl.data.bev_gt.x__outline__mutmut_6": "the same as _bands mutant 18 (np.array of polygons, dtype None)",
+    "bevctl.data.bev_gt.x__outline__mutmut_8": "the same as _bands mutant 18 (dtype argument dropped)",
+    "bevctl.data.bev_gt.x__outline__mutmut_11":
+        "`~shapely.is_valid(None)` is True: make_valid is applied to every polygon, and it returns a valid polygon "
+        "unchanged",
+    "bevctl.data.bev_gt.x_grid_margin__mutmut_4": _MARGIN,
+    "bevctl.data.bev_gt.x_grid_margin__mutmut_5": _MARGIN,
+    "bevctl.data.bev_gt.x_grid_margin__mutmut_6": _MARGIN,
+    "bevctl.data.bev_gt.x_grid_margin__mutmut_7": _MARGIN,
+    "bevctl.data.bev_gt.x_grid_box_global__mutmut_9":
+        "the box corners lifted to z = 1: the box moves by the ego z axis's global (x, y), at most 1 m and only for "
+        "a tilted pose, which the margin's extra 1 m absorbs (the clip stays >= 2 widths + 2 cells beyond the grid)",
+    "bevctl.data.bev_gt.x_grid_box_global__mutmut_13":
+        "`np.asarray(global_T_ego, dtype=np.float64)` -> dtype None: multiplied by the float64 corners either way",
+    "bevctl.data.bev_gt.x_grid_box_global__mutmut_15": "the same as mutant 13 (dtype argument dropped)",
+    "bevctl.data.bev_gt.x__polygon_parts__mutmut_2":
+        "`g is None or g.is_empty` -> `and`: None is skipped anyway (neither a Polygon nor with .geoms), and an "
+        "empty Polygon kept as a part has no rings (no edges to fill) and unions to nothing",
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",

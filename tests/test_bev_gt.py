@@ -351,3 +351,120 @@ def test_synth_world_bev_gt_agrees_with_world_geometry(tiny_synth: tuple[Path, s
     # the double yellow line (0.36 m wide) is mostly inside the 0.3 m road_divider band
     assert totals["yellow"] > 0 and totals["yellow_hit"] / totals["yellow"] > 0.6
     assert totals["boundary"] > 0 and totals["lane_marking"] > 0
+
+
+# ---- rules at the edges: clip margin, line ends and joins, invalid map polygons, errors -------
+
+
+def test_outline_of_a_road_larger_than_a_coarse_grid_draws_nothing_inside_it() -> None:
+    """The clip box reaches far enough beyond the grid (2 line widths + 2 cells + 1 m, documented)
+    that its cut edges never become boundary: with 1 m cells, and with 5 m wide lines."""
+    coarse = BEVGrid(x_min=-8.0, x_max=8.0, y_min=-8.0, y_max=8.0, resolution=1.0)
+    wide = BEVClassSet(name="wide", classes=HDMAP.classes, layers=HDMAP.layers, line_width_m=5.0)
+    road = shapely.box(-500, -500, 500, 500)
+    elements = {"road_segment": [road], "lane": [], "ped_crossing": [], "lane_divider": [], "road_divider": []}
+    for grid, class_set in ((coarse, HDMAP), (DEMO, wide)):
+        out = rasterize_sample(elements, pose(0.0, 1.0, 2.0), grid, class_set)
+        assert not out.any()
+    # the same road ending inside the grid (on the centres x = 5.5): its outline is drawn there, and only there
+    elements["road_segment"] = [shapely.box(-500, -500, 5.5, 500)]
+    out = rasterize_sample(elements, np.eye(4), coarse, HDMAP)
+    x, _ = centres(coarse)
+    assert np.array_equal(out == 1, x == 5.5)
+
+
+def test_lines_have_flat_ends_at_their_end_points_and_round_joins() -> None:
+    """Divider bands (hdmapnet class 3) end exactly at the end points, and the outside of a
+    right-angle turn is round: a cell centre on the turn's bisector at 0.995 half-widths from the
+    corner is painted, one just past the end point of the line (by less than a half-width) is not."""
+    h = HDMAP.line_width_m / 2
+    # DEMO cell centres sit at x = -15.875 + 0.25 i, y = -7.875 + 0.25 j, e.g. (0.125, 0.125)
+    end = shapely.LineString([(-5.0, 0.125), (1.0, 0.125)])  # centre x = 1.125 lies 0.125 m past the end
+    elements = {"road_segment": [], "lane": [], "ped_crossing": [], "lane_divider": [end], "road_divider": []}
+    out = rasterize_sample(elements, np.eye(4), DEMO, HDMAP)
+    x, y = centres(DEMO)
+    row = np.isclose(y, 0.125)
+    assert (out[row & np.isclose(x, 0.875)] == 3).all() and (out[row & np.isclose(x, -4.875)] == 3).all()
+    assert (out[row & np.isclose(x, 1.125)] == 0).all() and (out[row & np.isclose(x, -5.125)] == 0).all()
+    # a left turn at corner c: going +x, then +y; the outside of the turn is towards (+x, -y)
+    d = 0.995 * h / np.sqrt(2)
+    c = (0.125 - d, 0.125 + d)
+    turn = shapely.LineString([(c[0] - 3, c[1]), c, (c[0], c[1] + 3)])
+    elements["lane_divider"] = [turn]
+    out = rasterize_sample(elements, np.eye(4), DEMO, HDMAP)
+    on_bisector = np.isclose(x, 0.125) & np.isclose(y, 0.125)
+    assert (out[on_bisector] == 3).all()
+    # ... and the neighbours outside the join stay empty
+    assert (out[np.isclose(x, 0.375) & np.isclose(y, 0.125)] == 0).all()
+    assert (out[np.isclose(x, 0.125) & np.isclose(y, -0.125)] == 0).all()
+
+
+def test_outline_stays_straight_across_a_closed_gap() -> None:
+    """The 5 cm closing uses mitred corners (documented): two road pieces 8 cm apart become one
+    road whose edge runs straight across the closed gap (no notch where the gap was), so the
+    outline band reaches a centre 0.145 m (< half the 0.3 m line width) beyond the edge there."""
+    edge = 0.125 - 0.145  # the centre (0.125, 0.125) lies 0.145 m beyond the road edge y = edge
+    left, right = shapely.box(-100, -100, 0.125 - 0.04, edge), shapely.box(0.125 + 0.04, -100, 100, edge)
+    elements = {"road_segment": [left, right], "lane": [], "ped_crossing": [], "lane_divider": [],
+                "road_divider": []}
+    out = rasterize_sample(elements, np.eye(4), DEMO, HDMAP)
+    x, y = centres(DEMO)
+    pts = shapely.points(x, y)
+    expected = shapely.distance(shapely.box(-100, -100, 100, edge).boundary, pts) < HDMAP.line_width_m / 2
+    assert expected[np.isclose(x, 0.125) & np.isclose(y, 0.125)].all()
+    assert np.array_equal(out == 1, expected)
+
+
+def test_self_intersecting_map_polygon_is_outlined_as_the_area_it_encloses() -> None:
+    """A bow-tie road record (invalid polygon, as hand-drawn map data can hold) is repaired, not
+    dropped: its outline is the boundary of its two triangles."""
+    bowtie = shapely.Polygon([(-10, -6), (10, 6), (10, -6), (-10, 6)])
+    assert not bowtie.is_valid
+    elements = {"road_segment": [bowtie], "lane": [], "ped_crossing": [], "lane_divider": [], "road_divider": []}
+    out = rasterize_sample(elements, np.eye(4), DEMO, HDMAP)
+    x, y = centres(DEMO)
+    area = shapely.make_valid(bowtie)
+    expected = shapely.distance(area.boundary, shapely.points(x, y)) < HDMAP.line_width_m / 2
+    assert expected.sum() > 100
+    assert np.array_equal(out == 1, expected)
+
+
+def test_a_layer_missing_from_the_map_draws_nothing_and_bad_rules_are_named() -> None:
+    """A map without some layer of the class set (e.g. no lane dividers at all) still rasterises."""
+    elements = {"road_divider": [shapely.LineString([(-5.0, 0.125), (1.0, 0.125)])]}  # no other layer
+    out = rasterize_sample(elements, np.eye(4), DEMO, HDMAP)
+    assert set(np.unique(out)) == {0, 3}
+    bad = BEVClassSet(name="bad", classes=("x",), layers={"x": {"dots": ("lane",)}})
+    with pytest.raises(BevctlError, match=r"^class set 'bad': class 'x' has unknown rule 'dots' "
+                                          r"\(allowed: lines, polygons, outline\)$"):
+        required_layers(bad)
+    with pytest.raises(BevctlError, match=r"^class set 'bad': class 'x' has unknown rule 'dots'$"):
+        rasterize_sample(elements, np.eye(4), DEMO, bad)
+
+
+def test_empty_map_records_are_skipped_and_the_rest_drawn() -> None:
+    """An empty geometry (e.g. a degenerate record) among a layer's records draws nothing and
+    does not stop the records after it from being drawn."""
+    crossing = shapely.box(-2.0, -2.0, 2.0, 2.0)
+    elements = {"ped_crossing": [shapely.Polygon(), shapely.MultiPolygon(), crossing]}
+    out = rasterize_sample(elements, np.eye(4), DEMO, HDMAP)
+    assert np.array_equal(out == 2, reference_mask([crossing], np.eye(4), DEMO)) and set(np.unique(out)) == {0, 2}
+    elements = {"ped_crossing": [shapely.Polygon()]}  # nothing but an empty record
+    assert not rasterize_sample(elements, np.eye(4), DEMO, HDMAP).any()
+    mask = fill_polygons([shapely.Polygon()], DEMO.shape, cell_T_global(np.eye(4), DEMO))
+    assert mask.dtype == bool and mask.shape == DEMO.shape and not mask.any()
+
+
+def test_a_class_set_too_large_for_uint8_labels_is_refused() -> None:
+    """Ids are 1..len(classes) in uint8 with 255 reserved for ignore: 254 classes fit (the last one
+    is painted 254), 255 do not."""
+    def class_set(n: int) -> BEVClassSet:
+        classes = tuple(f"c{i}" for i in range(n))
+        return BEVClassSet(name=f"n{n}", classes=classes, layers={c: {"polygons": ("lane",)} for c in classes})
+
+    crossing = shapely.box(-2.0, -2.0, 2.0, 2.0)
+    out = rasterize_sample({"lane": [crossing]}, np.eye(4), DEMO, class_set(254))
+    assert set(np.unique(out)) == {0, 254}  # every class draws the same lane; the last one wins
+    for n in (255, 256):
+        with pytest.raises(BevctlError, match=rf"^class set 'n{n}': too many classes for uint8$"):
+            rasterize_sample({}, np.eye(4), DEMO, class_set(n))
