@@ -187,6 +187,19 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.data.bev_gt.x_grid_box_global__mutmut_13":
         "`np.asarray(global_T_ego, dtype=np.float64)` -> dtype None: multiplied by the float64 corners either way",
     "bevctl.data.bev_gt.x_grid_box_global__mutmut_15": "the same as mutant 13 (dtype argument dropped)",
+    "bevctl.storage.base.x__short__mutmut_4":
+        "`json.dumps(value, sort_keys=True)` -> sort_keys None: every quoted value already went through _jsonable "
+        "(a sorted JSON round trip) when the store was made or the expectation checked, so its dicts are in key order",
+    "bevctl.storage.base.x__short__mutmut_6": "the same as mutant 4 (sort_keys dropped)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_13": "`exterior_cw=False` dropped: shapely's default",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_15": "the same as _bands mutant 18 (np.array of polygons, dtype None)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_17": "the same as _bands mutant 18 (dtype argument dropped)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_18":
+        "every ring oriented the other way (exteriors clockwise, holes counter-clockwise): every winding number "
+        "changes sign, and the fill tests winding != 0",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_64":
+        "the first row not clipped at nx: ceil(lo) > nx only for an edge entirely past the last row, whose "
+        "count max(r1 - r0, 0) is 0 either way (r1 is clipped at nx)",
     "bevctl.data.bev_gt.x__polygon_parts__mutmut_2":
         "`g is None or g.is_empty` -> `and`: None is skipped anyway (neither a Polygon nor with .geoms), and an "
         "empty Polygon kept as a part has no rings (no edges to fill) and unions to nothing",

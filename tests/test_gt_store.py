@@ -228,3 +228,82 @@ def test_base_store_creation_is_atomic_and_guarded(tmp_path: Path) -> None:
                                                 overwrite=True)
     assert created and fresh.tokens == ["r"] and fresh.counts()["todo"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_store", "s.zarr"]  # no temp dirs left
+
+
+def test_base_store_on_object_storage_is_built_in_place_and_guarded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On object storage (fsspec memory://, no rename) a store is written in place: readable with
+    its data once created, marker-free; refused when it exists unless overwritten (which removes
+    the old arrays); a prefix holding something else is never deleted; an interrupted creation
+    leaves an 'incomplete store' that open refuses and open_or_create rebuilds."""
+    import json
+    import uuid
+
+    from bevctl.storage import base, location
+
+    root = f"memory://bevctl-test-{uuid.uuid4().hex[:8]}"
+    url = f"{root}/s.zarr"
+    data = np.arange(32, dtype=np.uint8).reshape(2, 4, 4)
+    spec = [ArraySpec("x", (2, 4, 4), "uint8", (1, 4, 4), data=data), ArraySpec("y", (2, 3), "float32", (1, 3))]
+    store = SampleStore.create(url, "t", {"a": (1, 2)}, ["p", "q"], spec, provenance={"host": "h"})
+    again = SampleStore.open(url, "t", expected={"a": [1, 2]})
+    assert again.tokens == ["p", "q"] and again.metadata == {"a": [1, 2]} and again.counts()["todo"] == 2
+    assert np.array_equal(again.array("x")[:], data) and store.info["provenance"] == {"host": "h"}
+    attrs = json.loads(location.read_bytes(f"{url}/zarr.json"))["attributes"]
+    assert set(attrs) == {"bevctl"} and not base.is_incomplete(url)
+    with pytest.raises(BevctlError, match=rf"^{url} already exists \(use --overwrite to replace it\)$"):
+        SampleStore.create(url, "t", {}, ["p", "q"], spec)
+    fresh = SampleStore.create(url, "u", {"b": 1}, ["r"], [ArraySpec("x", (1, 2), "uint8", (1, 2))], overwrite=True)
+    assert fresh.kind == "u" and fresh.tokens == ["r"] and "y" not in fresh.group
+    assert sorted(location.listdir(url)) == ["done", "tokens", "x", "zarr.json"]  # the old 'y' is gone
+    other = f"{root}/notes"
+    location.write_bytes_atomic(f"{other}/readme.txt", b"not a store")
+    with pytest.raises(BevctlError, match=rf"^{other} exists and is not a Zarr store; refusing to delete it"):
+        SampleStore.create(other, "t", {}, ["p"], [], overwrite=True)
+    assert location.read_bytes(f"{other}/readme.txt") == b"not a store"
+
+    def crash(*args, **kw):
+        raise KeyboardInterrupt
+
+    # an overwrite interrupted while deleting the old store: what is left is no longer a store
+    monkeypatch.setattr(location, "remove_tree", crash)
+    with pytest.raises(KeyboardInterrupt):
+        SampleStore.create(url, "t", {}, ["p"], [], overwrite=True)
+    monkeypatch.undo()
+    with pytest.raises(BevctlError, match=rf"^{url}: no Zarr store there$"):
+        SampleStore.open(url, "u")
+
+    broken = f"{root}/broken.zarr"
+    monkeypatch.setattr(base, "_fill", crash)
+    with pytest.raises(KeyboardInterrupt):
+        SampleStore.create(broken, "t", {}, ["p"], [])
+    monkeypatch.undo()
+    assert base.is_incomplete(broken)
+    with pytest.raises(base.IncompleteStore, match=r"incomplete store \(its creation was interrupted\)"):
+        SampleStore.open(broken, "t")
+    rebuilt, created = SampleStore.open_or_create(broken, "t", {}, ["p"], [])
+    assert created and rebuilt.tokens == ["p"] and not base.is_incomplete(broken)
+
+
+def test_store_membership_done_flags_and_long_values_in_mismatch_errors(tmp_path: Path) -> None:
+    store = SampleStore.create(tmp_path / "s.zarr", "t", {"grid": {"b": 1, "a": "x" * 200}}, ["p", "q"], [])
+    assert "p" in store and "q" in store and "r" not in store and 3 not in store
+    store.mark([1], DONE)
+    assert not store.is_done("p") and store.is_done("q")
+    store.mark([0], FAILED)
+    assert not store.is_done("p")
+    with pytest.raises(BevctlError, match=r"no sample 'r' in this store"):
+        store.is_done("r")
+    # a long recorded value is quoted cut to 120 characters (keys sorted), the short one whole
+    want = {"grid": {"a": "y", "b": 1}}
+    with pytest.raises(BevctlError) as info:
+        SampleStore.open(tmp_path / "s.zarr", "t", expected=want)
+    msg = str(info.value)
+    quoted = '"' + "x" * 116 + "..."
+    assert f"store was made for grid.a={quoted}, expected \"y\"; " in msg
+    # exactly 120 characters: quoted whole
+    SampleStore.create(tmp_path / "s2.zarr", "t", {"k": "z" * 118}, ["p"], [])
+    with pytest.raises(BevctlError, match=r"store was made for k=\"z{118}\", expected 1;"):
+        SampleStore.open(tmp_path / "s2.zarr", "t", expected={"k": 1})
+    SampleStore.create(tmp_path / "s3.zarr", "t", {"k": "z" * 119}, ["p"], [])
+    with pytest.raises(BevctlError, match=r"store was made for k=\"z{116}\.\.\., expected 1;"):
+        SampleStore.open(tmp_path / "s3.zarr", "t", expected={"k": 1})
