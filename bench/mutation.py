@@ -191,6 +191,7 @@ EQUIVALENT: dict[str, str] = {
         "`json.dumps(value, sort_keys=True)` -> sort_keys None: every quoted value already went through _jsonable "
         "(a sorted JSON round trip) when the store was made or the expectation checked, so its dicts are in key order",
     "bevctl.storage.base.x__short__mutmut_6": "the same as mutant 4 (sort_keys dropped)",
+    "bevctl.storage.base.x__short__mutmut_7": "the same as mutant 4 (sort_keys=False)",
     "bevctl.data.bev_gt.x_fill_polygons__mutmut_13": "`exterior_cw=False` dropped: shapely's default",
     "bevctl.data.bev_gt.x_fill_polygons__mutmut_15": "the same as _bands mutant 18 (np.array of polygons, dtype None)",
     "bevctl.data.bev_gt.x_fill_polygons__mutmut_17": "the same as _bands mutant 18 (dtype argument dropped)",

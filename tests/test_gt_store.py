@@ -307,3 +307,27 @@ def test_store_membership_done_flags_and_long_values_in_mismatch_errors(tmp_path
     SampleStore.create(tmp_path / "s3.zarr", "t", {"k": "z" * 119}, ["p"], [])
     with pytest.raises(BevctlError, match=r"store was made for k=\"z{116}\.\.\., expected 1;"):
         SampleStore.open(tmp_path / "s3.zarr", "t", expected={"k": 1})
+
+
+def test_reopening_a_store_checks_tokens_and_arrays_with_one_clear_line(tmp_path: Path) -> None:
+    """open_or_create on an existing store: the same tokens and arrays (string arrays included)
+    reopen it; a different token, a missing array, another shape or another dtype is refused with
+    the first difference named and what to do about it."""
+    path = tmp_path / "s.zarr"
+    spec = [ArraySpec("x", (2, 4, 4), "uint8", (1, 4, 4)), ArraySpec("scene", (2,), "str", (2,), fill_value="")]
+    SampleStore.create(path, "t", {"a": 1}, ["p", "q"], spec)
+    store, created = SampleStore.open_or_create(path, "t", {"a": 1}, ["p", "q"], spec)
+    assert not created and store.tokens == ["p", "q"]
+    remedy = "; use --overwrite to rebuild it, or another output path$"
+    cases = [
+        (["p", "z"], spec, rf"^{path}: sample 1 is 'q' in the store, expected 'z'{remedy}"),
+        (["p", "q"], spec + [ArraySpec("y", (2,), "uint8", (2,))], rf"^{path}: array 'y' is missing{remedy}"),
+        (["p", "q"], [ArraySpec("x", (2, 4, 5), "uint8", (1, 4, 5))],
+         rf"^{path}: array 'x' is uint8\(2, 4, 4\), expected uint8\(2, 4, 5\){remedy}"),
+        (["p", "q"], [ArraySpec("x", (2, 4, 4), "float32", (1, 4, 4))],
+         rf"^{path}: array 'x' is uint8\(2, 4, 4\), expected float32\(2, 4, 4\){remedy}"),
+        (["p", "q"], [ArraySpec("scene", (2,), "uint8", (2,))], rf"^{path}: array 'scene' is .*, expected uint8\(2,\)"),
+    ]
+    for tokens, arrays, message in cases:
+        with pytest.raises(BevctlError, match=message):
+            SampleStore.open_or_create(path, "t", {"a": 1}, tokens, arrays)
