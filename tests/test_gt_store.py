@@ -331,3 +331,34 @@ def test_reopening_a_store_checks_tokens_and_arrays_with_one_clear_line(tmp_path
     for tokens, arrays, message in cases:
         with pytest.raises(BevctlError, match=message):
             SampleStore.open_or_create(path, "t", {"a": 1}, tokens, arrays)
+
+
+def test_metadata_mismatch_names_the_first_differing_key(tmp_path: Path) -> None:
+    """open_or_create compares the whole recorded metadata: a nested value, a key the store lacks,
+    a key the store has in excess, and a dict where a plain value is expected are each named."""
+    path = tmp_path / "s.zarr"
+    SampleStore.create(path, "t", {"grid": {"res": 0.25, "x": [-16, 16]}, "v": 1}, ["p"], [])
+    remedy = "; use --overwrite to rebuild it, or another output path$"
+    cases = [
+        ({"grid": {"res": 0.5, "x": [-16, 16]}, "v": 1}, r"store was made for grid\.res=0\.25, expected 0\.5"),
+        ({"grid": {"res": 0.25, "x": [-16, 16]}, "v": 1, "w": 2}, r'store was made for w="<missing>", expected 2'),
+        ({"grid": {"res": 0.25, "x": [-16, 16]}}, r'store was made for v=1, expected "<missing>"'),
+        ({"grid": "demo", "v": 1}, r'store was made for grid=\{"res": 0\.25, "x": \[-16, 16\]\}, expected "demo"'),
+    ]
+    for metadata, message in cases:
+        with pytest.raises(BevctlError, match=rf"^{path}: {message}{remedy}"):
+            SampleStore.open_or_create(path, "t", metadata, ["p"], [])
+
+
+def test_only_a_store_marked_as_being_created_counts_as_incomplete(tmp_path: Path) -> None:
+    from bevctl.storage.base import is_incomplete
+
+    assert not is_incomplete(tmp_path / "missing.zarr")
+    for name, text in (("notjson", "{"), ("list", "[1, 2]"), ("plain", '{"attributes": {"other": 1}}'),
+                       ("done", '{"attributes": {"bevctl_creating": {}, "bevctl": {}}}')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "zarr.json").write_text(text)
+        assert not is_incomplete(tmp_path / name), name
+    (tmp_path / "creating").mkdir()
+    (tmp_path / "creating" / "zarr.json").write_text('{"attributes": {"bevctl_creating": {"kind": "t"}}}')
+    assert is_incomplete(tmp_path / "creating")
