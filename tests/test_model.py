@@ -582,3 +582,65 @@ def test_deformable_attention_runs_in_fp32_and_checks_its_levels():
     torch.testing.assert_close(p, torch.softmax(torch.tensor([[0.0, 1.0], [2.0, 2.0]]), -1))
     torch.testing.assert_close(softmax_fp32(torch.tensor([[0.0, 0.0], [1.0, 3.0]]), 0),
                                torch.softmax(torch.tensor([[0.0, 0.0], [1.0, 3.0]]), 0))
+
+
+def _tsa_setup(b: int = 2, xq: int = 3, yq: int = 4, d: int = 8):
+    from bevctl.train.model.encoder import TemporalSelfAttention
+
+    torch.manual_seed(0)
+    tsa = TemporalSelfAttention(dim=d, heads=2, points=2, dropout=0.0).eval()
+    ii, jj = torch.meshgrid(torch.arange(xq) + 0.5, torch.arange(yq) + 0.5, indexing="ij")
+    ref = torch.stack([jj / yq, ii / xq], -1).reshape(-1, 2)  # cell centres as (along Y, along X)
+    query, prev = torch.randn(b, xq * yq, d), torch.randn(b, xq * yq, d)
+    return tsa, ref, query, prev, (xq, yq)
+
+
+def test_temporal_self_attention_without_offsets_averages_history_and_query_per_cell():
+    """Identity value/output projections and no sampling offsets: every point reads its own
+    cell, so each query becomes query + (aligned previous BEV + query) / 2 at that cell, per sample."""
+    tsa, ref, query, prev, shape = _tsa_setup()
+    with torch.no_grad():
+        for lin in (tsa.value_proj, tsa.output_proj):
+            lin.weight.copy_(torch.eye(lin.in_features))
+            lin.bias.zero_()
+        tsa.sampling_offsets.weight.zero_()
+        tsa.sampling_offsets.bias.zero_()
+        tsa.attention_weights.weight.normal_()  # any weights: every point reads the same value
+        out = tsa(query, torch.randn(1, *query.shape[1:]), prev, None, ref, shape)
+        torch.testing.assert_close(out, query + (prev + query) / 2, atol=1e-5, rtol=1e-5)
+        # cells the previous BEV does not cover: the query stands in for it
+        valid = torch.rand(query.shape[0], query.shape[1], 1) > 0.5
+        out = tsa(query, torch.zeros(1, *query.shape[1:]), prev, valid, ref, shape)
+        torch.testing.assert_close(out, query + (torch.where(valid, prev, query) + query) / 2, atol=1e-5, rtol=1e-5)
+        # no history at all: the query attends to itself twice
+        torch.testing.assert_close(tsa(query, torch.zeros(1, *query.shape[1:]), None, None, ref, shape), 2 * query,
+                                   atol=1e-5, rtol=1e-5)
+        # every point one cell further along X (offsets are in cells, as (along Y, along X)): cell (i, j)
+        # reads cell (i + 1, j); the last row reads the zero padding
+        tsa.sampling_offsets.bias.copy_(torch.tensor([0.0, 1.0]).repeat(tsa.sampling_offsets.out_features // 2))
+        out = tsa(query, torch.zeros(1, *query.shape[1:]), prev, None, ref, shape)
+    xq, yq = shape
+    grid = lambda t: t.view(t.shape[0], xq, yq, -1)  # noqa: E731
+    want = grid(query).clone()
+    want[:, :-1] += (grid(prev)[:, 1:] + grid(query)[:, 1:]) / 2
+    torch.testing.assert_close(grid(out), want, atol=1e-5, rtol=1e-5)
+
+
+def test_temporal_self_attention_adds_the_positional_encoding_where_it_predicts_offsets_and_weights():
+    """query + pos drives the offsets and weights: a constant pos p gives the same result as no
+    pos with the offset/weight biases shifted by W_query @ p (the pos-free half of the input is prev)."""
+    import copy
+
+    tsa, ref, query, prev, shape = _tsa_setup()
+    d = query.shape[-1]
+    with torch.no_grad():
+        tsa.sampling_offsets.weight.normal_(std=0.05)
+        tsa.attention_weights.weight.normal_()
+        p = torch.randn(d)
+        shifted = copy.deepcopy(tsa)
+        for lin in (shifted.sampling_offsets, shifted.attention_weights):
+            lin.bias.add_(lin.weight[:, d:] @ p)
+        with_pos = tsa(query, p.expand(1, query.shape[1], d), prev, None, ref, shape)
+        without = shifted(query, torch.zeros(1, query.shape[1], d), prev, None, ref, shape)
+    torch.testing.assert_close(with_pos, without, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(with_pos, tsa(query, torch.zeros(1, query.shape[1], d), prev, None, ref, shape))
