@@ -187,6 +187,25 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.data.bev_gt.x_grid_box_global__mutmut_13":
         "`np.asarray(global_T_ego, dtype=np.float64)` -> dtype None: multiplied by the float64 corners either way",
     "bevctl.data.bev_gt.x_grid_box_global__mutmut_15": "the same as mutant 13 (dtype argument dropped)",
+    "bevctl.storage.base.x__create_remote__mutmut_21":
+        "`remove_tree(url)` -> `remove_tree(None)` (a no-op): the following open_group(mode=\"w\") clears "
+        "everything under the prefix itself (a user's file left inside the old store is gone either way)",
+    "bevctl.storage.base.x__create_remote__mutmut_25": "`zarr_format=3` -> None: zarr-python 3's default format is 3",
+    "bevctl.storage.base.x__create_remote__mutmut_28":
+        "`mode=\"w\"` dropped (default \"a\"): the prefix is empty there (new, or just removed), so both create "
+        "the same group",
+    "bevctl.storage.base.x__create_remote__mutmut_29": "the same as mutant 25 (zarr_format dropped)",
+    "bevctl.storage.base.x__create_remote__mutmut_35":
+        "the key inside the creating marker renamed: only the marker's presence is ever read (is_incomplete, "
+        "SampleStore), never its content",
+    "bevctl.storage.base.x__create_remote__mutmut_36": "the same as mutant 35",
+    "bevctl.storage.base.x_is_incomplete__mutmut_15":
+        "`meta.get(\"attributes\", {})` -> default None: a zarr.json without attributes gives False either way "
+        "(None is not a dict)",
+    "bevctl.storage.base.x_is_incomplete__mutmut_17": "the same as mutant 15 (default dropped)",
+    "bevctl.storage.base.xǁSampleStoreǁcheck_arrays__mutmut_13":
+        "`kind in \"TU\"` -> `in \"XXTUXX\"`: a numpy dtype kind is one letter, and no kind is 'X'",
+    "bevctl.storage.base.xǁSampleStoreǁcheck_arrays__mutmut_17": "the same as mutant 13",
     "bevctl.storage.base.x__short__mutmut_4":
         "`json.dumps(value, sort_keys=True)` -> sort_keys None: every quoted value already went through _jsonable "
         "(a sorted JSON round trip) when the store was made or the expectation checked, so its dicts are in key order",

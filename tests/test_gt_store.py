@@ -252,9 +252,10 @@ def test_base_store_on_object_storage_is_built_in_place_and_guarded(monkeypatch:
     assert set(attrs) == {"bevctl"} and not base.is_incomplete(url)
     with pytest.raises(BevctlError, match=rf"^{url} already exists \(use --overwrite to replace it\)$"):
         SampleStore.create(url, "t", {}, ["p", "q"], spec)
+    location.write_bytes_atomic(f"{url}/notes/readme.txt", b"left by a user inside the old store")
     fresh = SampleStore.create(url, "u", {"b": 1}, ["r"], [ArraySpec("x", (1, 2), "uint8", (1, 2))], overwrite=True)
     assert fresh.kind == "u" and fresh.tokens == ["r"] and "y" not in fresh.group
-    assert sorted(location.listdir(url)) == ["done", "tokens", "x", "zarr.json"]  # the old 'y' is gone
+    assert sorted(location.listdir(url)) == ["done", "tokens", "x", "zarr.json"]  # the old store is gone whole
     other = f"{root}/notes"
     location.write_bytes_atomic(f"{other}/readme.txt", b"not a store")
     with pytest.raises(BevctlError, match=rf"^{other} exists and is not a Zarr store; refusing to delete it"):
@@ -271,6 +272,14 @@ def test_base_store_on_object_storage_is_built_in_place_and_guarded(monkeypatch:
     monkeypatch.undo()
     with pytest.raises(BevctlError, match=rf"^{url}: no Zarr store there$"):
         SampleStore.open(url, "u")
+
+    def denied(*args, **kw):
+        raise PermissionError("403 Forbidden")
+
+    monkeypatch.setattr(base, "_fill", denied)  # a storage fault while writing the arrays: one line naming the store
+    with pytest.raises(BevctlError, match=rf"^{root}/denied.zarr: access denied \(403 Forbidden\); check the credentials"):
+        SampleStore.create(f"{root}/denied.zarr", "t", {}, ["p"], [])
+    monkeypatch.undo()
 
     broken = f"{root}/broken.zarr"
     monkeypatch.setattr(base, "_fill", crash)
