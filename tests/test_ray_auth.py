@@ -28,6 +28,23 @@ def no_ray_auth(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     return tmp_path
 
 
+def test_rays_advice_to_turn_token_auth_off_is_not_shown_for_bevctls_own_cluster(no_ray_auth: Path) -> None:
+    ray_logger = logging.getLogger(ray_auth.RAY_AUTH_LOGGER)
+
+    def shown(message: str) -> bool:
+        record = ray_logger.makeRecord(ray_logger.name, logging.WARNING, __file__, 0, message, None, None)
+        return ray_logger.filter(record)
+
+    on = ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. "
+          "For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html")
+    off = "Token authentication is disabled for this Ray cluster. Anyone with network access ..."
+    ray_auth.prepare_local_cluster()
+    try:
+        assert not shown(on) and shown(off)
+    finally:
+        ray_logger.removeFilter(ray_auth._QUIET)
+
+
 def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 

@@ -42,6 +42,20 @@ MODE = "RAY_AUTH_MODE"
 TOKEN = "RAY_AUTH_TOKEN"
 TOKEN_PATH = "RAY_AUTH_TOKEN_PATH"
 _own_token: Path | None = None  # this process's token file, once made
+# Ray's logger for its notices about token authentication (ray._private.authentication)
+RAY_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _QuietTokenOnNotice(logging.Filter):
+    """Drops Ray's notice that token authentication is on, which goes on to say how to turn it
+    off: bevctl logs which token the cluster uses instead. Every other record passes (Ray's
+    warning that authentication is *off* stays loud)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+_QUIET = _QuietTokenOnNotice()
 
 
 def prepare_local_cluster() -> None:
@@ -63,6 +77,7 @@ def prepare_local_cluster() -> None:
         return
     path = _own_token_path()
     os.environ[TOKEN_PATH] = str(path)
+    logging.getLogger(RAY_AUTH_LOGGER).addFilter(_QUIET)  # adding the same filter twice keeps one
     log.info("Ray token authentication: token file %s (mode 0600, this run's own)", path)
 
 
