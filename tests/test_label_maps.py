@@ -207,3 +207,23 @@ def test_lut_is_uint8_over_all_256_ids_and_class_ids_must_fit(tmp_path: Path) ->
     with pytest.raises(BevctlError, match=r"^label map 'b': class 'paint' -> \['lane_divider', 'stop_line'\], none of "
                                           r"which is in class set 'hdmapnet' \(boundary, ped_crossing, divider\) nor background/ignore$"):
         resolve_label_map({0: "paint"}, hd, user_map_path=bad)
+
+
+def test_resolved_map_record_names_the_map_its_source_and_every_class(tmp_path: Path, monkeypatch) -> None:
+    """The record a training run keeps of its label map: name, "built in" or the YAML file's
+    absolute path, and each labeler class's BEV class by name (agreeing with the LUT)."""
+    from bevctl.pseudolabel.label_maps import resolve_label_map_record
+
+    hd = class_set_from_name("hdmapnet")
+    names = {0: "background", 255: "ignore", **{k + 1: c for k, c in enumerate(hd.classes)}}
+    lut, record = resolve_label_map_record(_id2label(SYNTH), hd)
+    assert set(record) == {"name", "source", "table"}
+    assert record["name"] == "synth" and record["source"] == "built in"
+    assert record["table"] == {name: names[int(lut[cid])] for cid, name in enumerate(SYNTH)}
+    assert list(record["table"]) == SYNTH  # in labeler id order
+    assert (record["table"]["road"], record["table"]["curb"], record["table"]["sky"]) == ("background", "boundary",
+                                                                                       "ignore")
+    path = _write(tmp_path, "m.yaml", {"name": "mine", "classes": {"road": "background", "paint": "divider"}})
+    monkeypatch.chdir(tmp_path)
+    _, record = resolve_label_map_record({0: "road", 1: "paint"}, hd, user_map_path="m.yaml")  # a relative path
+    assert record == {"name": "mine", "source": str(path.resolve()), "table": {"road": "background", "paint": "divider"}}
