@@ -220,6 +220,12 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.data.bev_gt.x_fill_polygons__mutmut_64":
         "the first row not clipped at nx: ceil(lo) > nx only for an edge entirely past the last row, whose "
         "count max(r1 - r0, 0) is 0 either way (r1 is clipped at nx)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_73":
+        "the last row not clipped at 0: ceil(hi) < 0 only for an edge entirely before the first row, whose count "
+        "max(r1 - r0, 0) is 0 either way (r0 >= 0)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_88":
+        "`counts > 0` -> `>= 0`: edges crossing no row are kept but repeated 0 times, so they add no crossing "
+        "(and with no crossing at all the winding array stays zero: an empty mask either way)",
     "bevctl.data.bev_gt.x__polygon_parts__mutmut_2":
         "`g is None or g.is_empty` -> `and`: None is skipped anyway (neither a Polygon nor with .geoms), and an "
         "empty Polygon kept as a part has no rings (no edges to fill) and unions to nothing",

@@ -451,8 +451,13 @@ def test_empty_map_records_are_skipped_and_the_rest_drawn() -> None:
     assert np.array_equal(out == 2, reference_mask([crossing], np.eye(4), DEMO)) and set(np.unique(out)) == {0, 2}
     elements = {"ped_crossing": [shapely.Polygon()]}  # nothing but an empty record
     assert not rasterize_sample(elements, np.eye(4), DEMO, HDMAP).any()
-    mask = fill_polygons([shapely.Polygon()], DEMO.shape, cell_T_global(np.eye(4), DEMO))
-    assert mask.dtype == bool and mask.shape == DEMO.shape and not mask.any()
+    cell_T = cell_T_global(np.eye(4), DEMO)
+    # nothing, a record far outside the grid, a sliver between two rows of cell centres (x = 0.125, 0.375)
+    for polygons in ([shapely.Polygon()], [shapely.box(100, 100, 120, 120)], [shapely.box(0.15, -5, 0.35, 5)]):
+        mask = fill_polygons(polygons, DEMO.shape, cell_T)
+        assert mask.dtype == bool and mask.shape == DEMO.shape and not mask.any()
+    far = {"ped_crossing": [shapely.box(100, 100, 120, 120)]}
+    assert not rasterize_sample(far, np.eye(4), DEMO, HDMAP).any()
 
 
 def test_a_class_set_too_large_for_uint8_labels_is_refused() -> None:
