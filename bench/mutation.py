@@ -105,6 +105,33 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.geometry.x_bev_cell_centers__mutmut_10": _CPU,
     "bevctl.geometry.x_warp_bev__mutmut_48":
         "`[..., :2]` -> `[..., :3]` on the source points: only their x and y columns are ever read",
+    "bevctl.train.losses.x_compute_ray_grid__mutmut_1":
+        "default max_range 1000 m -> 1001 m: a hit also has to lie inside the BEV grid (tens of metres), so the "
+        "range only matters for grids over a kilometre across",
+    "bevctl.train.losses.xǁRayGridCacheǁ__init____mutmut_2": "the same as compute_ray_grid mutant 1 (the cache's default)",
+    "bevctl.train.losses.x_compute_ray_grid__mutmut_9": _CPU,
+    "bevctl.train.losses.x_compute_ray_grid__mutmut_13": _CPU,
+    "bevctl.train.losses.x_rig_key__mutmut_3":
+        "a 17-byte digest instead of 16: the key is only compared with keys made the same way (equal iff the "
+        "hashed bytes are equal, barring a hash collision)",
+    "bevctl.train.losses.x_rig_key__mutmut_8": _CPU,
+    "bevctl.train.losses.x_rig_key__mutmut_10": _CPU,
+    "bevctl.train.losses.x_rig_key__mutmut_14":
+        "values scaled by 1000001 instead of 1e6 before rounding: the key still changes with the matrices at "
+        "the ~1e-6 level (the rounding grid differs by one part in a million)",
+    "bevctl.train.losses.xǁRayGridCacheǁ__init____mutmut_1":
+        "the LRU holds 65 rigs instead of 64 by default: a memory bound only (a nuScenes log has one rig; "
+        "tests pass max_entries)",
+    "bevctl.train.losses.xǁRayGridCacheǁget__mutmut_11": _CPU,
+    "bevctl.train.losses.xǁRayGridCacheǁget__mutmut_37":
+        "`popitem(last=False)` -> `last=None`: None is false, so the oldest entry is evicted either way",
+    "bevctl.train.losses.x__per_sample_mean__mutmut_2":
+        "the mask left as bool: multiplying float values by it promotes it to float",
+    "bevctl.train.losses.x__per_sample_mean__mutmut_13":
+        "the second return value (how many samples have a valid value) changed: both callers discard it",
+    "bevctl.train.losses.x__per_sample_mean__mutmut_14": "the same as mutant 13",
+    "bevctl.train.losses.x_reprojection_loss__mutmut_93":
+        "`class_weights.to(ce)` -> `.to(None)`: the same as supervised_loss mutant 30",
     "bevctl.train.losses.x_supervised_loss__mutmut_7": _GT_IDS,
     "bevctl.train.losses.x_supervised_loss__mutmut_9": _GT_IDS,
     "bevctl.train.losses.x_supervised_loss__mutmut_30":
@@ -226,6 +253,9 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.data.bev_gt.x_fill_polygons__mutmut_88":
         "`counts > 0` -> `>= 0`: edges crossing no row are kept but repeated 0 times, so they add no crossing "
         "(and with no crossing at all the winding array stays zero: an empty mask either way)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_122":
+        "the +-1 crossing signs left float64 (`astype(None)`) instead of int32: np.add.at adds them into the int32 "
+        "winding array exactly",
     "bevctl.data.bev_gt.x__polygon_parts__mutmut_2":
         "`g is None or g.is_empty` -> `and`: None is skipped anyway (neither a Polygon nor with .geoms), and an "
         "empty Polygon kept as a part has no rings (no edges to fill) and unions to nothing",

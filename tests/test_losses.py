@@ -309,6 +309,9 @@ def test_ray_grid_cache_is_lru_per_rig() -> None:
     pix, ego = rigs[0]
     key = losses.rig_key(pix, ego, hw, hw)
     assert losses.rig_key(pix + 1e-8, ego, hw, hw) == key
+    assert losses.rig_key(pix - 1e-8, ego - 1e-8, hw, hw) == key  # zeros nudged below 0 too
+    real_pix, real_ego = (m.float() for m in _rig())  # the values, not their dtype, make the key
+    assert losses.rig_key(real_pix, real_ego, hw, hw) == losses.rig_key(real_pix.double(), real_ego.double(), hw, hw)
     assert losses.rig_key(pix, ego + 1e-5, hw, hw) != key and losses.rig_key(pix + 1e-5, ego, hw, hw) != key
     assert losses.rig_key(pix, ego, (4, 2), hw) != key and losses.rig_key(pix, ego, hw, (16, 8)) != key
     # a camera 2 m up sees the ground twice as far: row 6 hits at x = 2 * 4 / 2.5 = 3.2 m
@@ -422,3 +425,43 @@ def test_reprojection_loss_is_the_mean_of_per_sample_losses_in_a_batch() -> None
     labels[1] = 255  # sample 1 has nothing to learn from
     first_only, _ = losses.reprojection_loss(logits, labels, rays, GRID)
     assert float(first_only) == pytest.approx(alone[0] / 2, rel=1e-5)
+
+
+def test_ray_grid_is_computed_in_float64_and_stored_in_float32() -> None:
+    """A float32 calibration (as loaded from a batch) gives exactly the rays of the same values
+    in float64; the hits are kept in float32 (half the memory of the cache)."""
+    pix, ego = _rig()
+    pix32, ego32 = pix.float(), ego.float()
+    label_hw = (45, 80)
+    r32 = losses.compute_ray_grid(pix32, ego32, label_hw, IMAGE_HW, GRID)
+    r64 = losses.compute_ray_grid(pix32.double(), ego32.double(), label_hw, IMAGE_HW, GRID)
+    assert r32.xy.dtype == torch.float32 and r64.xy.dtype == torch.float32
+    assert torch.equal(r32.xy, r64.xy) and torch.equal(r32.valid, r64.valid)
+
+
+def test_ray_hits_beyond_max_range_are_not_hits() -> None:
+    """max_range (metres along the ground from the camera) bounds the hits, computed directly and
+    through the cache alike."""
+    pix, ego = _rig()
+    label_hw = (45, 80)
+    far = BEVGrid(-60.0, 60.0, -60.0, 60.0, 0.5)  # large enough to hold hits beyond 10 m
+    full = losses.compute_ray_grid(pix, ego, label_hw, IMAGE_HW, far)
+    near = losses.compute_ray_grid(pix, ego, label_hw, IMAGE_HW, far, max_range=10.0)
+    cached = losses.RayGridCache(far, max_range=10.0).get(pix, ego, label_hw, IMAGE_HW)
+    cam_xy = ego[:, None, :2, 3].float()  # (N, 1, 2)
+    dist = (full.xy - cam_xy).norm(dim=-1)
+    assert bool((full.valid & (dist >= 10.0)).any()) and bool((full.valid & (dist < 9.9)).any())
+    # the same hits up to 10 m (1 mm of slack for the float32 storage of the hits), none beyond
+    assert not bool((near.valid & ~full.valid).any())
+    assert not bool((full.valid & (dist < 10.0 - 1e-3) & ~near.valid).any())
+    assert not bool((near.valid & (dist >= 10.0 + 1e-3)).any())
+    assert torch.equal(cached.valid, near.valid)
+
+
+def test_supervised_loss_of_a_sample_with_one_valid_cell_is_that_cells_cross_entropy() -> None:
+    logits = torch.randn(1, 3, 4, 4, generator=torch.Generator().manual_seed(5))
+    target = torch.full((1, 4, 4), 255)
+    target[0, 2, 1] = 2
+    loss, _ = losses.supervised_loss(logits, target)
+    want = -torch.log_softmax(logits[0, :, 2, 1], 0)[2]
+    assert float(loss) == pytest.approx(float(want), rel=1e-6)
