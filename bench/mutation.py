@@ -256,6 +256,18 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.data.bev_gt.x_fill_polygons__mutmut_122":
         "the +-1 crossing signs left float64 (`astype(None)`) instead of int32: np.add.at adds them into the int32 "
         "winding array exactly",
+    "bevctl.data.bev_gt.x_cell_T_global__mutmut_3":
+        "`np.asarray(global_T_ego, dtype=np.float64)` -> dtype None: poses are float64 (SampleRecord.global_T_ego), "
+        "where the cast is a no-op (a float32 pose at 2 km changed no cell of 6545 divider cells either)",
+    "bevctl.data.bev_gt.x_cell_T_global__mutmut_5": "the same as mutant 3 (dtype argument dropped)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_129":
+        "`u1 > u0` -> `>=` for the crossing sign: an edge with u1 == u0 crosses no row (count 0), so its sign is "
+        "never used",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_145":
+        "the winding array float64 instead of int32: sums of +-1 are exact either way, and only `!= 0` is read",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_147": "the same as mutant 145 (dtype argument dropped)",
+    "bevctl.data.bev_gt.x_fill_polygons__mutmut_149":
+        "one more spare winding column (ny + 2): crossings start at column <= ny and only columns < ny are summed",
     "bevctl.data.bev_gt.x__polygon_parts__mutmut_2":
         "`g is None or g.is_empty` -> `and`: None is skipped anyway (neither a Polygon nor with .geoms), and an "
         "empty Polygon kept as a part has no rings (no edges to fill) and unions to nothing",
