@@ -160,6 +160,14 @@ EQUIVALENT: dict[str, str] = {
         "`t > 0` -> `t >= 0`: t = 0 only for a camera exactly at ground height",
     "bevctl.geometry.x_rays_to_ground__mutmut_67":
         "`dist < max_range` -> `<=`: differs only for a hit exactly max_range away",
+    "bevctl.geometry.x_bev_cell_centers__mutmut_18": _CPU,
+    "bevctl.geometry.x_bev_cell_centers__mutmut_21": _CPU,
+    "bevctl.geometry.x_bev_cell_centers__mutmut_26": "the same as pixel_grid mutant 34 (`indexing=None`: torch's default 'ij')",
+    "bevctl.geometry.x_bev_cell_centers__mutmut_29": "the same as pixel_grid mutant 34 (`indexing` dropped)",
+    "bevctl.geometry.x_sample_bev__mutmut_16":
+        "`align_corners=False` -> `None`: grid_sample treats None as False (it only adds a warning)",
+    "bevctl.geometry.x_sample_bev__mutmut_20": "`padding_mode=\"zeros\"` dropped: grid_sample's default",
+    "bevctl.geometry.x_sample_bev__mutmut_21": "the same as mutant 16 (argument dropped)",
     "bevctl.geometry.x_pix_T_cam_4x4__mutmut_5": _CPU,
     "bevctl.geometry.x_pix_T_cam_4x4__mutmut_10": _CPU,
     "bevctl.train.losses.x_move_ray_grid__mutmut_22":

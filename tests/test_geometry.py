@@ -307,3 +307,17 @@ def test_rays_of_a_low_camera_far_from_the_ego_origin_hit_the_ground_below_it() 
     assert float((pts[1, :2] - torch.tensor([40.0, 0.0], dtype=torch.float64)).norm()) == pytest.approx(0.5)
     _, valid = geo.rays_to_ground(k, ego_T_cam, uv, max_range=0.25)
     assert valid.tolist() == [True, False]
+
+
+def test_sample_bev_reads_a_map_of_any_dtype_at_float32_points() -> None:
+    """A float64 (or bfloat16) BEV map sampled at float32 ego points (as the ray grids store
+    them): each cell centre reads its cell, outside the grid reads 0."""
+    grid = BEVGrid(-2.0, 2.0, -1.0, 1.0, 0.5)
+    bev = torch.arange(grid.nx * grid.ny, dtype=torch.float64).view(1, 1, grid.nx, grid.ny)
+    centres = geo.bev_cell_centers(grid).reshape(1, -1, 2)  # float32
+    pts = torch.cat([centres, torch.tensor([[[5.0, 0.0]]])], dim=1)
+    for dtype in (torch.float64, torch.bfloat16):
+        out = geo.sample_bev(bev.to(dtype), grid, pts)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out[0, 0, :-1].double(), bev.to(dtype).reshape(-1).double())
+        assert float(out[0, 0, -1]) == 0.0
