@@ -208,6 +208,14 @@ EQUIVALENT: dict[str, str] = {
         "the accumulator created as float32 zeros instead of the image's dtype: the reference passes float64 "
         "images, and adding the first float64 term promotes the (exact) zeros to float64 before any rounding",
     "bevctl.train.model.attention.x__bilinear_zero_pad__mutmut_9": "the same as mutant 7 (dtype argument dropped)",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_5":
+        "`torch.arange(num_heads, dtype=torch.float32)` -> dtype None: the int64 range times a Python float is "
+        "float32 (torch's default dtype) with the same values",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_7": "the same as mutant 5 (dtype argument dropped)",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_16":
+        "`torch.stack(..., -1)` -> `+1`: for 1-d inputs dimension 1 is the last one",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_24":
+        "`max(-1, ...)` -> `max(+1, ...)` on the (M, 2) directions: dimension 1 is the last one",
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_75":
         "`align_corners=False` -> `None`: grid_sample treats None as False (it only adds a warning)",
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_78": "`mode=\"bilinear\"` dropped: grid_sample's default",

@@ -357,6 +357,11 @@ def test_metadata_mismatch_names_the_first_differing_key(tmp_path: Path) -> None
     for metadata, message in cases:
         with pytest.raises(BevctlError, match=rf"^{path}: {message}{remedy}"):
             SampleStore.open_or_create(path, "t", metadata, ["p"], [])
+    # open() checks only the keys asked for; one the store lacks is named, even when null is expected
+    assert SampleStore.open(path, "t", expected={"v": 1}).tokens == ["p"]
+    for value, shown in ((2, "2"), (None, "null")):
+        with pytest.raises(BevctlError, match=rf'^{path}: store was made for w="<missing>", expected {shown}{remedy}'):
+            SampleStore.open(path, "t", expected={"v": 1, "w": value})
 
 
 def test_only_a_store_marked_as_being_created_counts_as_incomplete(tmp_path: Path) -> None:
