@@ -216,6 +216,14 @@ EQUIVALENT: dict[str, str] = {
         "`torch.stack(..., -1)` -> `+1`: for 1-d inputs dimension 1 is the last one",
     "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_24":
         "`max(-1, ...)` -> `max(+1, ...)` on the (M, 2) directions: dimension 1 is the last one",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_32":
+        "the point scale viewed (1, P, 1) instead of (1, 1, P, 1): broadcasting against the (M, 1, 1, 2) "
+        "directions aligns it the same way",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_33": "the same as mutant 32",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_38":
+        "the point scale as int64 (dtype None): multiplied by the float32 directions it gives the same float32 "
+        "values",
+    "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_41": "the same as mutant 38 (dtype argument dropped)",
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_75":
         "`align_corners=False` -> `None`: grid_sample treats None as False (it only adds a warning)",
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_78": "`mode=\"bilinear\"` dropped: grid_sample's default",
@@ -268,6 +276,9 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.storage.base.xǁSampleStoreǁcheck_arrays__mutmut_13":
         "`kind in \"TU\"` -> `in \"XXTUXX\"`: a numpy dtype kind is one letter, and no kind is 'X'",
     "bevctl.storage.base.xǁSampleStoreǁcheck_arrays__mutmut_17": "the same as mutant 13",
+    "bevctl.storage.base.xǁSampleStoreǁcheck_metadata__mutmut_17":
+        "`_first_difference(..., \"\")` -> `None` as the key prefix: both are false, so top-level keys are named "
+        "without a prefix either way",
     "bevctl.storage.base.x__short__mutmut_4":
         "`json.dumps(value, sort_keys=True)` -> sort_keys None: every quoted value already went through _jsonable "
         "(a sorted JSON round trip) when the store was made or the expectation checked, so its dicts are in key order",

@@ -362,6 +362,9 @@ def test_metadata_mismatch_names_the_first_differing_key(tmp_path: Path) -> None
     for value, shown in ((2, "2"), (None, "null")):
         with pytest.raises(BevctlError, match=rf'^{path}: store was made for w="<missing>", expected {shown}{remedy}'):
             SampleStore.open(path, "t", expected={"v": 1, "w": value})
+    # the caller's own advice replaces the default one
+    with pytest.raises(BevctlError, match=rf"^{path}: store was made for v=1, expected 2; evaluate with --grid demo$"):
+        SampleStore.open(path, "t", expected={"v": 2}, remedy="evaluate with --grid demo")
 
 
 def test_only_a_store_marked_as_being_created_counts_as_incomplete(tmp_path: Path) -> None:
