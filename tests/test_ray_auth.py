@@ -35,8 +35,8 @@ def test_rays_advice_to_turn_token_auth_off_is_not_shown_for_bevctls_own_cluster
         record = ray_logger.makeRecord(ray_logger.name, logging.WARNING, __file__, 0, message, None, None)
         return ray_logger.filter(record)
 
-    on = ("Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt out. "
-          "For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html")
+    on = (f"Token authentication is enabled for this Ray cluster. Set {ray_auth.MODE}=disabled to opt out. "
+          "For more information, see https://docs.ray.io/en/latest/ray-security/token-auth.html")  # Ray's text
     off = "Token authentication is disabled for this Ray cluster. Anyone with network access ..."
     ray_auth.prepare_local_cluster()
     try:
