@@ -75,6 +75,8 @@ _CPU = ("the device argument dropped: the same on a CPU; differs only with an ac
 _MARGIN = ("a larger clip margin than 2 line widths + 2 cells + 1 m (or, for 2/resolution, one still above "
            "2 widths + 1 m): clipping stays invisible inside the grid once the cut edges lie more than half a "
            "line width beyond the outermost cell centres; only more map geometry is fetched and clipped")
+_RMTREE = ("`ignore_errors=True` off for the removal of the build's temp folder or the old store's trash "
+           "folder: differs only when that removal itself fails (another process deleting it at the same moment)")
 EQUIVALENT: dict[str, str] = {
     "bevctl.pseudolabel.label_maps.x_resolve_target__mutmut_10":
         "`return -1` -> `return -2`: the only caller tests `bev < 0`",
@@ -325,6 +327,21 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.data.bev_gt.x__polygon_parts__mutmut_2":
         "`g is None or g.is_empty` -> `and`: None is skipped anyway (neither a Polygon nor with .geoms), and an "
         "empty Polygon kept as a part has no rings (no edges to fill) and unions to nothing",
+    "bevctl.storage.base.x__create_local__mutmut_12":
+        "a 9- instead of 8-hex-digit random suffix of the temp folder's name: only its uniqueness matters",
+    "bevctl.storage.base.x__create_local__mutmut_33": "the same as mutant 12, for the old store's trash folder",
+    "bevctl.storage.base.x__create_local__mutmut_16":
+        "`zarr_format=3` -> None: zarr's default format is 3 (`zarr.config` default_zarr_format)",
+    "bevctl.storage.base.x__create_local__mutmut_18":
+        "mode 'w' -> zarr's default 'a' on a temp folder that does not exist yet (a fresh random name): both "
+        "create the same empty group",
+    "bevctl.storage.base.x__create_local__mutmut_19": "`zarr_format=3` dropped: the default (mutant 16)",
+    "bevctl.storage.base.x__create_local__mutmut_39": _RMTREE,
+    "bevctl.storage.base.x__create_local__mutmut_41": _RMTREE,
+    "bevctl.storage.base.x__create_local__mutmut_42": _RMTREE,
+    "bevctl.storage.base.x__create_local__mutmut_48": _RMTREE,
+    "bevctl.storage.base.x__create_local__mutmut_50": _RMTREE,
+    "bevctl.storage.base.x__create_local__mutmut_51": _RMTREE,
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 34: "skipped",

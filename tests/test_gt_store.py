@@ -417,3 +417,29 @@ def test_completion_log_flushes_at_most_every_interval_and_survives_a_full_disk(
     other.done(1)
     with pytest.raises(OSError, match="Permission denied"):
         other.flush_on_exit()
+
+
+def test_local_store_is_built_beside_its_path_then_renamed_and_a_failed_build_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Missing parent folders are made; a build that fails midway (here: the disk fills while the
+    arrays are written) raises that error and leaves neither a store nor a temp folder behind."""
+    from bevctl.storage import base
+
+    nested = tmp_path / "runs" / "a" / "s.zarr"
+    store = SampleStore.create(nested, "t", {}, ["p", "q"], [ArraySpec("x", (2, 3), "uint8", (1, 3))])
+    assert store.tokens == ["p", "q"] and [p.name for p in nested.parent.iterdir()] == ["s.zarr"]
+    real_fill = base._fill
+
+    def fill_then_disk_full(group, tokens, arrays):
+        real_fill(group, tokens, arrays)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(base, "_fill", fill_then_disk_full)
+    with pytest.raises(OSError, match="No space left on device"):
+        SampleStore.create(tmp_path / "other" / "s.zarr", "t", {}, ["p"], [])
+    assert list((tmp_path / "other").iterdir()) == []
+    with pytest.raises(OSError, match="No space left on device"):  # an overwrite that fails keeps the old store
+        SampleStore.create(nested, "u", {}, ["r"], [], overwrite=True)
+    monkeypatch.undo()
+    assert [p.name for p in nested.parent.iterdir()] == ["s.zarr"]
+    assert SampleStore.open(nested, "t").tokens == ["p", "q"]
