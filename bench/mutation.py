@@ -507,7 +507,7 @@ def write_report() -> None:
              "mutmut 3 does not mutate decorated functions (`@torch.no_grad()` `evaluate()` and "
              "`prediction_stats()`, `@functools.cache` `shipped_label_maps()`, properties), nor module-level "
              "constants. Time: wall time of all `mutmut run`s of the module (resumed runs added up), under "
-             "`nice -n 19` on a 2-core machine shared with six other jobs (load average 6-15): an idle machine "
+             "`nice -n 19` on a 2-core machine shared with other jobs (tests, benchmarks, a demo run; load average 3-15): an idle machine "
              "is several times faster.", "",
              "| module | tests | mutants | killed | timeout | survived | equivalent | no tests | not checked | score | time |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
