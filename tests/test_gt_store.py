@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import os
 import pickle
+import shutil
+import subprocess
+import sys
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
 from test_bev_gt import box_coords, make_sample, pose, write_map_json
+from zarr.codecs import Crc32cCodec
 
 from bevctl.config import CLASS_SETS, GRID_PRESETS
 from bevctl.data import nuscenes_map
 from bevctl.data.bev_gt import bev_gt_for_sample
 from bevctl.data.records import DatasetIndex
 from bevctl.errors import BevctlError
-from bevctl.storage import gt_store
-from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, SampleStore
+from bevctl.storage import base, gt_store, location
+from bevctl.storage.base import DONE, FAILED, TODO, ArraySpec, CompletionLog, SampleStore, is_incomplete
 from bevctl.storage.gt_store import GTStore, prepare_gt
 
 DEMO = GRID_PRESETS["demo"]
@@ -177,10 +186,6 @@ def test_store_for_other_grid_classes_or_samples_is_refused(world: tuple[Path, D
 
 
 def test_cli_prepare_gt_on_synthetic_world(tiny_synth: tuple[Path, str], tmp_path: Path) -> None:
-    import os
-    import subprocess
-    import sys
-
     dataroot, version = tiny_synth
     out = tmp_path / "gt.zarr"
     env = {**os.environ, "BEVCTL_CACHE_DIR": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
@@ -235,11 +240,6 @@ def test_base_store_on_object_storage_is_built_in_place_and_guarded(monkeypatch:
     its data once created, marker-free; refused when it exists unless overwritten (which removes
     the old arrays); a prefix holding something else is never deleted; an interrupted creation
     leaves an 'incomplete store' that open refuses and open_or_create rebuilds."""
-    import json
-    import uuid
-
-    from bevctl.storage import base, location
-
     root = f"memory://bevctl-test-{uuid.uuid4().hex[:8]}"
     url = f"{root}/s.zarr"
     data = np.arange(32, dtype=np.uint8).reshape(2, 4, 4)
@@ -368,8 +368,6 @@ def test_metadata_mismatch_names_the_first_differing_key(tmp_path: Path) -> None
 
 
 def test_only_a_store_marked_as_being_created_counts_as_incomplete(tmp_path: Path) -> None:
-    from bevctl.storage.base import is_incomplete
-
     assert not is_incomplete(tmp_path / "missing.zarr")
     for name, text in (("notjson", "{"), ("list", "[1, 2]"), ("plain", '{"attributes": {"other": 1}}'),
                        ("done", '{"attributes": {"bevctl_creating": {}, "bevctl": {}}}')):
@@ -382,10 +380,6 @@ def test_only_a_store_marked_as_being_created_counts_as_incomplete(tmp_path: Pat
 
 
 def test_completion_log_flushes_at_most_every_interval_and_survives_a_full_disk() -> None:
-    import errno
-
-    from bevctl.storage.base import CompletionLog
-
     class Store:
         def __init__(self, fail: OSError | None = None) -> None:
             self.marks: list[tuple[list[int], int]] = []
@@ -423,8 +417,6 @@ def test_local_store_is_built_beside_its_path_then_renamed_and_a_failed_build_le
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Missing parent folders are made; a build that fails midway (here: the disk fills while the
     arrays are written) raises that error and leaves neither a store nor a temp folder behind."""
-    from bevctl.storage import base
-
     nested = tmp_path / "runs" / "a" / "s.zarr"
     store = SampleStore.create(nested, "t", {}, ["p", "q"], [ArraySpec("x", (2, 3), "uint8", (1, 3))])
     assert store.tokens == ["p", "q"] and [p.name for p in nested.parent.iterdir()] == ["s.zarr"]
@@ -443,3 +435,35 @@ def test_local_store_is_built_beside_its_path_then_renamed_and_a_failed_build_le
     monkeypatch.undo()
     assert [p.name for p in nested.parent.iterdir()] == ["s.zarr"]
     assert SampleStore.open(nested, "t").tokens == ["p", "q"]
+
+
+def test_store_records_are_checksummed_chunked_and_traceable(tmp_path: Path) -> None:
+    """What the store's own records promise a reader (bevctl/storage/base.py header, docs/reliability.md):
+    every array carries a checksum, ``tokens``/``done`` are one object for up to 65,536 samples (a
+    rerun's ``mark`` rewrites one ``done`` object, not one per sample), ``tokens_sha256`` is the
+    sha256 of the newline-joined tokens (any tool can check it), and ``provenance`` is recorded."""
+    tokens = ["p", "q", "r"]
+    store, created = SampleStore.open_or_create(tmp_path / "s.zarr", "t", {"a": 1}, tokens,
+                                                [ArraySpec("x", (3, 4), "uint8", (1, 4))],
+                                                provenance={"dataroot": "/data/nuscenes"})
+    assert created
+    reopened = SampleStore.open(tmp_path / "s.zarr", "t")
+    assert reopened.info["provenance"] == {"dataroot": "/data/nuscenes"}
+    assert reopened.info["tokens_sha256"] == hashlib.sha256(b"p\nq\nr").hexdigest()
+    for name in ("tokens", "done", "x"):
+        codecs = reopened.array(name).compressors
+        assert any(isinstance(c, Crc32cCodec) or getattr(c, "checksum", False) for c in codecs), (name, codecs)
+    assert reopened.array("tokens").chunks == reopened.array("done").chunks == (3,)
+
+    many = [f"{i:032x}" for i in range(70_000)]  # twice nuScenes' 34,149 samples
+    big = SampleStore.create(tmp_path / "big.zarr", "t", {}, many, [])
+    assert big.array("tokens").chunks == big.array("done").chunks == (65_536,)
+    assert SampleStore.open(tmp_path / "big.zarr", "t").tokens == many
+
+    with pytest.raises(ValueError, match="bad status 7"):
+        store.mark([0], 7)
+    # the store's folder replaced by a file while a job ran: one line naming the store
+    shutil.rmtree(tmp_path / "s.zarr")
+    (tmp_path / "s.zarr").write_text("not a store")
+    with pytest.raises(BevctlError, match=r"^\S*s\.zarr: storage error"):
+        store.consolidate()
