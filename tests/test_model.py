@@ -3,16 +3,20 @@ gradients, shapes per preset, save/load, AMP, and that it learns."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
+from transformers import AutoBackbone, ResNetConfig
 
 from bevctl.data.rig import reference_rig
 
 from bevctl import geometry
-from bevctl.config import GRID_PRESETS, BEVGrid
+from bevctl.config import GRID_PRESETS, BEVGrid, class_set_from_name
+from bevctl.data.nuscenes import load_index
 from bevctl.data.records import CAMERAS
 from bevctl.errors import BevctlError
 from bevctl.train.model import (
@@ -25,7 +29,9 @@ from bevctl.train.model import (
     model_preset,
     save_model,
 )
-from bevctl.train.model.attention import ms_deform_attn, ms_deform_attn_reference
+from bevctl.train.dataset import TrainDataset
+from bevctl.train.model.attention import init_sampling_offsets, ms_deform_attn, ms_deform_attn_reference, softmax_fp32
+from bevctl.train.model.encoder import FFN, SpatialCrossAttention, TemporalSelfAttention
 
 DEMO_GRID = GRID_PRESETS["demo"]
 
@@ -303,12 +309,19 @@ def test_backbone_norm_eval_freezes_batchnorm():
 
 
 def test_grad_checkpoint_gives_the_same_gradients():
+    """The same gradients; and the layers are recomputed in the backward pass (the price of the
+    memory saved) only when checkpointing is asked for, and only in a training step."""
     grads = []
     for ckpt in (False, True):
         model = demo_model(seed=6, num_layers=2, grad_checkpoint=ckpt).train()
+        ffn_calls = [0]
+        model.encoder.layers[0].ffn.register_forward_hook(lambda *_: ffn_calls.__setitem__(0, ffn_calls[0] + 1))
         images, k, t = demo_inputs(model)
         model(images, k, t).logits.square().mean().backward()
+        assert ffn_calls[0] == (2 if ckpt else 1)
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        model.eval()(images, k, t).logits.square().mean().backward()  # evaluation with gradients: no recompute
+        assert ffn_calls[0] == (3 if ckpt else 2)
     assert grads[0].keys() == grads[1].keys()
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-6, rtol=1e-4, msg=name)
@@ -373,8 +386,6 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_pretrained_backbone_from_local_dir_and_checkpoint_without_it(tmp_path):
-    from transformers import AutoBackbone, ResNetConfig
-
     torch.manual_seed(4)
     hf = AutoBackbone.from_config(
         ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1], layer_type="basic", out_features=["stage4"])
@@ -386,8 +397,6 @@ def test_pretrained_backbone_from_local_dir_and_checkpoint_without_it(tmp_path):
     assert len(bb.encoder.stages) == 3  # stage 4 is not used by the demo FPN (stages 2, 3): pruned
     torch.testing.assert_close(bb.embedder.embedder.convolution.weight, hf.embedder.embedder.convolution.weight)
     save_model(model, tmp_path / "m.pt")
-    import shutil
-
     shutil.rmtree(src)  # the checkpoint must not need the original weights any more
     loaded = load_model(tmp_path / "m.pt").eval()
     images, k, t = demo_inputs(model)
@@ -468,10 +477,6 @@ def test_model_trains_loss_falls():
 def test_model_trains_on_synthetic_samples_with_history(tiny_synth):
     """Two consecutive keyframes of the synthetic world (real images, rig and map GT): the second
     frame gets the first's BEV as history; the supervised loss (also on marking cells) falls."""
-    from bevctl.config import class_set_from_name
-    from bevctl.data.nuscenes import load_index
-    from bevctl.train.dataset import TrainDataset
-
     root, version = tiny_synth
     index = load_index(root, version)
     tokens = next(toks for toks in index.scenes.values() if len(toks) >= 2)[:2]
@@ -524,8 +529,6 @@ def test_cross_attention_averages_over_the_cameras_that_see_a_query(gather):
     """Identity value/output projections, zero sampling offsets and uniform attention weights on
     constant per-camera feature maps: a query gets the mean of the values of exactly the cameras
     that see it (not that sum over all six cameras), and nothing when no camera sees it."""
-    from bevctl.train.model.encoder import SpatialCrossAttention
-
     d, n, z = 4, 6, 2
     sca = SpatialCrossAttention(dim=d, heads=1, levels=1, points=2, z_anchors=z, dropout=0.0, gather=gather).eval()
     for lin in (sca.value_proj, sca.output_proj):
@@ -551,8 +554,6 @@ def test_cross_attention_averages_over_the_cameras_that_see_a_query(gather):
 def test_sampling_offset_init_points_each_head_its_own_way():
     """BEVFormer's init: zero weights; head m's bias points along angle 2 pi m / M scaled onto the
     unit square, its k-th point k + 1 cells out, the same for every group."""
-    from bevctl.train.model.attention import init_sampling_offsets
-
     lin = torch.nn.Linear(3, 8 * 2 * 3 * 2)
     init_sampling_offsets(lin, num_heads=8, groups=2, points=3)
     assert float(lin.weight.detach().abs().sum()) == 0.0
@@ -563,8 +564,6 @@ def test_sampling_offset_init_points_each_head_its_own_way():
 
 
 def test_deformable_attention_runs_in_fp32_and_checks_its_levels():
-    from bevctl.train.model.attention import softmax_fp32
-
     g = torch.Generator().manual_seed(0)
     values = [torch.randn(1, 2, 3, 6, 9, generator=g)]
     loc = torch.rand(1, 4, 2, 1, 3, 2, generator=g)
@@ -585,8 +584,6 @@ def test_deformable_attention_runs_in_fp32_and_checks_its_levels():
 
 
 def _tsa_setup(b: int = 2, xq: int = 3, yq: int = 4, d: int = 8):
-    from bevctl.train.model.encoder import TemporalSelfAttention
-
     torch.manual_seed(0)
     tsa = TemporalSelfAttention(dim=d, heads=2, points=2, dropout=0.0).eval()
     ii, jj = torch.meshgrid(torch.arange(xq) + 0.5, torch.arange(yq) + 0.5, indexing="ij")
@@ -629,8 +626,6 @@ def test_temporal_self_attention_without_offsets_averages_history_and_query_per_
 def test_temporal_self_attention_adds_the_positional_encoding_where_it_predicts_offsets_and_weights():
     """query + pos drives the offsets and weights: a constant pos p gives the same result as no
     pos with the offset/weight biases shifted by W_query @ p (the pos-free half of the input is prev)."""
-    import copy
-
     tsa, ref, query, prev, shape = _tsa_setup()
     d = query.shape[-1]
     with torch.no_grad():
@@ -644,3 +639,13 @@ def test_temporal_self_attention_adds_the_positional_encoding_where_it_predicts_
         without = shifted(query, torch.zeros(1, query.shape[1], d), prev, None, ref, shape)
     torch.testing.assert_close(with_pos, without, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(with_pos, tsa(query, torch.zeros(1, query.shape[1], d), prev, None, ref, shape))
+
+
+def test_encoder_ffn_is_a_residual_two_layer_mlp():
+    """BEVFormer's feed-forward block, computed by hand from its weights: x + W2 relu(W1 x + b1) + b2."""
+    torch.manual_seed(0)
+    ffn = FFN(dim=8, hidden=16, dropout=0.0).eval()
+    first, second = ffn.net[0], ffn.net[3]
+    x = torch.randn(3, 5, 8)
+    by_hand = x + torch.relu(x @ first.weight.T + first.bias) @ second.weight.T + second.bias
+    torch.testing.assert_close(ffn(x), by_hand)
