@@ -350,6 +350,11 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.storage.base.x__fill__mutmut_30":
         "the tokens written from a numpy unicode array instead of an object array: zarr stores the same "
         "variable-length strings either way",
+    "bevctl.storage.base.x__fill__mutmut_32": "`dtype=object` dropped: as mutant 30",
+    "bevctl.storage.base.x__fill__mutmut_37":
+        "`done`'s fill value TODO -> None: zarr's default fill value for uint8 is 0, which is TODO, so a "
+        "missing `done` chunk still reads as all todo",
+    "bevctl.storage.base.x__fill__mutmut_43": "`fill_value=TODO` dropped: as mutant 37",
     "bevctl.storage.base.xǁCompletionLogǁ__init____mutmut_1":
         "the default flush interval 2 s instead of 1 s: every caller (pseudolabel, prepare-gt, predict) "
         "passes `every_s` itself",
@@ -360,6 +365,10 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.storage.base.xǁSampleStoreǁmark__mutmut_16":
         "`dtype=np.uint8` -> None when reading `done`: the array is uint8, so the read is uint8 already",
     "bevctl.storage.base.xǁSampleStoreǁmark__mutmut_18": "`dtype=np.uint8` dropped: as mutant 16",
+    "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_4":
+        "the early `location.check(target)` skipped (None counts as local): a URL goes to `_create_remote`, whose "
+        "`location.exists(url)` runs the same check with the same one-line error (a bad URL given with bad "
+        "arrays as well then reports the arrays first)",
     "bevctl.storage.base.xǁSampleStoreǁopen_or_create__mutmut_4":
         "the early `location.check(path)` skipped (None counts as local): the next line's "
         "`location.exists(path)` runs the same check on a URL and raises the same one-line error",

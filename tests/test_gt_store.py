@@ -18,6 +18,7 @@ import pytest
 from test_bev_gt import box_coords, make_sample, pose, write_map_json
 from zarr.codecs import Crc32cCodec
 
+import bevctl
 from bevctl.config import CLASS_SETS, GRID_PRESETS
 from bevctl.data import nuscenes_map
 from bevctl.data.bev_gt import bev_gt_for_sample
@@ -443,13 +444,17 @@ def test_store_records_are_checksummed_chunked_and_traceable(tmp_path: Path) -> 
     rerun's ``mark`` rewrites one ``done`` object, not one per sample), ``tokens_sha256`` is the
     sha256 of the newline-joined tokens (any tool can check it), and ``provenance`` is recorded."""
     tokens = ["p", "q", "r"]
-    store, created = SampleStore.open_or_create(tmp_path / "s.zarr", "t", {"a": 1}, tokens,
-                                                [ArraySpec("x", (3, 4), "uint8", (1, 4))],
+    specs = [ArraySpec("x", (3, 4), "uint8", (1, 4), dimension_names=("sample", "col")),
+             ArraySpec("index_in_scene", (3,), "int32", (3,), fill_value=-1, data=np.array([5, 6, 7], np.int32))]
+    store, created = SampleStore.open_or_create(tmp_path / "s.zarr", "t", {"a": 1}, tokens, specs,
                                                 provenance={"dataroot": "/data/nuscenes"})
     assert created
     reopened = SampleStore.open(tmp_path / "s.zarr", "t")
-    assert reopened.info["provenance"] == {"dataroot": "/data/nuscenes"}
-    assert reopened.info["tokens_sha256"] == hashlib.sha256(b"p\nq\nr").hexdigest()
+    assert reopened.info == {"kind": "t", "format": base.STORE_FORMAT, "bevctl_version": bevctl.__version__,
+                             "num_samples": 3, "tokens_sha256": hashlib.sha256(b"p\nq\nr").hexdigest(),
+                             "metadata": {"a": 1}, "provenance": {"dataroot": "/data/nuscenes"}}
+    assert reopened.array("x").metadata.dimension_names == ("sample", "col")  # what xarray names the axes
+    assert reopened.array("index_in_scene")[:].tolist() == [5, 6, 7]  # values known at creation are written
     for name in ("tokens", "done", "x"):
         codecs = reopened.array(name).compressors
         assert any(isinstance(c, Crc32cCodec) or getattr(c, "checksum", False) for c in codecs), (name, codecs)
@@ -467,3 +472,16 @@ def test_store_records_are_checksummed_chunked_and_traceable(tmp_path: Path) -> 
     (tmp_path / "s.zarr").write_text("not a store")
     with pytest.raises(BevctlError, match=r"^\S*s\.zarr: storage error"):
         store.consolidate()
+
+
+@pytest.mark.parametrize(("tokens", "spec", "message"), [
+    (["p", "q", "p"], [], "duplicate sample tokens given"),
+    (["p"], [ArraySpec("tokens", (1,), "uint8", (1,))], "array name 'tokens' is reserved"),
+    (["p"], [ArraySpec("done", (1,), "uint8", (1,))], "array name 'done' is reserved"),
+    (["p", "q"], [ArraySpec("x", (3, 4), "uint8", (1, 4))], r"array 'x' must have 2 samples on axis 0, got \(3, 4\)"),
+    (["p"], [ArraySpec("x", (), "uint8", ())], r"array 'x' must have 1 samples on axis 0, got \(\)"),
+])
+def test_create_refuses_bad_tokens_and_arrays_with_one_line(tmp_path: Path, tokens, spec, message) -> None:
+    with pytest.raises(BevctlError, match=rf"^\S*s\.zarr: {message}$"):
+        SampleStore.create(tmp_path / "s.zarr", "t", {}, tokens, spec)
+    assert not (tmp_path / "s.zarr").exists()

@@ -20,7 +20,7 @@ Exactly-once protocol (no locks; zarr-python 3 has no synchronizer):
    array, and the ``bevctl`` attributes last, in one PUT of the group's ``zarr.json`` that also
    drops the marker: :meth:`SampleStore.open` refuses a store without them, and the driver's
    rerun rebuilds a store still marked as being created (it never held results).
-2. **Workers** write only whole chunks (or whole shards) that belong to their own samples; no
+2. **Workers** write only whole chunks that belong to their own samples; no
    two workers ever touch the same chunk, and nobody appends, resizes or writes attributes. A
    worker never writes ``done``: it *reports* success (or failure) to the driver.
 3. The **driver** alone writes ``done``, and marks a sample ``DONE`` only after its worker
@@ -81,11 +81,9 @@ class ArraySpec:
     shape: tuple[int, ...]  # final shape, shape[0] == number of samples
     dtype: str  # numpy dtype string, e.g. "uint8"
     chunks: tuple[int, ...]  # chunks[0] samples per chunk (1 = any sample partition is safe)
-    shards: tuple[int, ...] | None = None
     fill_value: Any = 0
-    compressed: bool = True
     dimension_names: tuple[str, ...] | None = None
-    # zarr bytes->bytes codecs; None = default_compressors() (ignored when compressed=False)
+    # zarr bytes->bytes codecs; None = default_compressors() (every array is compressed and checksummed)
     compressors: tuple[Any, ...] | None = None
     # values known when the store is made (per-sample poses, scene names): written by the driver
     # at creation, before the store exists for readers; None = fill_value until workers write
@@ -154,9 +152,8 @@ def _fill(group: zarr.Group, tokens: list[str], arrays: Sequence[ArraySpec]) -> 
             shape=spec.shape,
             dtype=spec.dtype,
             chunks=spec.chunks,
-            shards=spec.shards,
             fill_value=spec.fill_value,
-            compressors=(spec.compressors or default_compressors()) if spec.compressed else None,
+            compressors=spec.compressors or default_compressors(),
             dimension_names=spec.dimension_names,
         )
         if spec.data is not None and spec.shape[0]:
