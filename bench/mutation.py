@@ -365,6 +365,19 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.storage.base.xǁSampleStoreǁmark__mutmut_16":
         "`dtype=np.uint8` -> None when reading `done`: the array is uint8, so the read is uint8 already",
     "bevctl.storage.base.xǁSampleStoreǁmark__mutmut_18": "`dtype=np.uint8` dropped: as mutant 16",
+    "bevctl.train.model.encoder.x_visible_query_index__mutmut_4":
+        "K = None on the meta device: `[..., :None]` takes every query, the same as `[..., :Q]`",
+    "bevctl.train.model.encoder.x_visible_query_index__mutmut_21": "`dim=-1` dropped: torch.argsort's default",
+    "bevctl.train.model.encoder.x_visible_query_index__mutmut_22":
+        "`stable=True` dropped: an unstable sort of 0 (seen) / 1 (unseen) keys still puts every visible query "
+        "before the padding; their order inside the first K only permutes rows that are scattered back to "
+        "their own query, so the attention's output is the same",
+    "bevctl.train.model.encoder.x_visible_query_index__mutmut_23":
+        "`.to(torch.int8)` -> `.to(None)` (a no-op): argsort on the bool mask orders False (seen) before True "
+        "exactly as on 0/1",
+    "bevctl.train.model.encoder.x_visible_query_index__mutmut_27": "`stable=False`: as mutant 22",
+    "bevctl.train.model.encoder.xǁSpatialCrossAttentionǁforward__mutmut_44":
+        "the softmax's `-1` dropped: `softmax_fp32`'s default dim is -1",
     "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_4":
         "the early `location.check(target)` skipped (None counts as local): a URL goes to `_create_remote`, whose "
         "`location.exists(url)` runs the same check with the same one-line error (a bad URL given with bad "

@@ -31,7 +31,7 @@ from bevctl.train.model import (
 )
 from bevctl.train.dataset import TrainDataset
 from bevctl.train.model.attention import init_sampling_offsets, ms_deform_attn, ms_deform_attn_reference, softmax_fp32
-from bevctl.train.model.encoder import FFN, SpatialCrossAttention, TemporalSelfAttention
+from bevctl.train.model.encoder import FFN, SpatialCrossAttention, TemporalSelfAttention, visible_query_index
 
 DEMO_GRID = GRID_PRESETS["demo"]
 
@@ -649,3 +649,39 @@ def test_encoder_ffn_is_a_residual_two_layer_mlp():
     x = torch.randn(3, 5, 8)
     by_hand = x + torch.relu(x @ first.weight.T + first.bias) @ second.weight.T + second.bias
     torch.testing.assert_close(ffn(x), by_hand)
+
+
+@torch.no_grad()
+def test_cross_attention_adds_the_positional_encoding_where_it_predicts_offsets_and_weights():
+    """As in temporal self-attention: query + pos drives the sampling offsets and weights, the
+    residual is the query alone. A constant pos p gives the same result as no pos with the
+    offset/weight biases shifted by W @ p."""
+    d, n, z, q = 8, 6, 2, 5
+    g = torch.Generator().manual_seed(3)
+    sca = SpatialCrossAttention(dim=d, heads=2, levels=1, points=2, z_anchors=z, dropout=0.0).eval()
+    sca.sampling_offsets.weight.normal_(std=0.05, generator=g)
+    sca.attention_weights.weight.normal_(generator=g)
+    feats = [torch.randn(n, d, 5, 7, generator=g)]
+    ref = torch.rand(1, n, q, z, 2, generator=g)
+    visible = torch.rand(1, n, q, z, generator=g) > 0.4
+    query = torch.randn(1, q, d, generator=g)
+    p = torch.randn(d, generator=g)
+    shifted = copy.deepcopy(sca)
+    for lin in (shifted.sampling_offsets, shifted.attention_weights):
+        lin.bias.add_(lin.weight @ p)
+    with_pos = sca(query, p.expand(1, q, d), feats, ref, visible)
+    torch.testing.assert_close(with_pos, shifted(query, torch.zeros(1, q, d), feats, ref, visible), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(with_pos, sca(query, torch.zeros(1, q, d), feats, ref, visible))
+
+
+def test_visible_query_index_lists_each_cameras_visible_queries_first_padded_to_the_largest_count():
+    seen = torch.tensor([[[False, True, False, True, True],  # camera 0 sees 3 queries: K = 3
+                          [False, False, False, False, False],
+                          [True, False, False, False, False]]])  # (B=1, N=3, Q=5)
+    idx = visible_query_index(seen)
+    assert idx.shape == (1, 3, 3)
+    assert idx[0, 0].tolist() == [1, 3, 4] and idx[0, 2, 0] == 0  # visible ones in query order
+    assert not seen[0, 2, idx[0, 2, 1:]].any() and not seen[0, 1, idx[0, 1]].any()  # then padding
+    assert visible_query_index(torch.zeros(2, 6, 4, dtype=torch.bool)).shape == (2, 6, 1)  # none seen: K = 1
+    # on the meta device (shape and parameter counting) visibility is unknown: every query, K = Q
+    assert visible_query_index(torch.zeros(1, 6, 10, dtype=torch.bool, device="meta")).shape == (1, 6, 10)
