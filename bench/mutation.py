@@ -382,6 +382,10 @@ EQUIVALENT: dict[str, str] = {
         "the early `location.check(target)` skipped (None counts as local): a URL goes to `_create_remote`, whose "
         "`location.exists(url)` runs the same check with the same one-line error (a bad URL given with bad "
         "arrays as well then reports the arrays first)",
+    "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_46":
+        "the kind in the `bevctl_creating` marker of a store being built on object storage None: the marker's "
+        "content is only for a person reading the bucket; bevctl reads the marker's presence, and a finished "
+        "store's kind from its `bevctl` attributes",
     "bevctl.storage.base.xǁSampleStoreǁopen_or_create__mutmut_4":
         "the early `location.check(path)` skipped (None counts as local): the next line's "
         "`location.exists(path)` runs the same check on a URL and raises the same one-line error",
