@@ -466,14 +466,17 @@ def check_planted_mutant(module: Module, work: Path) -> None:
 
 
 def run_module(module: Module, max_children: int, fresh: bool, budget_s: float | None = None,
-               recheck_only: bool = False) -> float:
+               recheck_only: bool = False, recheck_equivalent: bool = False) -> float:
     """mutmut run on the mutants without a result, then again on the earlier survivors and
     untested ones (tests may have been added since: mutmut keeps a verdict unless the mutant is
-    named)."""
+    named); the ones judged equivalent too with ``recheck_equivalent`` (each costs a full run of
+    its tests, and a test that kills one only makes its entry in EQUIVALENT unused)."""
     work = prepare(module, fresh)
     check_planted_mutant(module, work)
     earlier = module_results(module)
-    survivors = earlier["survived"] + list(earlier["equivalent"]) + earlier["no_tests"] if earlier else []
+    survivors = []
+    if earlier:
+        survivors = earlier["survived"] + earlier["no_tests"] + (list(earlier["equivalent"]) if recheck_equivalent else [])
     start = time.perf_counter()
     print(f"== {module.name}: mutmut run in {work}", flush=True)
     cmd = [str(MUTMUT), "run", "--max-children", str(max_children)]
@@ -589,7 +592,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true", help="forget earlier results of these modules")
     ap.add_argument("--minutes", type=float, help="time budget per module (stops it there; rerun to go on)")
     ap.add_argument("--recheck", action="store_true",
-                    help="only rerun the earlier survivors, equivalent and untested mutants (after adding tests)")
+                    help="only rerun the earlier survivors and untested mutants (after adding tests)")
+    ap.add_argument("--recheck-equivalent", action="store_true",
+                    help="rerun the mutants judged equivalent as well (each costs a full run of its tests)")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the report from earlier results")
     args = ap.parse_args()
     if not MUTMUT.exists():
@@ -598,7 +603,7 @@ def main() -> None:
         if not args.report_only:
             for name in args.modules:
                 run_module(BY_NAME[name], args.max_children, args.fresh,
-                           None if args.minutes is None else 60 * args.minutes, args.recheck)
+                           None if args.minutes is None else 60 * args.minutes, args.recheck, args.recheck_equivalent)
                 write_report()
     finally:
         write_report()
