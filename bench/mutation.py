@@ -378,6 +378,31 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.train.model.encoder.x_visible_query_index__mutmut_27": "`stable=False`: as mutant 22",
     "bevctl.train.model.encoder.xǁSpatialCrossAttentionǁforward__mutmut_44":
         "the softmax's `-1` dropped: `softmax_fp32`'s default dim is -1",
+    "bevctl.train.model.encoder.xǁSpatialCrossAttentionǁforward__mutmut_140":
+        "the dense branch's `offsets.unsqueeze(1)` -> `unsqueeze(2)`: a size-1 axis does not move any element, "
+        "and the next use is `.view(b, -1, k, ...)`, which reads the same memory either way",
+    "bevctl.train.model.encoder.xǁSpatialCrossAttentionǁforward__mutmut_142": "the same as mutant 140 for `weights`",
+    "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_73":
+        "reopening the store just created with `zarr_format=None`: zarr detects the format, and the store was "
+        "just written as v3",
+    "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_76": "`zarr_format=3` dropped: as mutant 73",
+    "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_75":
+        "mode 'r+' -> zarr's default 'a' when reopening the store just created: both open the existing group "
+        "read-write",
+    "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_5":
+        "the early `location.check(path)` skipped (None counts as local): the next line's `location.is_file` "
+        "runs the same check on a URL with the same one-line error",
+    "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_19":
+        "`zarr_format=None` (detect): the line before requires a `zarr.json`, which only a v3 group has (v2 "
+        "groups have `.zgroup`), so the detected format is 3",
+    "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_22": "`zarr_format=3` dropped: as mutant 19",
+    "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_24":
+        "the store object opened writable for mode 'r': `zarr.open_group(..., mode='r')` still refuses every "
+        "write ('store was opened in read-only mode'), checked by hand",
+    "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_26": "`read_only` dropped: as mutant 24",
+    "bevctl.storage.base.xǁSampleStoreǁstatus__mutmut_2":
+        "`dtype=np.uint8` -> None when reading `done`: the array is uint8, so the read is uint8 already",
+    "bevctl.storage.base.xǁSampleStoreǁstatus__mutmut_4": "`dtype=np.uint8` dropped: as mutant 2",
     "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_4":
         "the early `location.check(target)` skipped (None counts as local): a URL goes to `_create_remote`, whose "
         "`location.exists(url)` runs the same check with the same one-line error (a bad URL given with bad "

@@ -485,3 +485,21 @@ def test_create_refuses_bad_tokens_and_arrays_with_one_line(tmp_path: Path, toke
     with pytest.raises(BevctlError, match=rf"^\S*s\.zarr: {message}$"):
         SampleStore.create(tmp_path / "s.zarr", "t", {}, tokens, spec)
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_an_unreadable_done_record_or_a_storage_fault_on_open_is_one_line_naming_the_store(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "s.zarr"
+    store = SampleStore.create(path, "t", {}, ["p", "q"], [ArraySpec("x", (2, 3), "uint8", (1, 3))])
+    store.mark([0], DONE)
+    (path / "done" / "c" / "0").write_bytes(b"not a blosc frame" * 4)  # a damaged completion record
+    with pytest.raises(BevctlError, match=rf"^{path}: the 'done' record does not read \(\w*Error\); "
+                                          rf"run bevctl verify {path}$"):
+        store.status()
+
+    def timed_out(*args, **kwargs):
+        raise OSError(errno.ETIMEDOUT, "Connection timed out")
+
+    monkeypatch.setattr(base.zarr, "open_group", timed_out)  # e.g. a network file system that stalls
+    with pytest.raises(BevctlError, match=rf"^{path}: storage error \(TimeoutError: .*Connection timed out\)$"):
+        SampleStore.open(path, "t")

@@ -685,3 +685,20 @@ def test_visible_query_index_lists_each_cameras_visible_queries_first_padded_to_
     assert visible_query_index(torch.zeros(2, 6, 4, dtype=torch.bool)).shape == (2, 6, 1)  # none seen: K = 1
     # on the meta device (shape and parameter counting) visibility is unknown: every query, K = Q
     assert visible_query_index(torch.zeros(1, 6, 10, dtype=torch.bool, device="meta")).shape == (1, 6, 10)
+
+
+@torch.no_grad()
+def test_cross_attention_sampling_offsets_are_in_feature_cells_from_the_reference_point():
+    """One camera, one head, one point: on a feature map whose value is its column index, a
+    sampling offset of (+2, 0) cells reads the value two columns right of the reference point."""
+    d, w, h = 1, 16, 4
+    sca = SpatialCrossAttention(dim=d, heads=1, levels=1, points=1, z_anchors=1, dropout=0.0).eval()
+    for lin in (sca.value_proj, sca.output_proj):
+        lin.weight.fill_(1.0)
+        lin.bias.zero_()
+    sca.sampling_offsets.bias.copy_(torch.tensor([2.0, 0.0]))  # (x, y) in cells of the feature map
+    feats = [torch.arange(w, dtype=torch.float32).expand(1, d, h, w).contiguous()]  # value = column index
+    ref = torch.tensor([[0.5, 0.5]]).view(1, 1, 1, 1, 2)  # image centre: column w / 2 - 0.5 = 7.5
+    query = torch.zeros(1, 1, d)
+    out = sca(query, torch.zeros(1, 1, d), feats, ref, torch.ones(1, 1, 1, 1, dtype=torch.bool))
+    torch.testing.assert_close(out, torch.full((1, 1, 1), 9.5))
