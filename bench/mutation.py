@@ -403,6 +403,15 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.storage.base.xǁSampleStoreǁstatus__mutmut_2":
         "`dtype=np.uint8` -> None when reading `done`: the array is uint8, so the read is uint8 already",
     "bevctl.storage.base.xǁSampleStoreǁstatus__mutmut_4": "`dtype=np.uint8` dropped: as mutant 2",
+    "bevctl.train.model.encoder.xǁSpatialCrossAttentionǁforward__mutmut_324":
+        "the camera average not cast back to the query's dtype: in float32 the cast is a no-op, and under "
+        "autocast (bevctl's only reduced precision) `output_proj` casts its input to the same bf16/fp16 itself",
+    "bevctl.storage.base.x__jsonable__mutmut_3":
+        "metadata normalised without sorting its keys: only the key order inside zarr.json changes; dicts "
+        "compare equal in any order and `_first_difference` walks the keys sorted",
+    "bevctl.storage.base.x__jsonable__mutmut_5": "`sort_keys=True` dropped: as mutant 3",
+    "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_28": "`read_only` always False: as mutant 24",
+    "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_29": "`read_only` always False: as mutant 24",
     "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_4":
         "the early `location.check(target)` skipped (None counts as local): a URL goes to `_create_remote`, whose "
         "`location.exists(url)` runs the same check with the same one-line error (a bad URL given with bad "

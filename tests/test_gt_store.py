@@ -503,3 +503,27 @@ def test_an_unreadable_done_record_or_a_storage_fault_on_open_is_one_line_naming
     monkeypatch.setattr(base.zarr, "open_group", timed_out)  # e.g. a network file system that stalls
     with pytest.raises(BevctlError, match=rf"^{path}: storage error \(TimeoutError: .*Connection timed out\)$"):
         SampleStore.open(path, "t")
+
+
+def _garble_group_json(path: Path) -> None:
+    (path / "zarr.json").write_text("{not json")
+
+
+def _future_format(path: Path) -> None:
+    meta = json.loads((path / "zarr.json").read_text())
+    meta["attributes"]["bevctl"]["format"] = 99
+    (path / "zarr.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_garble_group_json, r"cannot open as a Zarr v3 group \(JSONDecodeError: .+\)"),
+    (_future_format, r"store format 99 is not supported \(need 1\)"),
+    (lambda path: shutil.rmtree(path / "done"), r"incomplete store \(missing 'tokens' or 'done'\)"),
+    (lambda path: shutil.rmtree(path / "tokens"), r"incomplete store \(missing 'tokens' or 'done'\)"),
+], ids=["garbled-zarr.json", "newer-format", "no-done", "no-tokens"])
+def test_opening_a_damaged_or_foreign_store_is_one_line_naming_it(tmp_path: Path, damage, message) -> None:
+    path = tmp_path / "s.zarr"
+    SampleStore.create(path, "t", {}, ["p", "q"], [ArraySpec("x", (2, 3), "uint8", (1, 3))])
+    damage(path)
+    with pytest.raises(BevctlError, match=rf"^{path}: {message}$"):
+        SampleStore.open(path, "t")
