@@ -410,6 +410,12 @@ EQUIVALENT: dict[str, str] = {
         "metadata normalised without sorting its keys: only the key order inside zarr.json changes; dicts "
         "compare equal in any order and `_first_difference` walks the keys sorted",
     "bevctl.storage.base.x__jsonable__mutmut_5": "`sort_keys=True` dropped: as mutant 3",
+    "bevctl.storage.base.x__jsonable__mutmut_6": "`sort_keys=False`: as mutant 3",
+    "bevctl.train.model.encoder.xǁTemporalSelfAttentionǁforward__mutmut_125":
+        "`ref.view(1, q, 1, 1, 1, 2)` -> `ref.view(q, 1, 1, 1, 2)`: broadcasting against the 6-d offsets "
+        "prepends the same leading 1",
+    "bevctl.train.model.encoder.xǁTemporalSelfAttentionǁforward__mutmut_141":
+        "the softmax's `-1` dropped: `softmax_fp32`'s default dim is -1",
     "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_28": "`read_only` always False: as mutant 24",
     "bevctl.storage.base.xǁSampleStoreǁopen__mutmut_29": "`read_only` always False: as mutant 24",
     "bevctl.storage.base.xǁSampleStoreǁcreate__mutmut_4":

@@ -509,21 +509,38 @@ def _garble_group_json(path: Path) -> None:
     (path / "zarr.json").write_text("{not json")
 
 
-def _future_format(path: Path) -> None:
-    meta = json.loads((path / "zarr.json").read_text())
-    meta["attributes"]["bevctl"]["format"] = 99
-    (path / "zarr.json").write_text(json.dumps(meta))
+def _edit_group_attrs(edit):
+    def damage(path: Path) -> None:
+        meta = json.loads((path / "zarr.json").read_text())
+        meta["attributes"] = edit(meta["attributes"])
+        (path / "zarr.json").write_text(json.dumps(meta))
+
+    return damage
+
+
+def _drop_bevctl_key(key: str):
+    return _edit_group_attrs(lambda attrs: {"bevctl": {k: v for k, v in attrs["bevctl"].items() if k != key}})
 
 
 @pytest.mark.parametrize(("damage", "message"), [
     (_garble_group_json, r"cannot open as a Zarr v3 group \(JSONDecodeError: .+\)"),
-    (_future_format, r"store format 99 is not supported \(need 1\)"),
+    (_edit_group_attrs(lambda attrs: {"bevctl": {**attrs["bevctl"], "format": 99}}),
+     r"store format 99 is not supported \(need 1\)"),
     (lambda path: shutil.rmtree(path / "done"), r"incomplete store \(missing 'tokens' or 'done'\)"),
     (lambda path: shutil.rmtree(path / "tokens"), r"incomplete store \(missing 'tokens' or 'done'\)"),
-], ids=["garbled-zarr.json", "newer-format", "no-done", "no-tokens"])
+    (lambda path: (path / "tokens" / "c" / "0").write_bytes(b"not a zstd frame"),
+     rf"the 'tokens' array does not read \(\w*Error\); run bevctl verify {{path}}"),
+    (_edit_group_attrs(lambda attrs: {}), r"not a bevctl store \(no 'bevctl' attributes\)"),
+    (_edit_group_attrs(lambda attrs: {"bevctl_creating": {"kind": "t"}}),
+     r"incomplete store \(its creation was interrupted\); rerun the command that makes it, or use --overwrite"),
+    (_drop_bevctl_key("kind"), r"is a '\?' store, expected a 't' store"),
+    (_drop_bevctl_key("metadata"), r"store was made for v=\"<missing>\", expected 1; use --overwrite to rebuild it, or "
+                                   r"another output path"),
+], ids=["garbled-zarr.json", "newer-format", "no-done", "no-tokens", "garbled-tokens", "plain-zarr-group",
+        "interrupted-creation", "no-kind", "no-metadata"])
 def test_opening_a_damaged_or_foreign_store_is_one_line_naming_it(tmp_path: Path, damage, message) -> None:
     path = tmp_path / "s.zarr"
     SampleStore.create(path, "t", {}, ["p", "q"], [ArraySpec("x", (2, 3), "uint8", (1, 3))])
     damage(path)
-    with pytest.raises(BevctlError, match=rf"^{path}: {message}$"):
-        SampleStore.open(path, "t")
+    with pytest.raises(BevctlError, match="^" + f"{path}: " + message.replace("{path}", str(path)) + "$"):
+        SampleStore.open(path, "t", expected={"v": 1})
