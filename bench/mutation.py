@@ -410,6 +410,12 @@ EQUIVALENT: dict[str, str] = {
         "metadata normalised without sorting its keys: only the key order inside zarr.json changes; dicts "
         "compare equal in any order and `_first_difference` walks the keys sorted",
     "bevctl.storage.base.x__jsonable__mutmut_5": "`sort_keys=True` dropped: as mutant 3",
+    "bevctl.train.model.encoder.xǁEncoderLayerǁ__init____mutmut_1":
+        "the layer's default `sca_gather=False`: its only caller (BEVEncoder, from the model config) passes it",
+    "bevctl.train.model.encoder.xǁFFNǁ__init____mutmut_16":
+        "`ReLU(inplace=None)`: out of place; the same values (the pre-activation is not used again)",
+    "bevctl.train.model.encoder.xǁTemporalSelfAttentionǁforward__mutmut_186":
+        "the sampled values not cast back to the query's dtype: as cross-attention mutant 324",
     "bevctl.storage.base.x__jsonable__mutmut_6": "`sort_keys=False`: as mutant 3",
     "bevctl.train.model.encoder.xǁTemporalSelfAttentionǁforward__mutmut_125":
         "`ref.view(1, q, 1, 1, 1, 2)` -> `ref.view(q, 1, 1, 1, 2)`: broadcasting against the 6-d offsets "

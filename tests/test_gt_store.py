@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import zarr
 from test_bev_gt import box_coords, make_sample, pose, write_map_json
 from zarr.codecs import Crc32cCodec
 
@@ -533,11 +534,13 @@ def _drop_bevctl_key(key: str):
     (_edit_group_attrs(lambda attrs: {}), r"not a bevctl store \(no 'bevctl' attributes\)"),
     (_edit_group_attrs(lambda attrs: {"bevctl_creating": {"kind": "t"}}),
      r"incomplete store \(its creation was interrupted\); rerun the command that makes it, or use --overwrite"),
+    (lambda path: zarr.open_array(path / "tokens", mode="r+").__setitem__(slice(None), np.array(["p", "p"], dtype=object)),
+     r"duplicate sample tokens in the store"),
     (_drop_bevctl_key("kind"), r"is a '\?' store, expected a 't' store"),
     (_drop_bevctl_key("metadata"), r"store was made for v=\"<missing>\", expected 1; use --overwrite to rebuild it, or "
                                    r"another output path"),
 ], ids=["garbled-zarr.json", "newer-format", "no-done", "no-tokens", "garbled-tokens", "plain-zarr-group",
-        "interrupted-creation", "no-kind", "no-metadata"])
+        "interrupted-creation", "duplicate-tokens", "no-kind", "no-metadata"])
 def test_opening_a_damaged_or_foreign_store_is_one_line_naming_it(tmp_path: Path, damage, message) -> None:
     path = tmp_path / "s.zarr"
     SampleStore.create(path, "t", {}, ["p", "q"], [ArraySpec("x", (2, 3), "uint8", (1, 3))])

@@ -30,6 +30,7 @@ from bevctl.train.model import (
     save_model,
 )
 from bevctl.train.dataset import TrainDataset
+from bevctl.train.model import encoder as encoder_module
 from bevctl.train.model.attention import init_sampling_offsets, ms_deform_attn, ms_deform_attn_reference, softmax_fp32
 from bevctl.train.model.encoder import FFN, SpatialCrossAttention, TemporalSelfAttention, visible_query_index
 
@@ -168,17 +169,23 @@ def test_moving_one_camera_changes_only_the_queries_it_sees():
     assert changed[touched].float().mean() > 0.9
 
 
-def test_gathered_cross_attention_equals_dense():
-    """Attending only over each camera's visible queries gives the dense result, values and grads."""
+def test_gathered_cross_attention_equals_dense(monkeypatch):
+    """Attending only over each camera's visible queries gives the dense result, values and grads
+    (and `sca_gather` really selects the gathered form in every layer: one visibility index per
+    layer and forward, none for the dense form)."""
     dense = demo_model(seed=2, sca_gather=False).train()
     gathered = demo_model(seed=2, sca_gather=True).train()
     gathered.load_state_dict(dense.state_dict())
     images, k, t = demo_inputs(dense, b=2)
     t = t.clone()
     t[1, 0] = yaw_T(0.4)[0] @ t[1, 0]  # different visibility per batch element
+    calls = []
+    monkeypatch.setattr(encoder_module, "visible_query_index", lambda seen: calls.append(1) or visible_query_index(seen))
     outs = []
-    for model in (dense, gathered):
+    for model, indexed in ((dense, 0), (gathered, len(gathered.encoder.layers))):
+        calls.clear()
         out = model(images, k, t)
+        assert len(calls) == indexed
         out.logits.square().mean().backward()
         outs.append((out.bev, model.encoder.layers[0].sca.sampling_offsets.weight.grad))
     torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
