@@ -412,6 +412,12 @@ EQUIVALENT: dict[str, str] = {
     "bevctl.storage.base.x__jsonable__mutmut_5": "`sort_keys=True` dropped: as mutant 3",
     "bevctl.train.model.encoder.xǁEncoderLayerǁ__init____mutmut_1":
         "the layer's default `sca_gather=False`: its only caller (BEVEncoder, from the model config) passes it",
+    "bevctl.train.model.encoder.xǁBEVEncoderǁ__init____mutmut_1":
+        "the encoder's default `grad_checkpoint=True`: its only caller (BEVFormer, from the model config) passes it",
+    "bevctl.train.model.encoder.xǁSpatialCrossAttentionǁ__init____mutmut_1":
+        "the default `gather=False`: the model's only caller (EncoderLayer) passes it, and both forms give the "
+        "same values (test_gathered_cross_attention_equals_dense)",
+    "bevctl.train.model.encoder.xǁFFNǁ__init____mutmut_17": "`ReLU(inplace=False)`: as mutant 16",
     "bevctl.train.model.encoder.xǁFFNǁ__init____mutmut_16":
         "`ReLU(inplace=None)`: out of place; the same values (the pre-activation is not used again)",
     "bevctl.train.model.encoder.xǁTemporalSelfAttentionǁforward__mutmut_186":

@@ -648,6 +648,23 @@ def test_temporal_self_attention_adds_the_positional_encoding_where_it_predicts_
     assert not torch.allclose(with_pos, tsa(query, torch.zeros(1, query.shape[1], d), prev, None, ref, shape))
 
 
+@torch.no_grad()
+def test_encoder_ffn_drops_out_after_the_activation_and_after_the_output_projection():
+    """Training mode, identity weights, positive inputs: each output unit survives both dropouts
+    with probability (1 - p)^2 and is then scaled by 1 / (1 - p)^2."""
+    torch.manual_seed(0)
+    d, p = 64, 0.5
+    ffn = FFN(dim=d, hidden=d, dropout=p).train()
+    for lin in (ffn.net[0], ffn.net[3]):
+        lin.weight.copy_(torch.eye(d))
+        lin.bias.zero_()
+    x = torch.rand(64, d) + 0.5
+    delta = ffn(x) - x
+    kept = delta != 0
+    torch.testing.assert_close(delta[kept], x[kept] / (1 - p) ** 2)
+    assert 0.2 < kept.float().mean() < 0.3  # (1 - p)^2 = 0.25 of 4096 units
+
+
 def test_encoder_ffn_is_a_residual_two_layer_mlp():
     """BEVFormer's feed-forward block, computed by hand from its weights: x + W2 relu(W1 x + b1) + b2."""
     torch.manual_seed(0)
